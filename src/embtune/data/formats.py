@@ -1,0 +1,376 @@
+"""Readers for training and evaluation data, with validation that names file, line and field.
+
+Two layouts are understood:
+
+* FlagEmbedding jsonl, unchanged: one JSON object per line with ``query`` (str), ``pos``
+  (list of str), optional ``neg`` (list of str), ``pos_scores`` / ``neg_scores`` (numbers, same
+  lengths as ``pos`` / ``neg``) and ``prompt`` (str, this row's query instruction). Other keys
+  (FlagEmbedding's ``type``, for example) are ignored.
+* BEIR: a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
+  (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id  corpus-id  score`` with a header).
+  For training, each query with a relevant document becomes one row whose ``pos`` are those
+  documents (text = title + " " + text) and whose ``neg`` is empty.
+
+Every reader validates the whole input before returning and raises :class:`InputError` with up
+to 20 problems, so nothing is trained (or written) on half-valid data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from embtune.errors import InputError, ProblemCollector
+
+TRAIN_SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass
+class Record:
+    """One validated training row, FlagEmbedding's fields plus where it came from."""
+
+    query: str
+    pos: list[str]
+    neg: list[str] = field(default_factory=list)
+    pos_scores: list[float] | None = None
+    neg_scores: list[float] | None = None
+    prompt: str | None = None
+    source: str = ""  # "file:line", for messages that point back at the data
+    query_id: str | None = None  # BEIR ids, kept for traceability
+    pos_ids: list[str] | None = None
+    neg_ids: list[str] | None = None
+
+
+@dataclass
+class BeirDataset:
+    """A BEIR folder read for one split: texts by id and graded relevance judgements."""
+
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+
+    def split_queries(self) -> dict[str, str]:
+        """The queries that have judgements in this split, in qrels order."""
+        return {qid: self.queries[qid] for qid in self.qrels}
+
+
+def is_beir_dir(path: Path) -> bool:
+    """True when ``path`` is a folder in BEIR layout."""
+    return path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "qrels").is_dir()
+
+
+def _json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed value) for each non-blank line; bad lines become problems."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        problems.add(str(path), None, None, f"cannot read file: {exc.strerror or exc}")
+        return
+    if not raw.strip():
+        problems.add(str(path), None, None, "file is empty")
+        return
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if problems.full:
+            problems.truncated = True
+            return
+        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
+            line = line[3:]  # a UTF-8 byte-order mark is harmless; accept it
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.add(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
+            continue
+        try:
+            value = json.loads(text, parse_constant=_reject_constant)
+        except ValueError as exc:
+            problems.add(str(path), number, None, f"malformed JSON: {exc}")
+            continue
+        yield number, value
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a valid number")
+
+
+def _check_text(value: object) -> str | None:
+    """The reason a value is not a usable text, or None when it is."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "must not be empty or whitespace"
+    return None
+
+
+def _check_text_list(value: object, allow_empty: bool) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of strings, got {type(value).__name__}"
+    if not value and not allow_empty:
+        return "must not be an empty list"
+    for i, item in enumerate(value):
+        reason = _check_text(item)
+        if reason:
+            return f"item {i} {reason}"
+    return None
+
+
+def _check_scores(value: object, expected: int, texts_field: str) -> str | None:
+    if not isinstance(value, list):
+        return f"must be a list of numbers, got {type(value).__name__}"
+    if len(value) != expected:
+        return f"has {len(value)} scores but '{texts_field}' has {expected} texts"
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            return f"item {i} must be a number, got {type(item).__name__}"
+        if not math.isfinite(item):
+            return f"item {i} is not a finite number"
+    return None
+
+
+def _row_problems(row: object) -> list[tuple[str | None, str]]:
+    """Every (field, reason) wrong with one parsed FlagEmbedding row."""
+    if not isinstance(row, dict):
+        return [(None, f"expected a JSON object, got {type(row).__name__}")]
+    found: list[tuple[str | None, str]] = []
+    for name in ("query", "pos"):
+        if name not in row:
+            found.append((name, "missing"))
+    if "query" in row and (reason := _check_text(row["query"])):
+        found.append(("query", reason))
+    if "pos" in row and (reason := _check_text_list(row["pos"], allow_empty=False)):
+        found.append(("pos", reason))
+    if "neg" in row and (reason := _check_text_list(row["neg"], allow_empty=True)):
+        found.append(("neg", reason))
+    for scores, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
+        if scores in row and row[scores] is not None:
+            expected = len(row[texts]) if isinstance(row.get(texts), list) else 0
+            if reason := _check_scores(row[scores], expected, texts):
+                found.append((scores, reason))
+    if row.get("prompt") is not None and (reason := _check_text(row["prompt"])):
+        found.append(("prompt", reason))
+    return found
+
+
+def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None) -> list[Record]:
+    """Read FlagEmbedding jsonl files into validated records (raises InputError on problems)."""
+    own = problems is None
+    problems = problems or ProblemCollector()
+    records: list[Record] = []
+    for path in paths:
+        for number, row in _json_lines(path, problems):
+            found = _row_problems(row)
+            for name, reason in found:
+                problems.add(str(path), number, name, reason)
+            if found:
+                continue
+            assert isinstance(row, dict)
+            records.append(
+                Record(
+                    query=row["query"],
+                    pos=list(row["pos"]),
+                    neg=list(row.get("neg") or []),
+                    pos_scores=row.get("pos_scores"),
+                    neg_scores=row.get("neg_scores"),
+                    prompt=row.get("prompt"),
+                    source=f"{path}:{number}",
+                )
+            )
+    if own:
+        problems.raise_if_any()
+    return records
+
+
+def _read_id_texts(
+    path: Path, problems: ProblemCollector, with_title: bool
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Read a BEIR corpus or queries file: {id: text} and {id: line number}."""
+    texts: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    if not path.is_file():
+        problems.add(str(path), None, None, "file does not exist")
+        return texts, lines
+    for number, row in _json_lines(path, problems):
+        if not isinstance(row, dict):
+            problems.add(str(path), number, None, f"expected a JSON object, got {type(row).__name__}")
+            continue
+        doc_id = row.get("_id")
+        if doc_id is None:
+            problems.add(str(path), number, "_id", "missing")
+            continue
+        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+            problems.add(str(path), number, "_id", f"must be a string, got {type(doc_id).__name__}")
+            continue
+        doc_id = str(doc_id)
+        if doc_id in lines:
+            problems.add(str(path), number, "_id", f"duplicate id {doc_id!r} (first on line {lines[doc_id]})")
+            continue
+        body = row.get("text")
+        title = row.get("title", "") if with_title else ""
+        if body is None:
+            problems.add(str(path), number, "text", "missing")
+            continue
+        if not isinstance(body, str):
+            problems.add(str(path), number, "text", f"must be a string, got {type(body).__name__}")
+            continue
+        if title is None:
+            title = ""
+        if not isinstance(title, str):
+            problems.add(str(path), number, "title", f"must be a string, got {type(title).__name__}")
+            continue
+        # BEIR's convention (and the MTEB figures we reproduce): title + " " + text.
+        text = f"{title} {body}".strip() if title else body.strip()
+        if not text:
+            problems.add(str(path), number, "text", "must not be empty or whitespace")
+            continue
+        texts[doc_id] = text
+        lines[doc_id] = number
+    return texts, lines
+
+
+def _read_qrels(
+    path: Path,
+    corpus: dict[str, str],
+    queries: dict[str, str],
+    problems: ProblemCollector,
+) -> dict[str, dict[str, int]]:
+    qrels: dict[str, dict[str, int]] = {}
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+        hint = f" (available splits: {', '.join(available)})" if available else ""
+        problems.add(str(path), None, None, f"qrels file does not exist{hint}")
+        return qrels
+    try:
+        content = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.add(str(path), None, None, f"not valid UTF-8 (byte {exc.start})")
+        return qrels
+    except OSError as exc:
+        problems.add(str(path), None, None, f"cannot read file: {exc.strerror or exc}")
+        return qrels
+    rows = content.splitlines()
+    if not any(r.strip() for r in rows):
+        problems.add(str(path), None, None, "file is empty")
+        return qrels
+    for number, line in enumerate(rows, start=1):
+        if problems.full:
+            problems.truncated = True
+            break
+        if not line.strip():
+            continue
+        parts = line.split("\t") if "\t" in line else line.split()
+        if number == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
+            continue  # header
+        if len(parts) not in (3, 4):
+            problems.add(str(path), number, None, "expected 'query-id<TAB>corpus-id<TAB>score'")
+            continue
+        qid, did, score = parts[0].strip(), parts[-2].strip(), parts[-1].strip()
+        try:
+            relevance = int(float(score))
+            if not math.isfinite(float(score)):
+                raise ValueError
+        except ValueError:
+            problems.add(str(path), number, "score", f"must be an integer, got {score!r}")
+            continue
+        if qid not in queries:
+            problems.add(str(path), number, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)")
+            continue
+        if did not in corpus:
+            problems.add(str(path), number, "corpus-id", f"unknown corpus id {did!r} (not in corpus.jsonl)")
+            continue
+        qrels.setdefault(qid, {})[did] = relevance
+    return qrels
+
+
+def load_beir(folder: Path, split: str, problems: ProblemCollector | None = None) -> BeirDataset:
+    """Read a BEIR folder (corpus, queries, qrels of one split), validated."""
+    own = problems is None
+    problems = problems or ProblemCollector()
+    folder = Path(folder)
+    if not folder.is_dir():
+        problems.add(str(folder), None, None, "data folder does not exist")
+        problems.raise_if_any()
+    corpus, _ = _read_id_texts(folder / "corpus.jsonl", problems, with_title=True)
+    queries, _ = _read_id_texts(folder / "queries.jsonl", problems, with_title=False)
+    qrels = _read_qrels(folder / "qrels" / f"{split}.tsv", corpus, queries, problems)
+    if not problems.problems and not qrels:
+        problems.add(str(folder / "qrels" / f"{split}.tsv"), None, None, "has no judgements")
+    if own:
+        problems.raise_if_any()
+    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def beir_training_records(data: BeirDataset, folder: Path, split: str) -> list[Record]:
+    """One row per query with its relevant (score > 0) documents as positives and no negatives."""
+    records = []
+    for qid, judged in data.qrels.items():
+        relevant = [did for did, rel in judged.items() if rel > 0]
+        if not relevant:
+            continue
+        records.append(
+            Record(
+                query=data.queries[qid],
+                pos=[data.corpus[did] for did in relevant],
+                source=f"{folder}/qrels/{split}.tsv query {qid}",
+                query_id=qid,
+                pos_ids=relevant,
+                neg_ids=[],
+            )
+        )
+    return records
+
+
+def training_files(path: Path) -> list[Path]:
+    """The .json/.jsonl files a --train-data entry names (a file, or every one in a folder)."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TRAIN_SUFFIXES)
+
+
+@dataclass
+class TrainingData:
+    """Validated training rows plus, for BEIR input, the corpus (a pool for negative filling)."""
+
+    records: list[Record]
+    corpus: list[str] = field(default_factory=list)
+
+
+def load_training_data(paths: list[Path | str], split: str = "train") -> TrainingData:
+    """Read every --train-data entry (files, folders of jsonl, BEIR folders), all validated first."""
+    problems = ProblemCollector()
+    records: list[Record] = []
+    corpus: list[str] = []
+    if not paths:
+        problems.add("--train-data", None, None, "no training data given")
+    for entry in map(Path, paths):
+        if not entry.exists():
+            problems.add(str(entry), None, None, "file or folder does not exist")
+        elif is_beir_dir(entry):
+            beir = load_beir(entry, split, problems)
+            records.extend(beir_training_records(beir, entry, split))
+            corpus.extend(beir.corpus.values())
+        else:
+            files = training_files(entry)
+            if not files:
+                problems.add(str(entry), None, None, "folder has no .json/.jsonl files and is not BEIR layout")
+            records.extend(read_flag_jsonl(files, problems))
+    if not problems.problems and not records:
+        problems.add(", ".join(map(str, paths)), None, None, "no training rows found")
+    problems.raise_if_any()
+    return TrainingData(records=records, corpus=corpus)
+
+
+__all__ = [
+    "BeirDataset",
+    "InputError",
+    "Record",
+    "TrainingData",
+    "beir_training_records",
+    "is_beir_dir",
+    "load_beir",
+    "load_training_data",
+    "read_flag_jsonl",
+]

@@ -1,0 +1,67 @@
+"""Errors that reach the user as one clear line each (exit status 2), never as a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_PROBLEMS = 20
+
+
+@dataclass(frozen=True)
+class InputProblem:
+    """One problem in the user's input, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        what = f"field '{self.field}': " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class UsageError(Exception):
+    """A bad option or an input the user must fix; the CLI prints it and exits 2."""
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class InputError(UsageError):
+    """One or more problems found while reading input files (up to MAX_PROBLEMS at once)."""
+
+    def __init__(self, problems: list[InputProblem], truncated: bool = False) -> None:
+        self.problems = problems
+        self.truncated = truncated
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        out = [str(p) for p in self.problems]
+        if self.truncated:
+            out.append(f"(stopped after {MAX_PROBLEMS} problems; fix these and run again)")
+        return out
+
+
+class ProblemCollector:
+    """Gathers problems during a read pass so the user sees many at once, not one per run."""
+
+    def __init__(self, limit: int = MAX_PROBLEMS) -> None:
+        self.problems: list[InputProblem] = []
+        self.limit = limit
+        self.truncated = False
+
+    def add(self, file: str, line: int | None, field: str | None, message: str) -> None:
+        if len(self.problems) >= self.limit:
+            self.truncated = True
+            return
+        self.problems.append(InputProblem(file, line, field, message))
+
+    @property
+    def full(self) -> bool:
+        return len(self.problems) >= self.limit
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise InputError(self.problems, self.truncated)

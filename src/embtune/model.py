@@ -1,0 +1,319 @@
+"""The encoder: a Hugging Face model plus pooling, normalization and instructions.
+
+Training, evaluation and mining all embed text through :class:`Encoder`, so a model scores the
+same way everywhere. ``Encoder.save`` writes a folder that loads with
+``transformers.AutoModel`` *and* ``sentence_transformers.SentenceTransformer`` (modules.json,
+pooling and normalize modules, instructions as the ``query`` / ``document`` prompts), which
+FlagEmbedding's saved models do not: they lose their pooling and normalization.
+
+Example::
+
+    enc = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    q = enc.encode_queries(["what is a cell?"])
+    p = enc.encode_passages(["A cell is the basic unit of life."])
+    score = q @ p.T
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from embtune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+POOLING_MODES = ("cls", "mean", "last_token")
+SETTINGS_FILE = "embtune_encoder.json"
+
+# sentence-transformers' legacy pooling keys: every release since 2.x reads them.
+_ST_POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token",
+    "mean": "pooling_mode_mean_tokens",
+    "last_token": "pooling_mode_lasttoken",
+}
+
+
+@dataclass
+class EncoderSettings:
+    """How text becomes a vector, saved with the model so every later use matches training."""
+
+    pooling: str = "cls"
+    normalize: bool = True
+    query_instruction: str = ""
+    passage_instruction: str = ""
+    query_max_len: int = 64
+    passage_max_len: int = 256
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Reduce token states [B, T, H] to one vector per text [B, H].
+
+    ``cls`` takes the first token, ``mean`` averages real (unmasked) tokens, ``last_token``
+    takes the last real token, whichever side the tokenizer pads on.
+    """
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode == "last_token":
+        # Position of the last 1 in each mask row: works for left and right padding alike.
+        width = attention_mask.shape[1]
+        last = width - 1 - attention_mask.flip(1).int().argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    raise UsageError(f"unknown pooling {mode!r}; choose one of {', '.join(POOLING_MODES)}")
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _model_file(name_or_path: str, filename: str) -> Path | None:
+    """A file of a local model folder or, for hub names, of the cached/downloaded repo."""
+    local = Path(name_or_path)
+    if local.is_dir():
+        path = local / filename
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(name_or_path, filename))
+    except Exception:  # offline, missing file or no such repo: the caller falls back
+        return None
+
+
+def saved_settings(name_or_path: str) -> EncoderSettings:
+    """Encoder settings recorded with a model: embtune's own file, else sentence-transformers'.
+
+    A model without either gets ``cls`` pooling (the BERT convention) and normalization on.
+    """
+    own = _model_file(name_or_path, SETTINGS_FILE)
+    if own and (data := _read_json(own)):
+        known = EncoderSettings.__dataclass_fields__
+        return EncoderSettings(**{k: v for k, v in data.items() if k in known})
+    settings = EncoderSettings()
+    modules_file = _model_file(name_or_path, "modules.json")
+    modules = _read_json(modules_file) if modules_file else None
+    if not isinstance(modules, list):
+        return settings
+    settings.normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
+    for module in modules:
+        if str(module.get("type", "")).endswith("Pooling"):
+            cfg_file = _model_file(name_or_path, f"{module.get('path', '')}/config.json")
+            cfg = (_read_json(cfg_file) if cfg_file else None) or {}
+            mode = cfg.get("pooling_mode")
+            if isinstance(mode, list | tuple):
+                mode = mode[0] if mode else None
+            legacy = [m for m, key in _ST_POOLING_KEYS.items() if cfg.get(key)]
+            mode = {"lasttoken": "last_token"}.get(mode, mode) or (legacy[0] if legacy else None)
+            if mode in POOLING_MODES:
+                settings.pooling = mode
+    st_cfg_file = _model_file(name_or_path, "config_sentence_transformers.json")
+    prompts = ((_read_json(st_cfg_file) if st_cfg_file else None) or {}).get("prompts") or {}
+    settings.query_instruction = prompts.get("query") or ""
+    settings.passage_instruction = prompts.get("document") or prompts.get("passage") or ""
+    return settings
+
+
+class Encoder(torch.nn.Module):
+    """Hugging Face encoder + pooling + optional L2 normalization + instructions."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        settings: EncoderSettings,
+    ) -> None:
+        super().__init__()
+        if settings.pooling not in POOLING_MODES:
+            raise UsageError(
+                f"--pooling: unknown value {settings.pooling!r}; choose one of {', '.join(POOLING_MODES)}"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        query_instruction: str | None = None,
+        passage_instruction: str | None = None,
+        query_max_len: int | None = None,
+        passage_max_len: int | None = None,
+    ) -> Encoder:
+        """Load a hub name or local folder; arguments left as None keep the model's own settings.
+
+        Pooling defaults to what the model's sentence-transformers config says, else ``cls``.
+        """
+        name = str(name_or_path)
+        local = Path(name)
+        if not local.exists() and (local.is_absolute() or name.startswith(".")):
+            raise UsageError(f"--model: folder {name} does not exist")
+        settings = saved_settings(name)
+        overrides = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "query_instruction": query_instruction,
+            "passage_instruction": passage_instruction,
+            "query_max_len": query_max_len,
+            "passage_max_len": passage_max_len,
+        }
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(settings, key, value)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModel.from_pretrained(name)
+        except OSError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+        limit = getattr(model.config, "max_position_embeddings", None)
+        for option, length in (("--query-max-len", settings.query_max_len), ("--passage-max-len", settings.passage_max_len)):
+            if length < 1 or (limit and length > limit):
+                raise UsageError(f"{option}: {length} is outside 1..{limit} (the model's position limit)")
+        if tokenizer.pad_token is None:
+            # Decoder-style models (last_token pooling) often ship without a pad token.
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return cls(model, tokenizer, settings)
+
+    # --- embedding -------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Embeddings [B, H] for a padded batch of token ids."""
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        emb = pool(out.last_hidden_state, attention_mask, self.settings.pooling)
+        if self.settings.normalize:
+            emb = F.normalize(emb.float(), dim=-1)
+        return emb
+
+    def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
+        """Token ids per text, truncated to ``max_len``, no padding."""
+        return self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=False)["input_ids"]
+
+    def pad(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
+        """A padded batch (input_ids, attention_mask) from unpadded token id lists."""
+        return self.tokenizer.pad({"input_ids": list(token_ids)}, padding=True, return_tensors="pt")
+
+    @torch.inference_mode()
+    def encode_tokens(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        batch_size: int = 64,
+        show_progress: bool = False,
+        desc: str = "encoding",
+    ) -> torch.Tensor:
+        """Embed pre-tokenized texts; float32 [N, H] on the CPU, in input order.
+
+        Texts are batched in order of length so little padding is computed.
+        """
+        was_training = self.training
+        self.eval()
+        order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
+        chunks: list[torch.Tensor] = []
+        device = self.device
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        bar = tqdm(total=len(order), desc=desc, unit="text", disable=not show_progress, leave=False)
+        for start in range(0, len(order), batch_size):
+            batch = self.pad([token_ids[i] for i in order[start : start + batch_size]])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            chunks.append(emb.float().cpu())
+            bar.update(len(batch["input_ids"]))
+        bar.close()
+        self.train(was_training)
+        if not chunks:
+            return torch.empty(0, self.model.config.hidden_size)
+        stacked = torch.cat(chunks)
+        result = torch.empty_like(stacked)
+        result[torch.tensor(order)] = stacked
+        return result
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        max_len: int,
+        batch_size: int = 64,
+        show_progress: bool = False,
+        desc: str = "encoding",
+    ) -> torch.Tensor:
+        """Embed raw texts (no instruction added); float32 [N, H] on the CPU, in input order."""
+        return self.encode_tokens(self.tokenize(texts, max_len), batch_size, show_progress, desc)
+
+    def encode_queries(
+        self, queries: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Embed queries with the query instruction prepended, at the query max length."""
+        s = self.settings
+        texts = [s.query_instruction + q for q in queries]
+        return self.encode(texts, s.query_max_len, batch_size, show_progress, "encoding queries")
+
+    def encode_passages(
+        self, passages: Sequence[str], batch_size: int = 64, show_progress: bool = False
+    ) -> torch.Tensor:
+        """Embed passages with the passage instruction prepended, at the passage max length."""
+        s = self.settings
+        texts = [s.passage_instruction + p for p in passages]
+        return self.encode(texts, s.passage_max_len, batch_size, show_progress, "encoding passages")
+
+    # --- saving ----------------------------------------------------------------------------
+
+    def save(self, path: str | Path, model: PreTrainedModel | None = None) -> None:
+        """Write a folder that AutoModel, SentenceTransformer and embtune all load identically.
+
+        ``model`` lets the training loop pass the unwrapped model (DDP/compiled wrappers off).
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        s = self.settings
+        (model or self.model).save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        if s.normalize:
+            modules.append(
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+            )
+            (path / "2_Normalize").mkdir(exist_ok=True)
+        _write_json(path / "modules.json", modules)
+        pooling_cfg = {"word_embedding_dimension": self.model.config.hidden_size}
+        pooling_cfg.update({key: mode == s.pooling for mode, key in _ST_POOLING_KEYS.items()})
+        pooling_cfg.update(
+            {"pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+        )
+        (path / "1_Pooling").mkdir(exist_ok=True)
+        _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
+        _write_json(path / "sentence_bert_config.json", {"max_seq_length": s.passage_max_len, "do_lower_case": False})
+        _write_json(
+            path / "config_sentence_transformers.json",
+            {
+                "prompts": {"query": s.query_instruction, "document": s.passage_instruction},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine" if s.normalize else "dot",
+            },
+        )
+        _write_json(path / SETTINGS_FILE, asdict(s))
+
+
+def _write_json(path: Path, data: object) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
