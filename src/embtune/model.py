@@ -139,7 +139,8 @@ class Encoder(torch.nn.Module):
         super().__init__()
         if settings.pooling not in POOLING_MODES:
             raise UsageError(
-                f"--pooling: unknown value {settings.pooling!r}; choose one of {', '.join(POOLING_MODES)}"
+                f"--pooling: unknown value {settings.pooling!r}; "
+                f"choose one of {', '.join(POOLING_MODES)}"
             )
         self.model = model
         self.tokenizer = tokenizer
@@ -183,9 +184,14 @@ class Encoder(torch.nn.Module):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
         limit = getattr(model.config, "max_position_embeddings", None)
-        for option, length in (("--query-max-len", settings.query_max_len), ("--passage-max-len", settings.passage_max_len)):
+        for option, length in (
+            ("--query-max-len", settings.query_max_len),
+            ("--passage-max-len", settings.passage_max_len),
+        ):
             if length < 1 or (limit and length > limit):
-                raise UsageError(f"{option}: {length} is outside 1..{limit} (the model's position limit)")
+                raise UsageError(
+                    f"{option}: {length} is outside 1..{limit} (the model's position limit)"
+                )
         if tokenizer.pad_token is None:
             # Decoder-style models (last_token pooling) often ship without a pad token.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -207,7 +213,9 @@ class Encoder(torch.nn.Module):
 
     def tokenize(self, texts: Sequence[str], max_len: int) -> list[list[int]]:
         """Token ids per text, truncated to ``max_len``, no padding."""
-        return self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=False)["input_ids"]
+        return self.tokenizer(list(texts), truncation=True, max_length=max_len, padding=False)[
+            "input_ids"
+        ]
 
     def pad(self, token_ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
         """A padded batch (input_ids, attention_mask) from unpadded token id lists."""
@@ -288,22 +296,39 @@ class Encoder(torch.nn.Module):
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {
+                "idx": 1,
+                "name": "1",
+                "path": "1_Pooling",
+                "type": "sentence_transformers.models.Pooling",
+            },
         ]
         if s.normalize:
             modules.append(
-                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+                {
+                    "idx": 2,
+                    "name": "2",
+                    "path": "2_Normalize",
+                    "type": "sentence_transformers.models.Normalize",
+                }
             )
             (path / "2_Normalize").mkdir(exist_ok=True)
         _write_json(path / "modules.json", modules)
         pooling_cfg = {"word_embedding_dimension": self.model.config.hidden_size}
         pooling_cfg.update({key: mode == s.pooling for mode, key in _ST_POOLING_KEYS.items()})
         pooling_cfg.update(
-            {"pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False, "include_prompt": True}
+            {
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+                "include_prompt": True,
+            }
         )
         (path / "1_Pooling").mkdir(exist_ok=True)
         _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
-        _write_json(path / "sentence_bert_config.json", {"max_seq_length": s.passage_max_len, "do_lower_case": False})
+        _write_json(
+            path / "sentence_bert_config.json",
+            {"max_seq_length": s.passage_max_len, "do_lower_case": False},
+        )
         _write_json(
             path / "config_sentence_transformers.json",
             {

@@ -195,7 +195,9 @@ def _read_id_texts(
         return texts, lines
     for number, row in _json_lines(path, problems):
         if not isinstance(row, dict):
-            problems.add(str(path), number, None, f"expected a JSON object, got {type(row).__name__}")
+            problems.add(
+                str(path), number, None, f"expected a JSON object, got {type(row).__name__}"
+            )
             continue
         doc_id = row.get("_id")
         if doc_id is None:
@@ -206,7 +208,9 @@ def _read_id_texts(
             continue
         doc_id = str(doc_id)
         if doc_id in lines:
-            problems.add(str(path), number, "_id", f"duplicate id {doc_id!r} (first on line {lines[doc_id]})")
+            problems.add(
+                str(path), number, "_id", f"duplicate id {doc_id!r} (first on line {lines[doc_id]})"
+            )
             continue
         body = row.get("text")
         title = row.get("title", "") if with_title else ""
@@ -219,7 +223,9 @@ def _read_id_texts(
         if title is None:
             title = ""
         if not isinstance(title, str):
-            problems.add(str(path), number, "title", f"must be a string, got {type(title).__name__}")
+            problems.add(
+                str(path), number, "title", f"must be a string, got {type(title).__name__}"
+            )
             continue
         # BEIR's convention (and the MTEB figures we reproduce): title + " " + text.
         text = f"{title} {body}".strip() if title else body.strip()
@@ -239,7 +245,9 @@ def _read_qrels(
 ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
     if not path.is_file():
-        available = sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+        available = (
+            sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
+        )
         hint = f" (available splits: {', '.join(available)})" if available else ""
         problems.add(str(path), None, None, f"qrels file does not exist{hint}")
         return qrels
@@ -276,10 +284,14 @@ def _read_qrels(
             problems.add(str(path), number, "score", f"must be an integer, got {score!r}")
             continue
         if qid not in queries:
-            problems.add(str(path), number, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)")
+            problems.add(
+                str(path), number, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)"
+            )
             continue
         if did not in corpus:
-            problems.add(str(path), number, "corpus-id", f"unknown corpus id {did!r} (not in corpus.jsonl)")
+            problems.add(
+                str(path), number, "corpus-id", f"unknown corpus id {did!r} (not in corpus.jsonl)"
+            )
             continue
         qrels.setdefault(qid, {})[did] = relevance
     return qrels
@@ -339,7 +351,7 @@ class TrainingData:
 
 
 def load_training_data(paths: list[Path | str], split: str = "train") -> TrainingData:
-    """Read every --train-data entry (files, folders of jsonl, BEIR folders), all validated first."""
+    """Read every --train-data entry (files, jsonl folders, BEIR folders), all validated first."""
     problems = ProblemCollector()
     records: list[Record] = []
     corpus: list[str] = []
@@ -355,7 +367,12 @@ def load_training_data(paths: list[Path | str], split: str = "train") -> Trainin
         else:
             files = training_files(entry)
             if not files:
-                problems.add(str(entry), None, None, "folder has no .json/.jsonl files and is not BEIR layout")
+                problems.add(
+                    str(entry),
+                    None,
+                    None,
+                    "folder has no .json/.jsonl files and is not BEIR layout",
+                )
             records.extend(read_flag_jsonl(files, problems))
     if not problems.problems and not records:
         problems.add(", ".join(map(str, paths)), None, None, "no training rows found")

@@ -1,0 +1,78 @@
+"""The `embtune` command line: finds the sub-commands, runs one, turns user errors into exit 2.
+
+Each sub-command lives in `embtune/commands/<name>.py` and exposes
+``register(subparsers) -> None``, which adds its parser and sets ``func`` (a callable taking
+the parsed namespace and returning an exit status). Heavy imports (torch, transformers) happen
+inside those functions so that `embtune --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from embtune import __version__, commands
+from embtune.errors import UsageError
+
+USAGE_ERROR = 2
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps example blocks in descriptions as written."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command registered."""
+    parser = argparse.ArgumentParser(
+        prog="embtune",
+        description=(
+            "Fine-tune text-embedding models with contrastive learning over hard negatives,\n"
+            "with every training decision visible.\n\n"
+            "Run `embtune COMMAND --help` for the options of one command."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"embtune {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        module.register(subparsers)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    # transformers prints weight-loading bars and advice on every load; our own bars and
+    # summaries say what the user needs.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `embtune` console script and `python -m embtune`."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return USAGE_ERROR
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as exc:
+        for line in exc.lines():
+            print(f"embtune {args.command}: error: {line}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"embtune {args.command}: interrupted", file=sys.stderr)
+        return 130

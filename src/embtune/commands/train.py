@@ -1,0 +1,54 @@
+"""`embtune train`: fine-tune an embedding model on query / positive / negative data."""
+
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Fine-tune an embedding model with a contrastive loss over hard negatives.
+
+Each step takes --batch-size queries; each query brings a group of --train-group-size
+passages (1 positive + train_group_size-1 negatives sampled from its row) and, with in-batch
+negatives on, is scored against every passage of the batch. The negatives budget (how many
+negatives each query has, how many are used, candidates per query, chance-level loss) is
+printed before training starts.
+
+examples:
+  embtune train --model BAAI/bge-small-en-v1.5 --train-data train.jsonl -o out/
+  embtune train --model ./my-model --train-data scifact/ --train-split train \\
+      --train-group-size 4 --batch-size 16 --temperature 0.05 -o out/
+  embtune train --config run.yaml --learning-rate 1e-5     # flags override the YAML
+  torchrun --nproc_per_node 4 -m embtune train --config run.yaml
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `train` sub-command."""
+    from embtune.cli import HelpFormatter
+    from embtune.config import add_arguments
+
+    parser = subparsers.add_parser(
+        "train",
+        help="fine-tune an embedding model",
+        description=DESCRIPTION,
+        formatter_class=HelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve options (defaults < YAML < flags), train, and print where the model went."""
+    from embtune.config import resolve_config
+    from embtune.train import train
+
+    config = resolve_config(args)
+    result = train(config)
+    last = result.history[-1] if result.history else {}
+    print(
+        f"embtune train: {result.steps} steps in {result.train_seconds:.1f} s, "
+        f"{result.texts_per_second:.1f} texts/s"
+        + (f", final loss {last['loss']:.4f} (chance {last['chance_loss']:.3f})" if last else "")
+    )
+    print(f"embtune train: model saved to {result.output_dir}")
+    return 0

@@ -1,0 +1,286 @@
+"""Training options: one dataclass that is the single source of names, defaults and help.
+
+The command line (`embtune train --help`) and YAML files (`--config run.yaml`) are both built
+from :class:`TrainConfig`, so an option is defined once and a newcomer finds where it is used
+by searching for its field name. Precedence: dataclass default < YAML file < command line.
+
+YAML keys are the field names (``train_group_size: 8``). FlagEmbedding's names for the same
+things are accepted too (``per_device_train_batch_size``, ``num_train_epochs``,
+``sentence_pooling_method``, ``query_instruction_for_retrieval``, ...) so configs move over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from embtune.errors import UsageError
+
+NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
+POOLING_CHOICES = ("cls", "mean", "last_token")
+
+
+def option(
+    default: object = MISSING, help: str = "", choices: tuple | None = None, **extra: object
+):
+    """A dataclass field carrying its command-line help (and choices)."""
+    meta = {"help": help, "choices": choices, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    """Every option of `embtune train`."""
+
+    # --- data -------------------------------------------------------------------------------
+    train_data: list[str] = option(
+        [],
+        help="FlagEmbedding jsonl files, folders of them, or BEIR folders (required)",
+        metavar="PATH",
+    )
+    train_split: str = option("train", help="qrels split used when --train-data is a BEIR folder")
+    output_dir: str = option(
+        "", help="folder for the fine-tuned model, logs and checkpoints (required)"
+    )
+    # --- model ------------------------------------------------------------------------------
+    model: str = option("", help="Hugging Face model name or local folder (required)")
+    pooling: str | None = option(
+        None,
+        help="how token states become one vector; default: the model's sentence-transformers "
+        "config, else cls",
+        choices=POOLING_CHOICES,
+    )
+    normalize: bool = option(
+        True, help="L2-normalize embeddings (scores are then cosine similarities)"
+    )
+    query_instruction: str | None = option(
+        None,
+        help="text put before every query (a row's 'prompt' overrides it); "
+        "default: the model's own",
+    )
+    passage_instruction: str | None = option(
+        None, help="text put before every passage; default: the model's own"
+    )
+    query_max_len: int = option(64, help="queries are truncated to this many tokens")
+    passage_max_len: int = option(256, help="passages are truncated to this many tokens")
+    # --- groups and loss --------------------------------------------------------------------
+    train_group_size: int = option(
+        8, help="passages per query per step: 1 positive + (train_group_size - 1) sampled negatives"
+    )
+    negative_fill: str = option(
+        "corpus",
+        help="when a row has fewer negatives than needed: corpus = fill with random passages "
+        "(never the row's positives); repeat = resample its negatives with duplicates "
+        "(FlagEmbedding); shrink = use fewer",
+        choices=NEGATIVE_FILL_POLICIES,
+    )
+    in_batch_negatives: bool = option(
+        True, help="also score each query against every other passage in the batch"
+    )
+    temperature: float = option(0.02, help="scores are q.p / temperature before the softmax")
+    # --- optimisation -----------------------------------------------------------------------
+    batch_size: int = option(16, help="queries per optimizer step (per process)")
+    epochs: int = option(1, help="passes over the training rows")
+    max_steps: int = option(0, help="stop after this many steps (0 = run all epochs)")
+    learning_rate: float = option(2e-5, help="peak AdamW learning rate")
+    weight_decay: float = option(0.01, help="AdamW weight decay (not applied to biases and norms)")
+    warmup_ratio: float = option(
+        0.1, help="share of steps with linear warm-up, then linear decay to 0"
+    )
+    max_grad_norm: float = option(1.0, help="gradient clipping norm (0 = off)")
+    seed: int = option(42, help="seed for sampling, shuffling and initialisation")
+    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    bf16: bool = option(False, help="bfloat16 mixed precision (GPU)")
+    fp16: bool = option(False, help="float16 mixed precision with loss scaling (GPU only)")
+    # --- output -----------------------------------------------------------------------------
+    logging_steps: int = option(10, help="log training signals every N steps")
+    save_steps: int = option(
+        500, help="write a checkpoint every N steps (0 = only the final model)"
+    )
+    overwrite_output_dir: bool = option(False, help="allow writing into a non-empty output folder")
+    cache_dir: str = option(
+        "", help="token cache folder; default: $EMBTUNE_CACHE or ~/.cache/embtune"
+    )
+    config: str = option("", help="YAML file supplying any option; command-line flags override it")
+
+    def validate(self) -> None:
+        """Refuse inconsistent options with a one-line message naming the option."""
+        required = {
+            "model": self.model,
+            "train_data": self.train_data,
+            "output_dir": self.output_dir,
+        }
+        for name, value in required.items():
+            if not value:
+                raise UsageError(f"{flag(name)} is required")
+        positive_ints = (
+            "train_group_size",
+            "batch_size",
+            "epochs",
+            "query_max_len",
+            "passage_max_len",
+        )
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise UsageError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_steps", "logging_steps", "max_grad_norm", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        if self.logging_steps < 1:
+            raise UsageError(f"--logging-steps must be at least 1, got {self.logging_steps}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            raise UsageError("--bf16 and --fp16 exclude each other; pick one")
+        if self.train_group_size == 1 and not self.in_batch_negatives:
+            raise UsageError(
+                "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
+                "positive: the loss is always 0. Raise the group size or allow in-batch negatives"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field name."""
+    return "--" + name.replace("_", "-")
+
+
+# FlagEmbedding / Hugging Face argument names -> ours, so their YAML/JSON configs work as-is.
+ALIASES = {
+    "model_name_or_path": "model",
+    "per_device_train_batch_size": "batch_size",
+    "num_train_epochs": "epochs",
+    "sentence_pooling_method": "pooling",
+    "query_instruction_for_retrieval": "query_instruction",
+    "passage_instruction_for_retrieval": "passage_instruction",
+    "normalize_embeddings": "normalize",
+    "warmup_ratio": "warmup_ratio",
+    "overwrite_output_dir": "overwrite_output_dir",
+}
+
+
+def _field_type(f) -> type:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return args[0]
+    if typing.get_origin(hint) is list:
+        return list
+    return hint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per TrainConfig field; defaults are SUPPRESSed so YAML can sit between."""
+    for f in fields(TrainConfig):
+        kind = _field_type(f)
+        meta = f.metadata
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        shown = (
+            "required"
+            if f.name in ("model", "train_data", "output_dir")
+            else f"default: {default!r}"
+        )
+        if f.name in ("config", "cache_dir", "pooling", "query_instruction", "passage_instruction"):
+            shown = "" if default in ("", None) else shown
+        help_text = meta["help"] + (f" ({shown})" if shown else "")
+        names = [flag(f.name)]
+        if f.name == "output_dir":
+            names.insert(0, "-o")
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is list:
+            kwargs.update(nargs="+", metavar=meta.get("metavar", "VALUE"))
+        else:
+            kwargs["type"] = kind
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+        parser.add_argument(*names, **kwargs)
+
+
+def _yaml_values(path: Path) -> dict[str, tuple[object, int]]:
+    """Top-level YAML mapping as {key: (value, line)}; line numbers make errors precise."""
+    import yaml
+
+    if not path.is_file():
+        raise UsageError(f"--config: {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageError(f"{where}: malformed YAML: {problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or node is None:
+        raise UsageError(f"{path}:1: expected a mapping of option: value")
+    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    return {str(k): (v, lines.get(str(k), 1)) for k, v in data.items()}
+
+
+def _coerce(name: str, value: object, kind: type, where: str) -> object:
+    """Check a YAML value's type against the field's, with int->float widening only."""
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    raise UsageError(
+        f"{where}: field '{name}': expected {kind.__name__}, got {type(value).__name__}"
+    )
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, the YAML file (if any) and command-line flags into a validated config."""
+    given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    values: dict[str, object] = {}
+    if given.get("config"):
+        path = Path(str(given["config"]))
+        known = {f.name: f for f in fields(TrainConfig)}
+        for key, (value, line) in _yaml_values(path).items():
+            name = ALIASES.get(key, key)
+            where = f"{path}:{line}"
+            if name not in known or name == "config":
+                raise UsageError(f"{where}: unknown option '{key}' (see `embtune train --help`)")
+            coerced = _coerce(key, value, _field_type(known[name]), where)
+            choices = known[name].metadata.get("choices")
+            if choices and coerced is not None and coerced not in choices:
+                raise UsageError(
+                    f"{where}: field '{key}': {coerced!r} is not one of {', '.join(choices)}"
+                )
+            values[name] = coerced
+    values.update(given)
+    config = TrainConfig(**values)  # type: ignore[arg-type]
+    config.validate()
+    return config

@@ -1,0 +1,84 @@
+"""Collation: groups of text ids -> padded token tensors plus the layout the loss needs.
+
+Passages of all groups are laid out one after another: query ``b``'s group occupies
+``passages[offsets[b]:offsets[b+1]]`` with its positive first, so ``positive_index[b] =
+offsets[b]``. Groups may differ in size (``negative_fill=shrink``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from embtune.data.groups import Group, TrainRow
+from embtune.data.store import TokenTable
+
+
+@dataclass
+class Batch:
+    """Everything one training step needs, as tensors."""
+
+    query_input_ids: torch.Tensor
+    query_attention_mask: torch.Tensor
+    passage_input_ids: torch.Tensor
+    passage_attention_mask: torch.Tensor
+    positive_index: torch.Tensor  # [B] column of each query's positive among all passages
+    passage_owner: torch.Tensor  # [P] which query's group each passage belongs to
+    false_negative_mask: torch.Tensor  # [B, P] True where a passage is one of the query's positives
+    rows: list[int]  # training-row indices, for messages about a bad batch
+
+    @property
+    def num_texts(self) -> int:
+        return int(self.query_input_ids.shape[0] + self.passage_input_ids.shape[0])
+
+    def to(self, device: torch.device) -> Batch:
+        moved = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()
+        }
+        return Batch(**moved)
+
+
+def pad_tokens(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask for a list of id arrays."""
+    width = max((len(s) for s in sequences), default=1)
+    ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(sequences), width), dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = seq
+        mask[i, : len(seq)] = 1
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def collate(
+    groups: list[Group],
+    rows: list[TrainRow],
+    query_tokens: TokenTable,
+    passage_tokens: TokenTable,
+    pad_id: int,
+) -> Batch:
+    """Build the tensors of one step from its groups."""
+    passage_ids = [pid for g in groups for pid in g.passages]
+    sizes = [len(g.passages) for g in groups]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    owner = np.repeat(np.arange(len(groups)), sizes)
+    # A passage that is one of query b's positives (another query's positive or negative can be
+    # the same text) must not be pushed away from b: it is masked out of b's softmax.
+    pid_array = np.array(passage_ids, dtype=np.int64)
+    false_neg = np.zeros((len(groups), len(passage_ids)), dtype=bool)
+    for b, g in enumerate(groups):
+        false_neg[b] = np.isin(pid_array, rows[g.row].pos)
+        false_neg[b, offsets[b]] = False
+    q_ids, q_mask = pad_tokens([query_tokens[g.query] for g in groups], pad_id)
+    p_ids, p_mask = pad_tokens([passage_tokens[p] for p in passage_ids], pad_id)
+    return Batch(
+        query_input_ids=q_ids,
+        query_attention_mask=q_mask,
+        passage_input_ids=p_ids,
+        passage_attention_mask=p_mask,
+        positive_index=torch.from_numpy(offsets),
+        passage_owner=torch.from_numpy(owner),
+        false_negative_mask=torch.from_numpy(false_neg),
+        rows=[g.row for g in groups],
+    )

@@ -1,0 +1,140 @@
+"""Text store: every distinct text once, tokenized once per max length, cached on disk.
+
+Rows refer to texts by integer id, so a passage that is a negative for 50 queries is stored
+and tokenized once, and the training loop never calls the tokenizer. The token table is cached
+under a key made of the tokenizer's full definition, the max length and the texts themselves,
+so a second run on the same data skips tokenizing and any change invalidates the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+TOKENIZE_CHUNK = 4096
+
+
+class TextStore:
+    """Distinct texts with stable integer ids in insertion order."""
+
+    def __init__(self, texts: Iterable[str] = ()) -> None:
+        self.texts: list[str] = []
+        self._ids: dict[str, int] = {}
+        for text in texts:
+            self.add(text)
+
+    def add(self, text: str) -> int:
+        """The id of ``text``, adding it if new."""
+        found = self._ids.get(text)
+        if found is None:
+            found = self._ids[text] = len(self.texts)
+            self.texts.append(text)
+        return found
+
+    def id_of(self, text: str) -> int | None:
+        """The id of a stored text, or None."""
+        return self._ids.get(text)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def content_hash(self) -> str:
+        digest = hashlib.sha256()
+        for text in self.texts:
+            digest.update(text.encode("utf-8"))
+            digest.update(b"\0")
+        return digest.hexdigest()
+
+
+class TokenTable:
+    """Token ids of every text of a store: one flat array plus offsets (compact, fast to load)."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray) -> None:
+        self.flat = flat
+        self.offsets = offsets
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i] : self.offsets[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_lists(cls, token_lists: Sequence[Sequence[int]]) -> TokenTable:
+        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
+        offsets = np.zeros(len(token_lists) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.fromiter(
+            (tok for t in token_lists for tok in t), dtype=np.int32, count=int(offsets[-1])
+        )
+        return cls(flat, offsets)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash that changes whenever the tokenizer would produce different ids."""
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode("utf-8"))
+    else:  # slow tokenizers: vocabulary plus special tokens is what decides the ids
+        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+    digest.update(repr(tokenizer.all_special_ids).encode())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """$EMBTUNE_CACHE, else ~/.cache/embtune."""
+    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
+
+
+def tokenize_store(
+    store: TextStore,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    cache_dir: Path | None = None,
+    desc: str = "tokenizing",
+    show_progress: bool = True,
+) -> tuple[TokenTable, bool]:
+    """Token table for every text of ``store`` at ``max_len``; (table, loaded_from_cache)."""
+    key = hashlib.sha256(
+        f"{tokenizer_fingerprint(tokenizer)}|{max_len}|{store.content_hash()}".encode()
+    ).hexdigest()[:32]
+    path = Path(cache_dir) / f"tokens-{key}.npz" if cache_dir else None
+    if path and path.is_file():
+        try:
+            with np.load(path) as saved:
+                table = TokenTable(saved["flat"], saved["offsets"])
+            if len(table) == len(store):
+                return table, True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache (e.g. an interrupted copy): rebuild it below
+    token_lists: list[list[int]] = []
+    bar = tqdm(total=len(store), desc=desc, unit="text", disable=not show_progress, leave=False)
+    for start in range(0, len(store), TOKENIZE_CHUNK):
+        chunk = store.texts[start : start + TOKENIZE_CHUNK]
+        token_lists.extend(tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
+        bar.update(len(chunk))
+    bar.close()
+    table = TokenTable.from_lists(token_lists)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename: a killed run never leaves a half-written cache that looks valid.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+        os.close(fd)
+        try:
+            np.savez(tmp, flat=table.flat, offsets=table.offsets)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return table, False
