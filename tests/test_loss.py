@@ -1,0 +1,154 @@
+"""Contrastive loss against hand computations, and the collate layout the loss relies on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from embtune.data.batching import collate, pad_tokens
+from embtune.data.groups import Group, TrainRow
+from embtune.data.store import TokenTable
+from embtune.losses import contrastive_loss
+
+# B = 2 queries, groups of 2 passages (positive first), H = 2.
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+P = torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0], [1.0, 1.0]])
+OWNER = torch.tensor([0, 0, 1, 1])
+POSITIVE = torch.tensor([0, 2])
+TAU = 0.5
+# q.p / tau, worked out by hand: row b lists passages 0..3.
+SCORES = [[2.0, 1.0, 0.0, 2.0], [0.0, 1.0, 2.0, 2.0]]
+
+
+def nll(scores: list[float], positive: int, candidates: list[int]) -> float:
+    """-log softmax(scores over candidates)[positive], in plain float64 arithmetic."""
+    return -(scores[positive] - math.log(sum(math.exp(scores[c]) for c in candidates)))
+
+
+def test_scores_are_dot_products_over_temperature() -> None:
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU)
+    assert out.scores.tolist() == SCORES
+
+
+def test_loss_with_in_batch_negatives() -> None:
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU, in_batch_negatives=True)
+    expected = (nll(SCORES[0], 0, [0, 1, 2, 3]) + nll(SCORES[1], 2, [0, 1, 2, 3])) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.candidates.tolist() == [4, 4]
+
+
+def test_loss_with_only_the_own_group() -> None:
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU, in_batch_negatives=False)
+    expected = (nll(SCORES[0], 0, [0, 1]) + nll(SCORES[1], 2, [2, 3])) / 2
+    assert expected == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2)
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.candidates.tolist() == [2, 2]
+    assert torch.isinf(out.scores[0, 2:]).all() and torch.isinf(out.scores[1, :2]).all()
+
+
+def test_a_false_negative_is_removed_from_that_query_only() -> None:
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 3] = True  # passage 3 is also a positive of query 0
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU, false_negative_mask=mask)
+    expected = (nll(SCORES[0], 0, [0, 1, 2]) + nll(SCORES[1], 2, [0, 1, 2, 3])) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.candidates.tolist() == [3, 4]
+    assert out.scores[0, 3].item() == float("-inf")
+    assert out.scores[1, 3].item() == pytest.approx(2.0)
+
+
+def test_the_positive_stays_a_candidate_even_if_masked() -> None:
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 0] = True
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU, false_negative_mask=mask)
+    plain = contrastive_loss(Q, P, POSITIVE, OWNER, TAU)
+    assert out.loss.item() == pytest.approx(plain.loss.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("in_batch", [True, False])
+def test_ragged_groups_from_shrink(in_batch: bool) -> None:
+    owner = torch.tensor([0, 0, 0, 1])  # query 0 has 3 passages, query 1 only its positive
+    positive = torch.tensor([0, 3])
+    out = contrastive_loss(Q, P, positive, owner, TAU, in_batch_negatives=in_batch)
+    if in_batch:
+        cands = [[0, 1, 2, 3], [0, 1, 2, 3]]
+    else:
+        cands = [[0, 1, 2], [3]]
+    expected = (nll(SCORES[0], 0, cands[0]) + nll(SCORES[1], 3, cands[1])) / 2
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    assert out.candidates.tolist() == [len(c) for c in cands]
+
+
+def test_identical_embeddings_give_the_chance_level_loss() -> None:
+    q, p = torch.ones(3, 4), torch.ones(6, 4)
+    owner, positive = torch.tensor([0, 0, 1, 1, 2, 2]), torch.tensor([0, 2, 4])
+    assert contrastive_loss(q, p, positive, owner, 0.02).loss.item() == pytest.approx(math.log(6))
+    own = contrastive_loss(q, p, positive, owner, 0.02, in_batch_negatives=False)
+    assert own.loss.item() == pytest.approx(math.log(2))
+
+
+def test_gradients_are_finite_despite_masked_scores() -> None:
+    q, p = Q.clone().requires_grad_(), P.clone().requires_grad_()
+    out = contrastive_loss(q, p, POSITIVE, OWNER, TAU, in_batch_negatives=False)
+    out.loss.backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(p.grad).all()
+    assert q.grad.abs().sum() > 0
+
+
+# --- collate ------------------------------------------------------------------------------------
+
+
+def test_pad_tokens_pads_right_with_a_mask() -> None:
+    ids, mask = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
+    # Passage 1 is row 0's negative but row 1's positive; passage 0 (row 0's positive) also
+    # shows up in row 1's group as a negative.
+    rows = [
+        TrainRow(query=0, pos=np.array([0]), neg=np.array([1, 2])),
+        TrainRow(query=1, pos=np.array([1, 3]), neg=np.array([0])),
+    ]
+    groups = [Group(row=0, query=0, passages=[0, 1, 2]), Group(row=1, query=1, passages=[3, 0])]
+    query_tokens = TokenTable.from_lists([[101, 11, 102], [101, 12, 13, 102]])
+    passage_tokens = TokenTable.from_lists(
+        [[101, 20, 102], [101, 21, 21, 102], [101, 102], [101, 23, 102]]
+    )
+    batch = collate(groups, rows, query_tokens, passage_tokens, pad_id=0)
+
+    assert batch.positive_index.tolist() == [0, 3]
+    assert batch.passage_owner.tolist() == [0, 0, 0, 1, 1]
+    assert batch.false_negative_mask.tolist() == [
+        [False, False, False, False, True],  # the second copy of passage 0
+        [False, True, False, False, False],  # passage 1, row 1's other positive
+    ]
+    assert batch.rows == [0, 1]
+    assert batch.query_input_ids.tolist() == [[101, 11, 102, 0], [101, 12, 13, 102]]
+    assert batch.query_attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.passage_input_ids.tolist() == [
+        [101, 20, 102, 0],
+        [101, 21, 21, 102],
+        [101, 102, 0, 0],
+        [101, 23, 102, 0],
+        [101, 20, 102, 0],
+    ]
+    assert batch.passage_attention_mask.sum(1).tolist() == [3, 4, 2, 3, 3]
+    assert batch.num_texts == 7
+    assert batch.to(torch.device("cpu")).positive_index.tolist() == [0, 3]
+
+    # The layout feeds the loss directly: each query loses exactly its one false negative.
+    emb_q, emb_p = torch.randn(2, 8), torch.randn(5, 8)
+    out = contrastive_loss(
+        emb_q,
+        emb_p,
+        batch.positive_index,
+        batch.passage_owner,
+        0.05,
+        false_negative_mask=batch.false_negative_mask,
+    )
+    assert out.candidates.tolist() == [4, 4]

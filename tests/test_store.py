@@ -1,0 +1,187 @@
+"""Text store and token cache: each text once, tokenized once, cache hits only when valid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from embtune.data.formats import Record
+from embtune.data.groups import build_rows
+from embtune.data.store import TextStore, TokenTable, tokenize_store, tokenizer_fingerprint
+
+try:  # tests/ may or may not be a package
+    from tests.conftest import minilm_path
+except ImportError:
+    from conftest import minilm_path
+
+TEXTS = ["a cell is the unit of life", "dogs bark", "the mitochondria is the powerhouse"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def cache_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("tokens-*.npz"))
+
+
+def warm(store: TextStore, tokenizer, max_len: int, folder: Path) -> TokenTable:
+    """Tokenize until the cache hits, so later misses can only come from what a test changes.
+
+    (The tokenizer's fingerprint also covers its last truncation setting: see
+    test_the_tokenizer_fingerprint_does_not_depend_on_the_last_call.)
+    """
+    for _ in range(3):
+        table, cached = tokenize_store(store, tokenizer, max_len, folder, show_progress=False)
+        if cached:
+            return table
+    raise AssertionError("the token cache never hits")
+
+
+# --- TextStore ----------------------------------------------------------------------------------
+
+
+def test_the_same_text_gets_the_same_id() -> None:
+    store = TextStore(["a", "b", "a"])
+    assert store.texts == ["a", "b"]
+    assert store.add("b") == 1
+    assert store.add("c") == 2
+    assert (store.id_of("a"), store.id_of("c"), store.id_of("zzz")) == (0, 2, None)
+    assert len(store) == 3
+
+
+def test_content_hash_follows_the_texts() -> None:
+    assert TextStore(["a", "b"]).content_hash() == TextStore(["a", "b", "a"]).content_hash()
+    assert TextStore(["a", "b"]).content_hash() != TextStore(["b", "a"]).content_hash()
+    assert TextStore(["ab"]).content_hash() != TextStore(["a", "b"]).content_hash()
+
+
+# --- build_rows ---------------------------------------------------------------------------------
+
+
+def test_rows_hold_ids_of_deduplicated_texts() -> None:
+    records = [
+        Record(query="q1", pos=["p1"], neg=["n1", "n2", "n1"]),
+        Record(query="q2", pos=["n1"], neg=["p1", "n3"]),
+        Record(query="q1", pos=["p1"]),
+    ]
+    texts = build_rows(records)
+    assert texts.queries.texts == ["q1", "q2"]
+    assert texts.passages.texts == ["p1", "n1", "n2", "n3"]
+    first, second, third = texts.rows
+    assert (first.query, first.pos.tolist(), first.neg.tolist()) == (0, [0], [1, 2])
+    assert (second.query, second.pos.tolist(), second.neg.tolist()) == (1, [1], [0, 3])
+    assert (third.query, third.pos.tolist(), third.neg.tolist()) == (0, [0], [])
+
+
+def test_instructions_are_prepended_and_a_row_prompt_overrides_the_query_one() -> None:
+    records = [
+        Record(query="q1", pos=["p1"], neg=["n1"]),
+        Record(query="q2", pos=["p2"], prompt="Row prompt: "),
+    ]
+    texts = build_rows(records, "query: ", "passage: ", corpus=["extra", "p1"])
+    assert texts.queries.texts == ["query: q1", "Row prompt: q2"]
+    assert texts.passages.texts == ["passage: p1", "passage: n1", "passage: p2", "passage: extra"]
+    assert [r.query for r in texts.rows] == [0, 1]
+
+
+def test_a_text_both_positive_and_negative_is_dropped_from_the_negatives() -> None:
+    texts = build_rows([Record(query="q", pos=["a", "b"], neg=["b", "c", "a", "d"])])
+    row = texts.rows[0]
+    by_id = texts.passages.texts
+    assert sorted(by_id[i] for i in row.pos) == ["a", "b"]
+    assert sorted(by_id[i] for i in row.neg) == ["c", "d"]
+
+
+def test_corpus_texts_join_the_passage_store() -> None:
+    texts = build_rows([Record(query="q", pos=["a"])], corpus=["a", "b", "c"])
+    assert texts.passages.texts == ["a", "b", "c"]
+    assert texts.rows[0].neg.tolist() == []
+
+
+# --- TokenTable and tokenize_store -----------------------------------------------------------
+
+
+def test_token_table_from_lists() -> None:
+    table = TokenTable.from_lists([[5, 6, 7], [], [8]])
+    assert len(table) == 3
+    assert [table[i].tolist() for i in range(3)] == [[5, 6, 7], [], [8]]
+    assert table.lengths().tolist() == [3, 0, 1]
+
+
+def test_tokens_match_the_tokenizer_and_respect_max_len(tokenizer) -> None:
+    store = TextStore([*TEXTS, "word " * 50])
+    table, cached = tokenize_store(store, tokenizer, max_len=8, show_progress=False)
+    assert not cached
+    expected = tokenizer(store.texts, truncation=True, max_length=8)["input_ids"]
+    assert [table[i].tolist() for i in range(len(store))] == expected
+    assert table.lengths().max() == 8
+
+
+def test_second_call_loads_identical_arrays_from_the_cache(tokenizer, tmp_path: Path) -> None:
+    store = TextStore(TEXTS)
+    first, cached_first = tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)
+    second, cached_second = tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)
+    assert (cached_first, cached_second) == (False, True)
+    assert np.array_equal(first.flat, second.flat)
+    assert np.array_equal(first.offsets, second.offsets)
+    assert len(cache_files(tmp_path)) == 1
+    assert not list(tmp_path.glob("*.tmp*"))  # nothing half-written left behind
+
+
+def test_the_tokenizer_fingerprint_does_not_depend_on_the_last_call(tokenizer) -> None:
+    before = tokenizer_fingerprint(tokenizer)
+    tokenizer(["some text"], truncation=True, max_length=5)
+    assert tokenizer_fingerprint(tokenizer) == before
+    tokenizer(["some text"], truncation=True, max_length=7)
+    assert tokenizer_fingerprint(tokenizer) == before
+
+
+def test_no_cache_dir_means_no_caching(tokenizer, tmp_path: Path) -> None:
+    store = TextStore(TEXTS)
+    assert not tokenize_store(store, tokenizer, 16, None, show_progress=False)[1]
+    assert not tokenize_store(store, tokenizer, 16, None, show_progress=False)[1]
+
+
+def test_another_max_len_is_a_cache_miss(tokenizer, tmp_path: Path) -> None:
+    store = TextStore(TEXTS)
+    warm(store, tokenizer, 16, tmp_path)
+    before = set(cache_files(tmp_path))
+    table, cached = tokenize_store(store, tokenizer, 4, tmp_path, show_progress=False)
+    assert not cached
+    assert table.lengths().max() == 4
+    assert len(set(cache_files(tmp_path)) - before) == 1
+
+
+def test_a_changed_text_is_a_cache_miss(tokenizer, tmp_path: Path) -> None:
+    warm(TextStore(TEXTS), tokenizer, 16, tmp_path)
+    changed = TextStore([*TEXTS[:-1], "the mitochondria is not the powerhouse"])
+    table, cached = tokenize_store(changed, tokenizer, 16, tmp_path, show_progress=False)
+    assert not cached
+    expected = tokenizer(changed.texts[-1], truncation=True, max_length=16)["input_ids"]
+    assert table[2].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: b"this is not an npz file",
+        lambda data: data[: len(data) // 2],  # an interrupted copy
+        lambda data: b"",
+    ],
+    ids=["garbage", "truncated", "empty"],
+)
+def test_a_corrupt_cache_file_is_rebuilt(tokenizer, tmp_path: Path, damage) -> None:
+    store = TextStore(TEXTS)
+    good = warm(store, tokenizer, 16, tmp_path)
+    for path in cache_files(tmp_path):
+        path.write_bytes(damage(path.read_bytes()))
+    rebuilt, cached = tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)
+    assert not cached
+    assert np.array_equal(rebuilt.flat, good.flat)
+    assert np.array_equal(rebuilt.offsets, good.offsets)
+    assert tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)[1]  # valid again
