@@ -189,7 +189,7 @@ def test_scores_must_match_their_texts(tmp_path: Path, row: dict, expected: str)
 
 def test_nan_in_scores_is_rejected(tmp_path: Path) -> None:
     line = '{"query": "q", "pos": ["a"], "pos_scores": [NaN]}'
-    assert only_problem(tmp_path, line) == "1: malformed JSON: NaN is not a valid number"
+    assert only_problem(tmp_path, line) == "1: field 'pos_scores': item 0 is not a finite number"
 
 
 def test_an_overflowing_score_is_not_finite(tmp_path: Path) -> None:

@@ -41,15 +41,13 @@ class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     train_data: list[str] = option(
         [],
-        help="FlagEmbedding jsonl files, folders of them, or BEIR folders (required)",
+        help="FlagEmbedding jsonl files, folders of them, or BEIR folders",
         metavar="PATH",
     )
     train_split: str = option("train", help="qrels split used when --train-data is a BEIR folder")
-    output_dir: str = option(
-        "", help="folder for the fine-tuned model, logs and checkpoints (required)"
-    )
+    output_dir: str = option("", help="folder for the fine-tuned model, logs and checkpoints")
     # --- model ------------------------------------------------------------------------------
-    model: str = option("", help="Hugging Face model name or local folder (required)")
+    model: str = option("", help="Hugging Face model name or local folder")
     pooling: str | None = option(
         None,
         help="how token states become one vector; default: the model's sentence-transformers "
@@ -251,7 +249,13 @@ def _coerce(name: str, value: object, kind: type, where: str) -> object:
     elif kind is list:
         if isinstance(value, str):
             return [value]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, str):
+                    raise UsageError(
+                        f"{where}: field '{name}': item {i} must be a string, "
+                        f"got {type(item).__name__}"
+                    )
             return value
     elif kind is str:
         if isinstance(value, str):

@@ -73,28 +73,25 @@ def _json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, o
         problems.add(str(path), None, None, "file is empty")
         return
     for number, line in enumerate(raw.split(b"\n"), start=1):
-        if problems.full:
-            problems.truncated = True
-            return
         if number == 1 and line.startswith(b"\xef\xbb\xbf"):
             line = line[3:]  # a UTF-8 byte-order mark is harmless; accept it
         if not line.strip():
             continue
+        if problems.full:
+            problems.truncated = True
+            return
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as exc:
             problems.add(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
             continue
         try:
-            value = json.loads(text, parse_constant=_reject_constant)
+            # NaN/Infinity parse as floats so the field check can name the field they are in.
+            value = json.loads(text)
         except ValueError as exc:
             problems.add(str(path), number, None, f"malformed JSON: {exc}")
             continue
         yield number, value
-
-
-def _reject_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a valid number")
 
 
 def _check_text(value: object) -> str | None:
@@ -146,8 +143,9 @@ def _row_problems(row: object) -> list[tuple[str | None, str]]:
     if "neg" in row and (reason := _check_text_list(row["neg"], allow_empty=True)):
         found.append(("neg", reason))
     for scores, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
-        if scores in row and row[scores] is not None:
-            expected = len(row[texts]) if isinstance(row.get(texts), list) else 0
+        texts_ok = isinstance(row.get(texts), list) or (texts == "neg" and "neg" not in row)
+        if scores in row and row[scores] is not None and texts_ok:
+            expected = len(row.get(texts) or [])
             if reason := _check_scores(row[scores], expected, texts):
                 found.append((scores, reason))
     if row.get("prompt") is not None and (reason := _check_text(row["prompt"])):
@@ -264,11 +262,11 @@ def _read_qrels(
         problems.add(str(path), None, None, "file is empty")
         return qrels
     for number, line in enumerate(rows, start=1):
+        if not line.strip():
+            continue
         if problems.full:
             problems.truncated = True
             break
-        if not line.strip():
-            continue
         parts = line.split("\t") if "\t" in line else line.split()
         if number == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
             continue  # header

@@ -9,6 +9,7 @@ so a second run on the same data skips tokenizing and any change invalidates the
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -85,7 +86,12 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        digest.update(backend.to_str().encode("utf-8"))
+        # The serialized tokenizer also records the truncation/padding of its last call, which
+        # says nothing about the ids it produces; drop it so the key is stable across calls.
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        digest.update(json.dumps(definition, sort_keys=True).encode("utf-8"))
     else:  # slow tokenizers: vocabulary plus special tokens is what decides the ids
         digest.update(repr(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
     digest.update(repr(tokenizer.all_special_ids).encode())
@@ -116,8 +122,8 @@ def tokenize_store(
                 table = TokenTable(saved["flat"], saved["offsets"])
             if len(table) == len(store):
                 return table, True
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache (e.g. an interrupted copy): rebuild it below
+        except Exception:
+            pass  # any unreadable cache (truncated zip, empty file) is simply rebuilt below
     token_lists: list[list[int]] = []
     bar = tqdm(total=len(store), desc=desc, unit="text", disable=not show_progress, leave=False)
     for start in range(0, len(store), TOKENIZE_CHUNK):
