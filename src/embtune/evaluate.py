@@ -1,0 +1,497 @@
+"""Retrieval evaluation: trec_eval-exact metrics, cached corpus encoding and top-k search.
+
+The metrics reproduce ``trec_eval`` (and so ``pytrec_eval``, BEIR and MTEB) exactly:
+
+* a document is relevant when its judged relevance is >= 1;
+* nDCG uses linear gain (the relevance value) and a ``log2(rank + 1)`` discount; the ideal
+  ranking is every judged relevant document sorted by relevance, cut at k;
+* Recall@k and MAP@k divide by the number of relevant documents for the query (not by k);
+* documents with equal scores are ranked by document id, descending (trec_eval's order);
+* every query with judgements counts in the average; one with nothing retrieved scores 0.
+
+Corpus embeddings can be cached on disk (``cache_dir``). The cache key covers everything that
+changes a passage vector: the model's weights (hashed byte for byte, so a model fine-tuned and
+saved over the same folder never hits an old entry), its config and tokenizer, pooling,
+normalization, passage instruction and max length, device type and dtype, and the passages.
+
+Example::
+
+    enc = Encoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    data = load_beir(Path("scifact"), "test")
+    metrics = evaluate_retrieval(enc, data, k_values=(10, 100), cache_dir=Path(".cache"))
+    print(format_metrics(metrics))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from embtune.errors import UsageError
+from embtune.search import exact_search
+
+if TYPE_CHECKING:
+    from embtune.data.formats import BeirDataset
+    from embtune.model import Encoder
+
+log = logging.getLogger(__name__)
+
+METRICS = ("ndcg", "mrr", "recall", "map")
+METRIC_LABELS = {"ndcg": "nDCG", "mrr": "MRR", "recall": "Recall", "map": "MAP"}
+CACHE_FORMAT = 1
+
+# A run: per query, either {doc id: score} (ranked here, trec_eval's way) or doc ids best first.
+Run = Mapping[str, Mapping[str, float] | Sequence[str]]
+Qrels = Mapping[str, Mapping[str, int]]
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def rank_documents(docs: Mapping[str, float] | Sequence[str]) -> list[str]:
+    """Document ids best first.
+
+    A score mapping is sorted by score, descending, ties by document id, descending: exactly
+    trec_eval's order, so tied scores give the same metrics as pytrec_eval. A sequence is
+    taken as already ranked (repeated ids keep their first position).
+    """
+    if isinstance(docs, Mapping):
+        ranked = sorted(docs.items(), key=lambda item: (float(item[1]), item[0]), reverse=True)
+        return [doc_id for doc_id, _ in ranked]
+    return list(dict.fromkeys(docs))
+
+
+def _num_relevant(judged: Mapping[str, int]) -> int:
+    return sum(1 for rel in judged.values() if rel >= 1)
+
+
+def ndcg_at_k(ranked: Sequence[str], judged: Mapping[str, int], k: int) -> float:
+    """nDCG@k of one ranked list: linear gain, log2 discount, 0 when nothing is relevant."""
+    dcg = sum(
+        judged[doc] / math.log2(i + 2)
+        for i, doc in enumerate(ranked[:k])
+        if judged.get(doc, 0) >= 1
+    )
+    ideal_gains = sorted((rel for rel in judged.values() if rel >= 1), reverse=True)[:k]
+    idcg = sum(gain / math.log2(i + 2) for i, gain in enumerate(ideal_gains))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mrr_at_k(ranked: Sequence[str], judged: Mapping[str, int], k: int) -> float:
+    """Reciprocal rank of the first relevant document in the top k (0 when there is none)."""
+    for i, doc in enumerate(ranked[:k]):
+        if judged.get(doc, 0) >= 1:
+            return 1.0 / (i + 1)
+    return 0.0
+
+
+def recall_at_k(ranked: Sequence[str], judged: Mapping[str, int], k: int) -> float:
+    """Share of the query's relevant documents found in the top k (0 when it has none)."""
+    total = _num_relevant(judged)
+    if total == 0:
+        return 0.0
+    return sum(1 for doc in ranked[:k] if judged.get(doc, 0) >= 1) / total
+
+
+def map_at_k(ranked: Sequence[str], judged: Mapping[str, int], k: int) -> float:
+    """Average precision cut at k, divided by all relevant documents (trec_eval's map_cut)."""
+    total = _num_relevant(judged)
+    if total == 0:
+        return 0.0
+    hits = 0
+    precision_sum = 0.0
+    for i, doc in enumerate(ranked[:k]):
+        if judged.get(doc, 0) >= 1:
+            hits += 1
+            precision_sum += hits / (i + 1)
+    return precision_sum / total
+
+
+METRIC_FUNCTIONS: dict[str, Callable[[Sequence[str], Mapping[str, int], int], float]] = {
+    "ndcg": ndcg_at_k,
+    "mrr": mrr_at_k,
+    "recall": recall_at_k,
+    "map": map_at_k,
+}
+
+
+def check_k_values(k_values: Iterable[int]) -> tuple[int, ...]:
+    """Sorted, de-duplicated cut-offs; a UsageError names any that is not a positive integer."""
+    values = list(k_values)
+    bad = [k for k in values if isinstance(k, bool) or not isinstance(k, int) or k < 1]
+    if bad or not values:
+        shown = ", ".join(map(repr, bad)) if bad else "none given"
+        raise UsageError(f"--k: cut-offs must be positive integers ({shown})")
+    return tuple(sorted(set(values)))
+
+
+def retrieval_metrics(
+    run: Run,
+    qrels: Qrels,
+    k_values: Iterable[int] = (10, 100),
+    metrics: Sequence[str] = METRICS,
+) -> dict[str, float]:
+    """Mean of each metric at each cut-off over the queries in ``qrels``: {"ndcg@10": ...}.
+
+    Keys run metric by metric, cut-off by cut-off (``ndcg@10, ndcg@100, mrr@10, ...``).
+    Queries in ``run`` without judgements are ignored; judged queries missing from ``run``
+    score 0, as do judged queries none of whose documents is relevant.
+    """
+    ks = check_k_values(k_values)
+    unknown = [m for m in metrics if m not in METRIC_FUNCTIONS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+    if not qrels:
+        raise ValueError("no judged queries to evaluate")
+    totals = {f"{m}@{k}": 0.0 for m in metrics for k in ks}
+    for qid, judged in qrels.items():
+        ranked = rank_documents(run.get(qid, {}))
+        for m in metrics:
+            for k in ks:
+                totals[f"{m}@{k}"] += METRIC_FUNCTIONS[m](ranked, judged, k)
+    return {key: value / len(qrels) for key, value in totals.items()}
+
+
+def format_metrics(metrics: Mapping[str, float], title: str | None = None) -> str:
+    """A plain-text table for the screen: one row per metric, one column per cut-off."""
+    parsed: dict[str, dict[int, float]] = {}
+    for key, value in metrics.items():
+        name, _, k = key.partition("@")
+        if k.isdigit():
+            parsed.setdefault(name, {})[int(k)] = value
+    ks = sorted({k for row in parsed.values() for k in row})
+    labels = {name: METRIC_LABELS.get(name, name) for name in parsed}
+    width = max([len(label) for label in labels.values()] + [6])
+    header = " " * width + "".join(f"{'@' + str(k):>9}" for k in ks)
+    lines = [title] if title else []
+    lines.append(header)
+    for name, row in parsed.items():
+        cells = "".join(f"{row[k]:>9.4f}" if k in row else f"{'-':>9}" for k in ks)
+        lines.append(f"{labels[name]:<{width}}{cells}")
+    return "\n".join(lines)
+
+
+# --- search --------------------------------------------------------------------------------
+
+
+def search_top_k(
+    query_embeddings: torch.Tensor,
+    corpus_embeddings: torch.Tensor,
+    k: int,
+    use_faiss: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k corpus rows per query by inner product: (scores [Q, k'], indices [Q, k']).
+
+    ``k' = min(k, corpus size)``. Exact either way; ``use_faiss`` uses faiss's IndexFlatIP,
+    which is faster on large corpora, and needs the optional ``faiss-cpu`` package.
+    """
+    if not use_faiss:
+        return exact_search(query_embeddings, corpus_embeddings, k)
+    try:
+        import faiss
+    except ImportError as exc:
+        raise UsageError(
+            "--faiss: the faiss package is not installed; install it with "
+            "`pip install faiss-cpu` (or `pip install 'embtune[faiss]'`), or leave out --faiss"
+        ) from exc
+    k = min(k, corpus_embeddings.shape[0])
+    index = faiss.IndexFlatIP(corpus_embeddings.shape[1])
+    index.add(corpus_embeddings.float().contiguous().numpy())
+    scores, indices = index.search(query_embeddings.float().contiguous().numpy(), k)
+    return torch.from_numpy(scores), torch.from_numpy(indices).long()
+
+
+def retrieve(
+    query_embeddings: torch.Tensor,
+    corpus_embeddings: torch.Tensor,
+    query_ids: Sequence[str],
+    doc_ids: Sequence[str],
+    k: int,
+    use_faiss: bool = False,
+    ignore_identical_ids: bool = True,
+) -> dict[str, dict[str, float]]:
+    """A run {query id: {doc id: score}} with the top ``k`` documents per query.
+
+    With ``ignore_identical_ids`` (BEIR's default) a document whose id equals the query id is
+    dropped; one extra document is fetched so each query still gets ``k``.
+    """
+    if query_embeddings.shape[0] != len(query_ids) or corpus_embeddings.shape[0] != len(doc_ids):
+        raise ValueError("embedding rows and ids differ in number")
+    if not len(query_ids) or not len(doc_ids):
+        return {qid: {} for qid in query_ids}
+    fetch = k + 1 if ignore_identical_ids else k
+    scores, indices = search_top_k(query_embeddings, corpus_embeddings, fetch, use_faiss)
+    run: dict[str, dict[str, float]] = {}
+    rows = zip(query_ids, scores.tolist(), indices.tolist(), strict=True)
+    for qid, row_scores, row_indices in rows:
+        hits: dict[str, float] = {}
+        for score, index in zip(row_scores, row_indices, strict=True):
+            if index < 0:  # faiss pads with -1 when it has fewer results
+                continue
+            doc_id = doc_ids[index]
+            if ignore_identical_ids and doc_id == qid:
+                continue
+            hits[doc_id] = score
+            if len(hits) == k:
+                break
+        run[qid] = hits
+    return run
+
+
+# --- corpus embeddings and their cache -----------------------------------------------------
+
+
+def model_fingerprint(encoder: Encoder) -> str:
+    """sha256 of the model's class, config and every weight and buffer, byte for byte.
+
+    Hashing the tensors themselves (not file names or times) means a model changed in memory
+    or re-saved to the same folder gets a new fingerprint. sha256 runs at about 1.5 GB/s, so
+    this costs ~0.1 s for a MiniLM and a few seconds for a multi-GB model.
+    """
+    model = encoder.model
+    digest = hashlib.sha256()
+    digest.update(type(model).__name__.encode())
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"\0{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(encoder: Encoder) -> str:
+    """sha256 of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
+    tokenizer = encoder.tokenizer
+    digest = hashlib.sha256(type(tokenizer).__name__.encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        # Truncation and padding are state left by the last call, not part of the tokenizer
+        # (our max lengths are keyed separately): keeping them would make keys unstable.
+        definition.pop("truncation", None)
+        definition.pop("padding", None)
+        digest.update(json.dumps(definition, sort_keys=True).encode())
+    else:
+        # Slow tokenizers have no serialized form; vocabulary plus init options cover them.
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        digest.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _hash_strings(strings: Iterable[str]) -> str:
+    digest = hashlib.sha256()
+    for text in strings:
+        data = text.encode("utf-8")
+        # Length-prefixed, so ["ab", "c"] and ["a", "bc"] hash differently.
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def corpus_cache_key(
+    encoder: Encoder, texts: Sequence[str], ids: Sequence[str] | None = None
+) -> str:
+    """The cache key of these passages under this encoder (a sha256 hex string).
+
+    Query-side settings are left out on purpose: they do not change passage vectors.
+    """
+    s = encoder.settings
+    parameter = next(encoder.model.parameters())
+    parts = {
+        "format": CACHE_FORMAT,
+        "model": str(getattr(encoder.model.config, "_name_or_path", "")),
+        "weights": model_fingerprint(encoder),
+        "tokenizer": tokenizer_fingerprint(encoder),
+        "pooling": s.pooling,
+        "normalize": s.normalize,
+        "passage_instruction": s.passage_instruction,
+        "passage_max_len": s.passage_max_len,
+        # The encoder runs in bf16 on CUDA and fp32 on CPU: vectors differ slightly.
+        "device": parameter.device.type,
+        "dtype": str(parameter.dtype),
+        "texts": _hash_strings(texts),
+        "ids": _hash_strings(ids) if ids is not None else None,
+        "count": len(texts),
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def corpus_cache_path(cache_dir: str | Path, key: str) -> Path:
+    """Where the cache entry with this key lives."""
+    return Path(cache_dir) / f"corpus-{key[:32]}.pt"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(temp_path)`` then rename over ``path``: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        tmp.chmod(0o644)  # mkstemp makes files private; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, data: object) -> None:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _load_cached(path: Path, key: str, count: int) -> torch.Tensor | None:
+    """The cached embeddings, or None (with a warning) when the entry is unusable."""
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: encode again and overwrite it
+        log.warning("ignoring unreadable corpus cache %s: %s", path, exc)
+        return None
+    if not isinstance(entry, dict):
+        entry = {}
+    embeddings = entry.get("embeddings")
+    if entry.get("key") != key or not isinstance(embeddings, torch.Tensor):
+        log.warning("ignoring corpus cache %s: it does not match this model and corpus", path)
+        return None
+    if embeddings.ndim != 2 or embeddings.shape[0] != count:
+        shape = tuple(embeddings.shape)
+        log.warning("ignoring corpus cache %s: shape %s, expected %d rows", path, shape, count)
+        return None
+    return embeddings
+
+
+def corpus_embeddings(
+    encoder: Encoder,
+    texts: Sequence[str],
+    ids: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
+    batch_size: int = 64,
+    show_progress: bool = True,
+) -> torch.Tensor:
+    """Passage embeddings [N, H] (float32, CPU, input order), from ``cache_dir`` when cached.
+
+    Texts are embedded with :meth:`Encoder.encode_passages` (passage instruction and max
+    length applied). With ``cache_dir`` the result is looked up by :func:`corpus_cache_key`
+    and stored there after encoding; ``ids`` are part of the key and saved alongside.
+    """
+    texts = list(texts)
+    if ids is not None and len(ids) != len(texts):
+        raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+    path: Path | None = None
+    key = ""
+    if cache_dir is not None:
+        key = corpus_cache_key(encoder, texts, ids)
+        path = corpus_cache_path(cache_dir, key)
+        if path.is_file() and (cached := _load_cached(path, key, len(texts))) is not None:
+            log.info("corpus embeddings: loaded %d from cache %s", len(texts), path)
+            return cached
+    embeddings = encoder.encode_passages(texts, batch_size=batch_size, show_progress=show_progress)
+    if path is not None:
+        entry = {
+            "format": CACHE_FORMAT,
+            "key": key,
+            "model": str(getattr(encoder.model.config, "_name_or_path", "")),
+            "ids": list(ids) if ids is not None else [],
+            "embeddings": embeddings,
+        }
+        try:
+            atomic_write(path, lambda tmp: torch.save(entry, tmp))
+            log.info("corpus embeddings: cached %d in %s", len(texts), path)
+        except OSError as exc:  # a read-only or full cache disk must not lose the result
+            log.warning("could not write corpus cache %s: %s", path, exc)
+    return embeddings
+
+
+# The parameter of evaluate_retrieval shadows the function's name inside it.
+_embed_corpus = corpus_embeddings
+
+
+def evaluate_retrieval(
+    encoder: Encoder,
+    data: BeirDataset,
+    k_values: Iterable[int] = (10, 100),
+    batch_size: int = 64,
+    show_progress: bool = True,
+    corpus_embeddings: torch.Tensor | None = None,
+    cache_dir: str | Path | None = None,
+    use_faiss: bool = False,
+    ignore_identical_ids: bool = True,
+) -> dict[str, float]:
+    """Embed the judged queries and the corpus, search, and score: {"ndcg@10": ..., ...}.
+
+    Every metric of :data:`METRICS` is reported at every cut-off in ``k_values``. Queries are
+    those with judgements in ``data.qrels``; the whole corpus is searched. Pass
+    ``corpus_embeddings`` (rows in ``data.corpus`` order, e.g. from :func:`corpus_embeddings`
+    with the same encoder) to skip encoding the corpus. Like BEIR, a hit whose document id
+    equals the query id is dropped unless ``ignore_identical_ids`` is False.
+    """
+    ks = check_k_values(k_values)
+    doc_ids = list(data.corpus)
+    if corpus_embeddings is None:
+        corpus_embeddings = _embed_corpus(
+            encoder,
+            list(data.corpus.values()),
+            doc_ids,
+            cache_dir=cache_dir,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    elif corpus_embeddings.ndim != 2 or corpus_embeddings.shape[0] != len(doc_ids):
+        raise UsageError(
+            f"corpus embeddings have shape {tuple(corpus_embeddings.shape)}, "
+            f"but the corpus has {len(doc_ids)} documents"
+        )
+    queries = data.split_queries()
+    query_embeddings = encoder.encode_queries(
+        list(queries.values()), batch_size=batch_size, show_progress=show_progress
+    )
+    if query_embeddings.shape[1] != corpus_embeddings.shape[1]:
+        raise UsageError(
+            f"query embeddings have {query_embeddings.shape[1]} dimensions but corpus "
+            f"embeddings {corpus_embeddings.shape[1]}: were they made by another model?"
+        )
+    run = retrieve(
+        query_embeddings,
+        corpus_embeddings,
+        list(queries),
+        doc_ids,
+        max(ks),
+        use_faiss=use_faiss,
+        ignore_identical_ids=ignore_identical_ids,
+    )
+    return retrieval_metrics(run, data.qrels, ks)
+
+
+__all__ = [
+    "METRICS",
+    "atomic_write",
+    "check_k_values",
+    "corpus_cache_key",
+    "corpus_cache_path",
+    "corpus_embeddings",
+    "evaluate_retrieval",
+    "format_metrics",
+    "map_at_k",
+    "model_fingerprint",
+    "mrr_at_k",
+    "ndcg_at_k",
+    "rank_documents",
+    "recall_at_k",
+    "retrieval_metrics",
+    "retrieve",
+    "search_top_k",
+    "tokenizer_fingerprint",
+    "write_json",
+]
