@@ -65,7 +65,7 @@ def test_a_valid_row_keeps_every_field_and_ignores_unknown_keys(tmp_path: Path) 
     assert (first.pos_scores, first.neg_scores, first.prompt) == ([1, 0.5], [0.1], "Represent: ")
     assert first.source == f"{path}:1"
     assert (second.neg, second.prompt, second.source) == ([], None, f"{path}:2")
-    assert data.corpus == []
+    assert data.corpus == {}
 
 
 def test_an_empty_neg_list_is_allowed(tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_beir_rows_hold_relevant_documents_only(tmp_path: Path) -> None:
         ("first?", ["T1 one"], ["d1"]),
         ("second?", ["three"], ["d3"]),
     ]
-    assert data.corpus == ["T1 one", "two", "three"]
+    assert list(data.corpus.values()) == ["T1 one", "two", "three"]
 
 
 def test_beir_unknown_corpus_id_in_qrels(tmp_path: Path) -> None:

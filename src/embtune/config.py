@@ -96,6 +96,20 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
     bf16: bool = option(False, help="bfloat16 mixed precision (GPU)")
     fp16: bool = option(False, help="float16 mixed precision with loss scaling (GPU only)")
+    # --- evaluation during training ---------------------------------------------------------
+    eval_data: str = option(
+        "", help="BEIR folder evaluated (nDCG@10, MRR@10, Recall@k) during and after training"
+    )
+    eval_split: str = option("dev", help="qrels split of --eval-data; never select on test")
+    dev_fraction: float = option(
+        0.0,
+        help="hold out this seeded share of the training queries as the dev set (instead of "
+        "--eval-data); the held-out rows are saved as dev_split.json",
+    )
+    eval_steps: int = option(0, help="evaluate every N steps (0 = only at the end)")
+    save_best: bool = option(
+        False, help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best"
+    )
     # --- output -----------------------------------------------------------------------------
     logging_steps: int = option(10, help="log training signals every N steps")
     save_steps: int = option(
@@ -127,7 +141,8 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise UsageError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "save_steps", "logging_steps", "max_grad_norm", "weight_decay"):
+        non_negative = ("max_steps", "save_steps", "logging_steps", "max_grad_norm")
+        for name in (*non_negative, "weight_decay", "eval_steps"):
             if getattr(self, name) < 0:
                 raise UsageError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
         if self.logging_steps < 1:
@@ -138,6 +153,12 @@ class TrainConfig:
             raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.dev_fraction < 1:
+            raise UsageError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
+        if self.dev_fraction and self.eval_data:
+            raise UsageError("--dev-fraction and --eval-data exclude each other; pick one dev set")
+        if self.save_best and not (self.dev_fraction or self.eval_data):
+            raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; pick one")
         if self.train_group_size == 1 and not self.in_batch_negatives:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch, collate
-from embtune.data.formats import load_training_data
+from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus, save_dev_split
+from embtune.data.formats import BeirDataset, load_beir, load_training_data
 from embtune.data.groups import GroupSampler, NegativesBudget, build_rows, negatives_budget
 from embtune.data.store import default_cache_dir, tokenize_store
 from embtune.errors import UsageError
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.yaml"
 BUDGET_FILE = "negatives_budget.json"
+DEV_SPLIT_FILE = "dev_split.json"
+BEST_DIR = "best"
 
 
 @dataclass
@@ -47,6 +50,8 @@ class TrainResult:
     train_seconds: float
     history: list[dict] = field(default_factory=list)
     budget: NegativesBudget | None = None
+    best_step: int | None = None
+    best_ndcg: float | None = None
 
 
 def check_output_dir(config: TrainConfig) -> Path:
@@ -107,8 +112,13 @@ def _save_atomically(target: Path, write) -> None:
         os.replace(tmp, target)
 
 
-def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
-    """Fine-tune ``config.model`` on ``config.train_data``; the model is saved to output_dir."""
+def train(
+    config: TrainConfig, show_progress: bool = True, dev_data: BeirDataset | None = None
+) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.train_data``; the model is saved to output_dir.
+
+    ``dev_data`` (a caller-made dev set, e.g. the demo's) replaces --eval-data/--dev-fraction.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -117,6 +127,12 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
     # Data first: bad input is reported before any model is loaded or folder written.
     data = load_training_data(config.train_data, config.train_split)
+    dev_rows = []
+    if config.dev_fraction and dev_data is None:
+        data.records, dev_rows = carve_dev_split(data.records, config.dev_fraction, config.seed)
+        dev_data = dev_dataset(dev_rows, data.corpus or passage_corpus(data.records + dev_rows))
+    elif config.eval_data and dev_data is None:
+        dev_data = load_beir(Path(config.eval_data), config.eval_split)
     out = check_output_dir(config)
 
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
@@ -138,7 +154,10 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
     )
     settings = encoder.settings
     texts = build_rows(
-        data.records, settings.query_instruction, settings.passage_instruction, data.corpus
+        data.records,
+        settings.query_instruction,
+        settings.passage_instruction,
+        list(data.corpus.values()),
     )
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     query_tokens, _ = tokenize_store(
@@ -178,6 +197,14 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         with open(out / CONFIG_FILE, "w", encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         (out / BUDGET_FILE).write_text(json.dumps(asdict(budget), indent=2) + "\n")
+        if dev_rows:
+            save_dev_split(out / DEV_SPLIT_FILE, dev_rows, config.dev_fraction, config.seed)
+        if dev_data is not None:
+            when = f"every {config.eval_steps} steps and " if config.eval_steps else ""
+            print(
+                f"  dev set: {len(dev_data.qrels)} queries over {len(dev_data.corpus)} passages "
+                f"(evaluated {when}at the end)"
+            )
 
     if config.gradient_checkpointing:
         encoder.model.gradient_checkpointing_enable(
@@ -193,6 +220,32 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
 
     history: list[dict] = []
     log_file = open(out / LOG_FILE, "w", encoding="utf-8") if main else None
+    best: dict = {"step": None, "ndcg": None}
+
+    def write_log(record: dict) -> None:
+        history.append(record)
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+
+    def evaluate_dev(step: int) -> None:
+        """Retrieval metrics on the dev set; the main process keeps the best model."""
+        from embtune.evaluate import evaluate_retrieval
+
+        accelerator.wait_for_everyone()
+        if main:
+            unwrapped = accelerator.unwrap_model(model)
+            metrics = evaluate_retrieval(unwrapped, dev_data, show_progress=False)
+            model.train()
+            write_log({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
+            ndcg = metrics["ndcg@10"]
+            tqdm.write(f"step {step}: dev nDCG@10 {ndcg:.4f}, MRR@10 {metrics['mrr@10']:.4f}")
+            if config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
+                best.update(step=step, ndcg=ndcg)
+                _save_atomically(out / BEST_DIR, unwrapped.save)
+        accelerator.wait_for_everyone()
+
     bar = tqdm(total=total_steps, desc="training", unit="step", disable=not show)
     pad_id = encoder.tokenizer.pad_token_id
     texts_seen, train_seconds = 0, 0.0
@@ -256,17 +309,17 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
                 "learning_rate": scheduler.get_last_lr()[0],
                 "texts_per_second": window_texts / window_seconds,
             }
-            history.append(record)
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
-            if log_file:
-                log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
+            write_log(record)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record['learning_rate']:.2e}",
                 texts_s=f"{record['texts_per_second']:.1f}",
             )
             window_loss, window_texts, window_seconds = 0.0, 0, 0.0
+        if dev_data is not None and (
+            done == total_steps or (config.eval_steps and done % config.eval_steps == 0)
+        ):
+            evaluate_dev(done)
         if config.save_steps and done % config.save_steps == 0 and done < total_steps:
             accelerator.wait_for_everyone()
             if main:
@@ -286,4 +339,6 @@ def train(config: TrainConfig, show_progress: bool = True) -> TrainResult:
         train_seconds=train_seconds,
         history=history,
         budget=budget,
+        best_step=best["step"],
+        best_ndcg=best["ndcg"],
     )

@@ -345,14 +345,14 @@ class TrainingData:
     """Validated training rows plus, for BEIR input, the corpus (a pool for negative filling)."""
 
     records: list[Record]
-    corpus: list[str] = field(default_factory=list)
+    corpus: dict[str, str] = field(default_factory=dict)  # doc id -> text
 
 
 def load_training_data(paths: list[Path | str], split: str = "train") -> TrainingData:
     """Read every --train-data entry (files, jsonl folders, BEIR folders), all validated first."""
     problems = ProblemCollector()
     records: list[Record] = []
-    corpus: list[str] = []
+    corpus: dict[str, str] = {}
     if not paths:
         problems.add("--train-data", None, None, "no training data given")
     for entry in map(Path, paths):
@@ -361,7 +361,7 @@ def load_training_data(paths: list[Path | str], split: str = "train") -> Trainin
         elif is_beir_dir(entry):
             beir = load_beir(entry, split, problems)
             records.extend(beir_training_records(beir, entry, split))
-            corpus.extend(beir.corpus.values())
+            corpus.update(beir.corpus)
         else:
             files = training_files(entry)
             if not files:
