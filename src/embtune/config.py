@@ -157,8 +157,6 @@ class TrainConfig:
             raise UsageError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
         if self.dev_fraction and self.eval_data:
             raise UsageError("--dev-fraction and --eval-data exclude each other; pick one dev set")
-        if self.save_best and not (self.dev_fraction or self.eval_data):
-            raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; pick one")
         if self.train_group_size == 1 and not self.in_batch_negatives:

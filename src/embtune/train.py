@@ -133,6 +133,8 @@ def train(
         dev_data = dev_dataset(dev_rows, data.corpus or passage_corpus(data.records + dev_rows))
     elif config.eval_data and dev_data is None:
         dev_data = load_beir(Path(config.eval_data), config.eval_split)
+    if config.save_best and dev_data is None:
+        raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
     out = check_output_dir(config)
 
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"

