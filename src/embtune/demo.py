@@ -32,6 +32,8 @@ from embtune.errors import UsageError
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# A source checkout sits beside ../shared/data in this project's workspace layout.
+CHECKOUT_SCIFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact"
 
 
 @dataclass
@@ -44,7 +46,7 @@ class DemoRecipe:
     train_group_size: int = 4
     batch_size: int = 16
     temperature: float = 0.05
-    learning_rate: float = 2e-5
+    learning_rate: float = 2e-4
     warmup_ratio: float = 0.1
     epochs: int = 1
     query_max_len: int = 64
@@ -108,7 +110,7 @@ def find_scifact(data: str | Path | None = None, download_url: str | None = None
     candidates = [
         os.environ.get("EMBTUNE_SCIFACT"),
         Path.cwd().parent / "shared" / "data" / "scifact",
-        Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact",
+        CHECKOUT_SCIFACT,
         cache / "datasets" / "scifact",
     ]
     for candidate in candidates:

@@ -1,0 +1,105 @@
+"""`embtune demo` end to end on a tiny subset, and the dataset lookup / download code offline."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from embtune.cli import main
+from embtune.demo import download_beir, find_scifact
+from embtune.errors import UsageError
+from tests.conftest import SCIFACT
+
+
+def test_demo_runs_end_to_end_on_a_tiny_subset(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    import embtune.model
+
+    passage_calls: list[int] = []
+    original = embtune.model.Encoder.encode_passages
+
+    def counting(self, passages, *args, **kwargs):
+        passage_calls.append(len(passages))
+        return original(self, passages, *args, **kwargs)
+
+    monkeypatch.setattr(embtune.model.Encoder, "encode_passages", counting)
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "24"]
+    assert main([*args, "-o", str(out)]) == 0
+
+    payload = json.loads((out / "demo.json").read_text())
+    for side in ("before", "after"):
+        assert set(payload[side]) >= {"ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100"}
+        assert all(0.0 <= v <= 1.0 for v in payload[side].values())
+    assert payload["wall_seconds"] > 0
+    assert payload["train_queries"] + payload["dev_queries"] == 24
+    # The corpus is encoded twice in all: by the base model for mining (reused for the
+    # "before" evaluation) and by the fine-tuned model for "after".
+    corpus_size = payload["corpus"]
+    assert passage_calls.count(corpus_size) == 2
+    assert (out / "curves.png").stat().st_size > 1000
+    report = (out / "report.md").read_text()
+    assert "| ndcg@10 |" in report and "total wall time" in report
+
+    dev = json.loads((out / "dev_split.json").read_text())
+    dev_ids = {row["query_id"] for row in dev["rows"]}
+    trained = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert dev_ids and not dev_ids & {row["query_id"] for row in trained}
+    assert (out / "model" / "best" / "model.safetensors").is_file()
+
+
+def test_demo_refuses_a_non_empty_output_folder(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "x").write_text("old")
+    code = main(["demo", "--model", str(tiny_model), "--limit", "5", "-o", str(tmp_path)])
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def _beir_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("scifact/corpus.jsonl", '{"_id": "d1", "title": "t", "text": "x"}\n')
+        zf.writestr("scifact/queries.jsonl", '{"_id": "q1", "text": "y"}\n')
+        zf.writestr("scifact/qrels/test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    return path
+
+
+def test_download_unpacks_a_beir_archive(tmp_path: Path) -> None:
+    archive = _beir_zip(tmp_path / "scifact.zip")
+    folder = download_beir("scifact", tmp_path / "datasets", url=archive.as_uri())
+    assert folder == tmp_path / "datasets" / "scifact"
+    assert (folder / "qrels" / "test.tsv").is_file()
+    assert [p.name for p in (tmp_path / "datasets").iterdir()] == ["scifact"]
+
+
+def test_download_rejects_an_archive_that_is_not_beir(tmp_path: Path) -> None:
+    archive = tmp_path / "other.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("readme.txt", "nothing here")
+    with pytest.raises(UsageError, match="not a BEIR archive"):
+        download_beir("scifact", tmp_path / "datasets", url=archive.as_uri())
+    assert not (tmp_path / "datasets" / "scifact").exists()
+
+
+def test_lookup_order_explicit_then_environment_then_download(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert find_scifact(SCIFACT) == SCIFACT
+    with pytest.raises(UsageError, match="--data"):
+        find_scifact(tmp_path)
+    monkeypatch.setenv("EMBTUNE_SCIFACT", str(SCIFACT))
+    assert find_scifact() == SCIFACT
+    # Nothing anywhere: the archive is downloaded into the cache.
+    monkeypatch.delenv("EMBTUNE_SCIFACT")
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("embtune.demo.CHECKOUT_SCIFACT", tmp_path / "no-checkout")
+    archive = _beir_zip(tmp_path / "scifact.zip")
+    found = find_scifact(download_url=archive.as_uri())
+    assert found == tmp_path / "cache" / "datasets" / "scifact"
