@@ -72,8 +72,9 @@ def run_eval(*args: str) -> int:
 
 def test_eval_writes_json_and_table(tiny_model, beir, tmp_path, capsys) -> None:
     out = tmp_path / "results" / "eval.json"
-    rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--json", str(out),
-                  "--k", "1", "3", "10")
+    rc = run_eval(
+        "--model", str(tiny_model), "--data", str(beir), "--json", str(out), "--k", "1", "3", "10"
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     metric_keys = {f"{m}@{k}" for m in ("ndcg", "mrr", "recall", "map") for k in (1, 3, 10)}
@@ -94,9 +95,23 @@ def test_eval_writes_json_and_table(tiny_model, beir, tmp_path, capsys) -> None:
 
 def test_eval_overrides_and_limit(tiny_model, beir, tmp_path) -> None:
     out = tmp_path / "eval.json"
-    rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--json", str(out),
-                  "--pooling", "mean", "--no-normalize", "--passage-max-len", "16",
-                  "--query-instruction", "query: ", "--limit-queries", "2")
+    rc = run_eval(
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(beir),
+        "--json",
+        str(out),
+        "--pooling",
+        "mean",
+        "--no-normalize",
+        "--passage-max-len",
+        "16",
+        "--query-instruction",
+        "query: ",
+        "--limit-queries",
+        "2",
+    )
     assert rc == 0
     record = json.loads(out.read_text())
     assert record["queries"] == 2 and record["corpus_size"] == 6
@@ -256,8 +271,9 @@ def test_given_corpus_embeddings_skip_encoding(encoder, beir, monkeypatch) -> No
         raise AssertionError("corpus encoded twice")
 
     monkeypatch.setattr(Encoder, "encode_passages", no_encoding)
-    given = evaluate_retrieval(encoder, data, (3,), show_progress=False,
-                               corpus_embeddings=embeddings)
+    given = evaluate_retrieval(
+        encoder, data, (3,), show_progress=False, corpus_embeddings=embeddings
+    )
     assert given == expected
     with pytest.raises(UsageError, match="corpus has 6 documents"):
         evaluate_retrieval(encoder, data, corpus_embeddings=embeddings[:4], show_progress=False)

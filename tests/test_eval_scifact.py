@@ -8,11 +8,7 @@ import time
 import pytest
 
 from embtune.cli import main
-
-try:  # tests/ may or may not be a package; conftest is importable one way or the other
-    from tests.conftest import SCIFACT
-except ImportError:
-    from conftest import SCIFACT
+from tests.conftest import SCIFACT
 
 REFERENCE_NDCG_AT_10 = 0.6451
 
@@ -24,13 +20,28 @@ def test_minilm_scifact_matches_mteb(minilm, tmp_path) -> None:
     out = tmp_path / "scifact.json"
     started = time.perf_counter()
     # The model's saved settings apply: mean pooling, normalized, passages cut at 256 tokens.
-    rc = main(["eval", "--model", str(minilm), "--data", str(SCIFACT), "--split", "test",
-               "--batch-size", "64", "--json", str(out)])
+    rc = main(
+        [
+            "eval",
+            "--model",
+            str(minilm),
+            "--data",
+            str(SCIFACT),
+            "--split",
+            "test",
+            "--batch-size",
+            "64",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     record = json.loads(out.read_text())
-    print(f"SciFact test: nDCG@10 {record['ndcg@10']:.4f}, recall@100 "
-          f"{record['recall@100']:.4f}, MRR@10 {record['mrr@10']:.4f} "
-          f"in {time.perf_counter() - started:.0f} s")
+    print(
+        f"SciFact test: nDCG@10 {record['ndcg@10']:.4f}, recall@100 "
+        f"{record['recall@100']:.4f}, MRR@10 {record['mrr@10']:.4f} "
+        f"in {time.perf_counter() - started:.0f} s"
+    )
     assert record["settings"]["pooling"] == "mean" and record["settings"]["normalize"]
     assert record["settings"]["passage_max_len"] == 256
     assert record["queries"] == 300 and record["corpus_size"] == 5183

@@ -10,11 +10,7 @@ import pytest
 from embtune.cli import main
 from embtune.data.formats import load_beir, load_training_data
 from embtune.errors import MAX_PROBLEMS, InputError
-
-try:  # tests/ may or may not be a package
-    from tests.conftest import FLAG_DIR, SCIFACT
-except ImportError:
-    from conftest import FLAG_DIR, SCIFACT
+from tests.conftest import FLAG_DIR, SCIFACT
 
 STOPPED = f"(stopped after {MAX_PROBLEMS} problems; fix these and run again)"
 GOOD = {"query": "q", "pos": ["p"]}

@@ -67,9 +67,7 @@ def trec_eval_metrics(qrels, run, k_values) -> dict[str, float]:
         out[f"map@{k}"] = sum(per_query.get(q, {}).get(f"map_cut_{k}", 0.0) for q in qrels)
         # trec_eval's recip_rank has no cut-off: evaluate it on the run truncated to top k,
         # truncated in trec_eval's own order (score desc, doc id desc).
-        truncated = {
-            q: {d: docs[d] for d in rank_documents(docs)[:k]} for q, docs in run.items()
-        }
+        truncated = {q: {d: docs[d] for d in rank_documents(docs)[:k]} for q, docs in run.items()}
         rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(truncated)
         out[f"mrr@{k}"] = sum(rr.get(q, {}).get("recip_rank", 0.0) for q in qrels)
     return {key: value / len(qrels) for key, value in out.items()}
@@ -96,8 +94,14 @@ def test_key_order_and_names() -> None:
     qrels, run = random_case(3, n_queries=20)
     keys = list(retrieval_metrics(run, qrels, (100, 10, 10)))
     assert keys == [
-        "ndcg@10", "ndcg@100", "mrr@10", "mrr@100",
-        "recall@10", "recall@100", "map@10", "map@100",
+        "ndcg@10",
+        "ndcg@100",
+        "mrr@10",
+        "mrr@100",
+        "recall@10",
+        "recall@100",
+        "map@10",
+        "map@100",
     ]
 
 

@@ -19,11 +19,7 @@ from embtune.mine import (
     read_candidates,
     write_mined_jsonl,
 )
-
-try:  # tests/ may or may not be a package
-    from tests.conftest import FLAG_DIR
-except ImportError:
-    from conftest import FLAG_DIR
+from tests.conftest import FLAG_DIR
 
 
 class StubEncoder:

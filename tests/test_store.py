@@ -11,11 +11,7 @@ from transformers import AutoTokenizer
 from embtune.data.formats import Record
 from embtune.data.groups import build_rows
 from embtune.data.store import TextStore, TokenTable, tokenize_store, tokenizer_fingerprint
-
-try:  # tests/ may or may not be a package
-    from tests.conftest import minilm_path
-except ImportError:
-    from conftest import minilm_path
+from tests.conftest import minilm_path
 
 TEXTS = ["a cell is the unit of life", "dogs bark", "the mitochondria is the powerhouse"]
 

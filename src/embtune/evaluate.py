@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from embtune.data.store import tokenizer_fingerprint
 from embtune.errors import UsageError
 from embtune.search import exact_search
 
@@ -268,25 +269,6 @@ def model_fingerprint(encoder: Encoder) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_fingerprint(encoder: Encoder) -> str:
-    """sha256 of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
-    tokenizer = encoder.tokenizer
-    digest = hashlib.sha256(type(tokenizer).__name__.encode())
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        definition = json.loads(backend.to_str())
-        # Truncation and padding are state left by the last call, not part of the tokenizer
-        # (our max lengths are keyed separately): keeping them would make keys unstable.
-        definition.pop("truncation", None)
-        definition.pop("padding", None)
-        digest.update(json.dumps(definition, sort_keys=True).encode())
-    else:
-        # Slow tokenizers have no serialized form; vocabulary plus init options cover them.
-        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-        digest.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
 def _hash_strings(strings: Iterable[str]) -> str:
     digest = hashlib.sha256()
     for text in strings:
@@ -310,7 +292,7 @@ def corpus_cache_key(
         "format": CACHE_FORMAT,
         "model": str(getattr(encoder.model.config, "_name_or_path", "")),
         "weights": model_fingerprint(encoder),
-        "tokenizer": tokenizer_fingerprint(encoder),
+        "tokenizer": tokenizer_fingerprint(encoder.tokenizer),
         "pooling": s.pooling,
         "normalize": s.normalize,
         "passage_instruction": s.passage_instruction,
@@ -492,6 +474,5 @@ __all__ = [
     "retrieval_metrics",
     "retrieve",
     "search_top_k",
-    "tokenizer_fingerprint",
     "write_json",
 ]

@@ -50,10 +50,10 @@ from typing import Protocol
 import torch
 
 from embtune.data.formats import (
-    _check_text,
-    _json_lines,
     beir_training_records,
+    check_text,
     is_beir_dir,
+    json_lines,
     load_beir,
     read_flag_jsonl,
     training_files,
@@ -394,7 +394,7 @@ def read_candidates(path: Path) -> tuple[list[str], list[str] | None]:
     ids: list[str | None] = []
     if not Path(path).is_file():
         raise UsageError(f"--candidates: file {path} does not exist")
-    for number, row in _json_lines(Path(path), problems):
+    for number, row in json_lines(Path(path), problems):
         if not isinstance(row, dict):
             problems.add(
                 str(path), number, None, f"expected a JSON object, got {type(row).__name__}"
@@ -404,7 +404,7 @@ def read_candidates(path: Path) -> tuple[list[str], list[str] | None]:
         if key is None:
             problems.add(str(path), number, "text", "missing (expected 'text' or 'content')")
             continue
-        if reason := _check_text(row[key]):
+        if reason := check_text(row[key]):
             problems.add(str(path), number, key, reason)
             continue
         title = row.get("title")

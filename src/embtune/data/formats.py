@@ -62,7 +62,7 @@ def is_beir_dir(path: Path) -> bool:
     return path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "qrels").is_dir()
 
 
-def _json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
+def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
     """Yield (line number, parsed value) for each non-blank line; bad lines become problems."""
     try:
         raw = path.read_bytes()
@@ -94,7 +94,7 @@ def _json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, o
         yield number, value
 
 
-def _check_text(value: object) -> str | None:
+def check_text(value: object) -> str | None:
     """The reason a value is not a usable text, or None when it is."""
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
@@ -103,13 +103,13 @@ def _check_text(value: object) -> str | None:
     return None
 
 
-def _check_text_list(value: object, allow_empty: bool) -> str | None:
+def check_text_list(value: object, allow_empty: bool) -> str | None:
     if not isinstance(value, list):
         return f"must be a list of strings, got {type(value).__name__}"
     if not value and not allow_empty:
         return "must not be an empty list"
     for i, item in enumerate(value):
-        reason = _check_text(item)
+        reason = check_text(item)
         if reason:
             return f"item {i} {reason}"
     return None
@@ -136,11 +136,11 @@ def _row_problems(row: object) -> list[tuple[str | None, str]]:
     for name in ("query", "pos"):
         if name not in row:
             found.append((name, "missing"))
-    if "query" in row and (reason := _check_text(row["query"])):
+    if "query" in row and (reason := check_text(row["query"])):
         found.append(("query", reason))
-    if "pos" in row and (reason := _check_text_list(row["pos"], allow_empty=False)):
+    if "pos" in row and (reason := check_text_list(row["pos"], allow_empty=False)):
         found.append(("pos", reason))
-    if "neg" in row and (reason := _check_text_list(row["neg"], allow_empty=True)):
+    if "neg" in row and (reason := check_text_list(row["neg"], allow_empty=True)):
         found.append(("neg", reason))
     for scores, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
         texts_ok = isinstance(row.get(texts), list) or (texts == "neg" and "neg" not in row)
@@ -148,7 +148,7 @@ def _row_problems(row: object) -> list[tuple[str | None, str]]:
             expected = len(row.get(texts) or [])
             if reason := _check_scores(row[scores], expected, texts):
                 found.append((scores, reason))
-    if row.get("prompt") is not None and (reason := _check_text(row["prompt"])):
+    if row.get("prompt") is not None and (reason := check_text(row["prompt"])):
         found.append(("prompt", reason))
     return found
 
@@ -159,7 +159,7 @@ def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None)
     problems = problems or ProblemCollector()
     records: list[Record] = []
     for path in paths:
-        for number, row in _json_lines(path, problems):
+        for number, row in json_lines(path, problems):
             found = _row_problems(row)
             for name, reason in found:
                 problems.add(str(path), number, name, reason)
@@ -191,7 +191,7 @@ def _read_id_texts(
     if not path.is_file():
         problems.add(str(path), None, None, "file does not exist")
         return texts, lines
-    for number, row in _json_lines(path, problems):
+    for number, row in json_lines(path, problems):
         if not isinstance(row, dict):
             problems.add(
                 str(path), number, None, f"expected a JSON object, got {type(row).__name__}"

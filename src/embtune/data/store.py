@@ -92,8 +92,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
         definition.pop("truncation", None)
         definition.pop("padding", None)
         digest.update(json.dumps(definition, sort_keys=True).encode("utf-8"))
-    else:  # slow tokenizers: vocabulary plus special tokens is what decides the ids
+    else:  # slow tokenizers have no serialized form; vocabulary plus init options cover them
         digest.update(repr(sorted(tokenizer.get_vocab().items())).encode("utf-8"))
+        digest.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
     digest.update(repr(tokenizer.all_special_ids).encode())
     return digest.hexdigest()
 
