@@ -187,3 +187,34 @@ def test_non_empty_output_dir_is_refused(
     (out / "something").write_text("x")
     assert _cli_train(tiny_model, data, out) == 2
     assert "--overwrite-output-dir" in capsys.readouterr().err
+
+
+def test_dev_evaluation_keeps_the_best_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
+    from embtune.data.dev_split import dev_dataset
+    from embtune.evaluate import evaluate_retrieval
+
+    data = _tiny_beir(tmp_path / "beir")
+    out = tmp_path / "run"
+    extra = (
+        "--dev-fraction",
+        "0.25",
+        "--eval-steps",
+        "1",
+        "--save-best",
+        "--learning-rate",
+        "1e-3",
+    )
+    assert _cli_train(tiny_model, data, out, *extra) == 0
+    rows = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    dev = [(r["step"], r["dev_ndcg@10"]) for r in rows if "dev_ndcg@10" in r]
+    assert [step for step, _ in dev] == [1, 2, 3]
+    best_step, best_ndcg = max(dev, key=lambda item: item[1])  # first maximum wins ties
+
+    held_out = json.loads((out / "dev_split.json").read_text())["rows"]
+    assert len(held_out) == 3  # 25% of 12 queries, saved with the run
+    records = load_training_data([data]).records
+    dev_rows = [r for r in records if r.query_id in {row["query_id"] for row in held_out}]
+    dev_set = dev_dataset(dev_rows, load_training_data([data]).corpus)
+    best = Encoder.from_pretrained(out / "best")
+    again = evaluate_retrieval(best, dev_set, show_progress=False)["ndcg@10"]
+    assert again == pytest.approx(best_ndcg, abs=1e-6), (best_step, dev)

@@ -44,11 +44,16 @@ def run(args: argparse.Namespace) -> int:
 
     config = resolve_config(args)
     result = train(config)
-    last = result.history[-1] if result.history else {}
+    last = next((h for h in reversed(result.history) if "loss" in h), {})
     print(
         f"embtune train: {result.steps} steps in {result.train_seconds:.1f} s, "
         f"{result.texts_per_second:.1f} texts/s"
         + (f", final loss {last['loss']:.4f} (chance {last['chance_loss']:.3f})" if last else "")
     )
+    if result.best_step is not None:
+        print(
+            f"embtune train: best dev nDCG@10 {result.best_ndcg:.4f} at step {result.best_step}, "
+            f"saved to {result.output_dir}/best"
+        )
     print(f"embtune train: model saved to {result.output_dir}")
     return 0
