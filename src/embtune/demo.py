@@ -256,7 +256,7 @@ def run_demo(
         passage_max_len=recipe.passage_max_len,
         seed=recipe.seed,
         logging_steps=max(1, steps // 25),
-        eval_steps=max(1, steps // (recipe.dev_evals + 1)),
+        eval_steps=max(1, -(-steps // (recipe.dev_evals + 1))),  # ceil: no eval just before the end
         save_steps=0,
         save_best=True,
     )
