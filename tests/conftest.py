@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,26 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Torch on one CPU thread inside the block.
+
+    In-process runs then compute exactly like subprocesses started with OMP_NUM_THREADS=1
+    (same reduction order, so results compare bit for bit), and tiny models train many times
+    faster on a shared 2-core machine, where threads mostly wait for each other.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for `python -m embtune` child processes: offline, one thread."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}

@@ -16,9 +16,10 @@ import pkgutil
 import sys
 
 from embtune import __version__, commands
-from embtune.errors import UsageError
+from embtune.errors import TrainingStopped, UsageError
 
-USAGE_ERROR = 2
+USAGE_ERROR = 2  # bad option or input: nothing was done (docs/reliability.md lists the codes)
+TRAINING_STOPPED = TrainingStopped.exit_status  # 3: work was done and saved, then it had to stop
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -50,6 +51,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # accelerate reports every file of every checkpoint save and load at INFO.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -73,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.lines():
             print(f"embtune {args.command}: error: {line}", file=sys.stderr)
         return USAGE_ERROR
+    except TrainingStopped as exc:
+        for line in exc.lines():
+            print(f"embtune {args.command}: stopped: {line}", file=sys.stderr)
+        return TRAINING_STOPPED
     except KeyboardInterrupt:
         print(f"embtune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -18,7 +18,8 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from embtune.errors import UsageError
+from embtune.data.formats import foreign_encoding
+from embtune.errors import UsageError, shorten
 
 NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
 POOLING_CHOICES = ("cls", "mean", "last_token")
@@ -27,7 +28,11 @@ POOLING_CHOICES = ("cls", "mean", "last_token")
 def option(
     default: object = MISSING, help: str = "", choices: tuple | None = None, **extra: object
 ):
-    """A dataclass field carrying its command-line help (and choices)."""
+    """A dataclass field carrying its command-line help (and choices).
+
+    ``extra`` metadata: ``metavar``; ``aliases`` (more flag spellings); ``resume_may_change``
+    (the option may differ when a run is resumed, because it does not change what is trained).
+    """
     meta = {"help": help, "choices": choices, **extra}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
@@ -43,9 +48,15 @@ class TrainConfig:
         [],
         help="FlagEmbedding jsonl files, folders of them, or BEIR folders",
         metavar="PATH",
+        # A resumed run may find its data at another path; its content is compared instead.
+        resume_may_change=True,
     )
     train_split: str = option("train", help="qrels split used when --train-data is a BEIR folder")
-    output_dir: str = option("", help="folder for the fine-tuned model, logs and checkpoints")
+    output_dir: str = option(
+        "",
+        help="folder for the fine-tuned model, logs and checkpoints",
+        resume_may_change=True,
+    )
     # --- model ------------------------------------------------------------------------------
     model: str = option("", help="Hugging Face model name or local folder")
     pooling: str | None = option(
@@ -93,33 +104,83 @@ class TrainConfig:
     )
     max_grad_norm: float = option(1.0, help="gradient clipping norm (0 = off)")
     seed: int = option(42, help="seed for sampling, shuffling and initialisation")
-    gradient_checkpointing: bool = option(False, help="recompute activations to save memory")
+    gradient_checkpointing: bool = option(
+        False, help="recompute activations to save memory", resume_may_change=True
+    )
     bf16: bool = option(False, help="bfloat16 mixed precision (GPU)")
     fp16: bool = option(False, help="float16 mixed precision with loss scaling (GPU only)")
     # --- evaluation during training ---------------------------------------------------------
     eval_data: str = option(
-        "", help="BEIR folder evaluated (nDCG@10, MRR@10, Recall@k) during and after training"
+        "",
+        help="BEIR folder evaluated (nDCG@10, MRR@10, Recall@k) during and after training",
+        resume_may_change=True,
     )
-    eval_split: str = option("dev", help="qrels split of --eval-data; never select on test")
+    eval_split: str = option(
+        "dev", help="qrels split of --eval-data; never select on test", resume_may_change=True
+    )
     dev_fraction: float = option(
         0.0,
         help="hold out this seeded share of the training queries as the dev set (instead of "
         "--eval-data); the held-out rows are saved as dev_split.json",
     )
-    eval_steps: int = option(0, help="evaluate every N steps (0 = only at the end)")
+    eval_steps: int = option(
+        0, help="evaluate every N steps (0 = only at the end)", resume_may_change=True
+    )
     save_best: bool = option(
-        False, help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best"
+        False,
+        help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best",
+        resume_may_change=True,
     )
     # --- output -----------------------------------------------------------------------------
-    logging_steps: int = option(10, help="log training signals every N steps")
+    logging_steps: int = option(
+        10, help="log training signals every N steps", resume_may_change=True
+    )
     save_steps: int = option(
-        500, help="write a checkpoint every N steps (0 = only the final model)"
+        500,
+        help="write a checkpoint (model + optimizer, scheduler, RNG and data position) every N "
+        "steps as OUTPUT_DIR/checkpoint-N (0 = only the final model)",
+        resume_may_change=True,
     )
-    overwrite_output_dir: bool = option(False, help="allow writing into a non-empty output folder")
+    save_total_limit: int = option(
+        0,
+        help="keep only the newest N checkpoints, deleting older ones (0 = keep all)",
+        resume_may_change=True,
+    )
+    overwrite_output_dir: bool = option(
+        False,
+        help="start a new run in a non-empty output folder, replacing a previous run's model, "
+        "checkpoints and logs",
+        aliases=("--overwrite",),
+        resume_may_change=True,
+    )
+    resume: bool = option(
+        False,
+        help="continue the run in --output-dir from its newest checkpoint (model, optimizer, "
+        "scheduler, RNG, data position, logs); starts fresh when none was written yet",
+        resume_may_change=True,
+    )
+    resume_from: str = option(
+        "",
+        help="continue from this checkpoint folder (implies --resume)",
+        metavar="DIR",
+        resume_may_change=True,
+    )
+    max_nonfinite_steps: int = option(
+        5,
+        help="a step whose loss or gradient is NaN/inf is skipped (logged with its rows); this "
+        "many in a row stop the run, with a checkpoint saved",
+        resume_may_change=True,
+    )
     cache_dir: str = option(
-        "", help="token cache folder; default: $EMBTUNE_CACHE or ~/.cache/embtune"
+        "",
+        help="token cache folder; default: $EMBTUNE_CACHE or ~/.cache/embtune",
+        resume_may_change=True,
     )
-    config: str = option("", help="YAML file supplying any option; command-line flags override it")
+    config: str = option(
+        "",
+        help="YAML file supplying any option; command-line flags override it",
+        resume_may_change=True,
+    )
 
     def validate(self) -> None:
         """Refuse inconsistent options with a one-line message naming the option."""
@@ -130,7 +191,7 @@ class TrainConfig:
         }
         for name, value in required.items():
             if not value:
-                raise UsageError(f"{flag(name)} is required")
+                raise OptionError(name, "is required")
         positive_ints = (
             "train_group_size",
             "batch_size",
@@ -138,27 +199,35 @@ class TrainConfig:
             "query_max_len",
             "passage_max_len",
         )
-        for name in positive_ints:
+        for name in (*positive_ints, "max_nonfinite_steps"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         non_negative = ("max_steps", "save_steps", "logging_steps", "max_grad_norm")
-        for name in (*non_negative, "weight_decay", "eval_steps"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"{flag(name)} must not be negative, got {getattr(self, name)}")
+        for name in (*non_negative, "weight_decay", "eval_steps", "save_total_limit"):
+            # `not >=` also refuses NaN, which every comparison calls False.
+            if not getattr(self, name) >= 0:
+                raise OptionError(name, f"must not be negative, got {getattr(self, name)}")
         if self.logging_steps < 1:
-            raise UsageError(f"--logging-steps must be at least 1, got {self.logging_steps}")
+            raise OptionError("logging_steps", f"must be at least 1, got {self.logging_steps}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise UsageError(f"--temperature must be a positive number, got {self.temperature}")
+            raise OptionError("temperature", f"must be a positive number, got {self.temperature}")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+            raise OptionError(
+                "learning_rate", f"must be a positive number, got {self.learning_rate}"
+            )
         if not 0 <= self.warmup_ratio < 1:
-            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise OptionError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.dev_fraction < 1:
-            raise UsageError(f"--dev-fraction must be in [0, 1), got {self.dev_fraction}")
+            raise OptionError("dev_fraction", f"must be in [0, 1), got {self.dev_fraction}")
         if self.dev_fraction and self.eval_data:
             raise UsageError("--dev-fraction and --eval-data exclude each other; pick one dev set")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; pick one")
+        if (self.resume or self.resume_from) and self.overwrite_output_dir:
+            raise UsageError(
+                "--resume and --overwrite-output-dir exclude each other: resume continues the run "
+                "in --output-dir, overwrite replaces it"
+            )
         if self.train_group_size == 1 and not self.in_batch_negatives:
             raise UsageError(
                 "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
@@ -166,12 +235,27 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict:
+        """The options as a plain dict (saved with the run and its checkpoints)."""
         return asdict(self)
+
+    @property
+    def resuming(self) -> bool:
+        """True when the run continues from a checkpoint (--resume or --resume-from)."""
+        return bool(self.resume or self.resume_from)
 
 
 def flag(name: str) -> str:
     """The command-line spelling of a field name."""
     return "--" + name.replace("_", "-")
+
+
+class OptionError(UsageError):
+    """A bad value of one option; it knows which, so a YAML file's line can be named."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"{flag(name)} {reason}")
 
 
 # FlagEmbedding / Hugging Face argument names -> ours, so their YAML/JSON configs work as-is.
@@ -185,7 +269,15 @@ ALIASES = {
     "normalize_embeddings": "normalize",
     "warmup_ratio": "warmup_ratio",
     "overwrite_output_dir": "overwrite_output_dir",
+    "overwrite": "overwrite_output_dir",
+    "resume_from_checkpoint": "resume_from",
+    "save_total_limit": "save_total_limit",
 }
+
+
+def _optional(f) -> bool:
+    """True when the field's type admits None (``str | None``)."""
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
 
 
 def _field_type(f) -> type:
@@ -212,7 +304,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if f.name in ("config", "cache_dir", "pooling", "query_instruction", "passage_instruction"):
             shown = "" if default in ("", None) else shown
         help_text = meta["help"] + (f" ({shown})" if shown else "")
-        names = [flag(f.name)]
+        names = [flag(f.name), *meta.get("aliases", ())]
         if f.name == "output_dir":
             names.insert(0, "-o")
         kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -224,6 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = kind
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
+            if meta.get("metavar"):
+                kwargs["metavar"] = meta["metavar"]
         parser.add_argument(*names, **kwargs)
 
 
@@ -234,28 +328,48 @@ def _yaml_values(path: Path) -> dict[str, tuple[object, int]]:
     if not path.is_file():
         raise UsageError(f"--config: {path} does not exist")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"--config: cannot read {path}: {exc.strerror or exc}") from exc
+    if encoding := foreign_encoding(raw):
+        raise UsageError(f"{path}:1: file is {encoding}; save it as UTF-8")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise UsageError(f"{path}:{line}: not valid UTF-8 (byte {exc.start})") from exc
+    try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
-    except UnicodeDecodeError as exc:
-        raise UsageError(f"{path}: not valid UTF-8 (byte {exc.start})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UsageError(f"{where}: malformed YAML: {problem}") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{path}: malformed YAML: nested too deeply") from exc
     if data is None:
         return {}
-    if not isinstance(data, dict) or node is None:
+    if not isinstance(data, dict) or not isinstance(node, yaml.MappingNode):
         raise UsageError(f"{path}:1: expected a mapping of option: value")
-    lines = {str(k.value): k.start_mark.line + 1 for k, _ in node.value}
+    lines: dict[str, int] = {}
+    for key_node, _ in node.value:
+        key, line = str(key_node.value), key_node.start_mark.line + 1
+        # YAML lets a later key silently replace an earlier one; in a config that is a mistake.
+        if key in lines:
+            raise UsageError(
+                f"{path}:{line}: field {shorten(key)}: duplicate key (first on line {lines[key]})"
+            )
+        lines[key] = line
     return {str(k): (v, lines.get(str(k), 1)) for k, v in data.items()}
 
 
-def _coerce(name: str, value: object, kind: type, where: str) -> object:
+def _coerce(name: str, value: object, kind: type, where: str, optional: bool = False) -> object:
     """Check a YAML value's type against the field's, with int->float widening only."""
     if value is None:
-        return None
+        if optional:
+            return None
+        raise UsageError(f"{where}: field '{name}': expected {kind.__name__}, got no value")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -288,6 +402,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Merge defaults, the YAML file (if any) and command-line flags into a validated config."""
     given = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     values: dict[str, object] = {}
+    from_yaml: dict[str, str] = {}  # field -> "file:line: field 'key'", for validation messages
     if given.get("config"):
         path = Path(str(given["config"]))
         known = {f.name: f for f in fields(TrainConfig)}
@@ -295,15 +410,24 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             name = ALIASES.get(key, key)
             where = f"{path}:{line}"
             if name not in known or name == "config":
-                raise UsageError(f"{where}: unknown option '{key}' (see `embtune train --help`)")
-            coerced = _coerce(key, value, _field_type(known[name]), where)
+                raise UsageError(
+                    f"{where}: unknown option {shorten(key)} (see `embtune train --help`)"
+                )
+            coerced = _coerce(key, value, _field_type(known[name]), where, _optional(known[name]))
             choices = known[name].metadata.get("choices")
             if choices and coerced is not None and coerced not in choices:
                 raise UsageError(
                     f"{where}: field '{key}': {coerced!r} is not one of {', '.join(choices)}"
                 )
             values[name] = coerced
+            from_yaml[name] = f"{where}: field '{key}'"
     values.update(given)
     config = TrainConfig(**values)  # type: ignore[arg-type]
-    config.validate()
+    try:
+        config.validate()
+    except OptionError as exc:
+        # A bad value from the YAML file is reported at its line, not as a flag never typed.
+        if exc.name in from_yaml and exc.name not in given:
+            raise UsageError(f"{from_yaml[exc.name]}: {exc.reason}") from exc
+        raise
     return config

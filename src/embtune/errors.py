@@ -22,8 +22,26 @@ class InputProblem:
         return f"{where}: {what}{self.message}"
 
 
+def shorten(value: object, limit: int = 60) -> str:
+    """repr() of a value from the user's file, cut so a huge one cannot flood the message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 6]}...{text[-3:]}"
+
+
 class UsageError(Exception):
     """A bad option or an input the user must fix; the CLI prints it and exits 2."""
+
+    def lines(self) -> list[str]:
+        return [str(self)]
+
+
+class TrainingStopped(Exception):
+    """Training could not go on (e.g. the loss stayed NaN); the CLI prints it and exits 3.
+
+    Unlike a UsageError this comes after work was done: the message says what was saved.
+    """
+
+    exit_status = 3
 
     def lines(self) -> list[str]:
         return [str(self)]

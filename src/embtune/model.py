@@ -127,6 +127,34 @@ def saved_settings(name_or_path: str) -> EncoderSettings:
     return settings
 
 
+def check_max_lengths(model_config: object, query_max_len: int, passage_max_len: int) -> None:
+    """Refuse max lengths the model cannot embed (beyond its position embeddings)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    for option, length in (
+        ("--query-max-len", query_max_len),
+        ("--passage-max-len", passage_max_len),
+    ):
+        if length < 1 or (limit and length > limit):
+            raise UsageError(
+                f"{option}: {length} is outside 1..{limit} (the model's position limit)"
+            )
+
+
+def load_model_config(name_or_path: str | Path) -> object:
+    """The model's ``config.json`` only (no weights): enough to check options before loading."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path)
+    local = Path(name)
+    if not local.exists() and (local.is_absolute() or name.startswith(".")):
+        raise UsageError(f"--model: folder {name} does not exist")
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+
+
 class Encoder(torch.nn.Module):
     """Hugging Face encoder + pooling + optional L2 normalization + instructions."""
 
@@ -183,15 +211,7 @@ class Encoder(torch.nn.Module):
         except OSError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
-        limit = getattr(model.config, "max_position_embeddings", None)
-        for option, length in (
-            ("--query-max-len", settings.query_max_len),
-            ("--passage-max-len", settings.passage_max_len),
-        ):
-            if length < 1 or (limit and length > limit):
-                raise UsageError(
-                    f"{option}: {length} is outside 1..{limit} (the model's position limit)"
-                )
+        check_max_lengths(model.config, settings.query_max_len, settings.passage_max_len)
         if tokenizer.pad_token is None:
             # Decoder-style models (last_token pooling) often ship without a pad token.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -4,6 +4,11 @@ records -> text stores (tokenized once, cached) -> group sampler -> batches -> e
 contrastive loss -> AdamW step. It runs on accelerate, so the same code trains on a laptop CPU,
 one GPU, or many processes under `torchrun` / `accelerate launch` (each process takes its
 share of every global batch; gradients are averaged by DDP).
+
+Reliability (docs/reliability.md): every check that can refuse the run happens before the model
+is loaded or anything is written; checkpoints are atomic and hold all a run needs to continue
+exactly (`--resume`); a step with a non-finite loss or gradient is skipped and logged, and
+``--max-nonfinite-steps`` of them in a row stop the run with a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,20 +21,41 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from tqdm.auto import tqdm
 
+from embtune.checkpoint import (
+    KILL_AT_STEP_ENV,
+    STATE_FORMAT,
+    TRAINER_STATE_FILE,
+    check_disk_space,
+    check_resume_compatible,
+    checkpoint_step,
+    data_fingerprint,
+    estimate_save_bytes,
+    exclude_model_from_state,
+    existing_ancestor,
+    kill_if_requested,
+    latest_checkpoint,
+    load_training_state,
+    read_trainer_state,
+    recover_interrupted,
+    save_atomically,
+    save_checkpoint,
+    write_json_atomically,
+)
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch, collate
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus, save_dev_split
 from embtune.data.formats import BeirDataset, load_beir, load_training_data
 from embtune.data.groups import GroupSampler, NegativesBudget, build_rows, negatives_budget
 from embtune.data.store import default_cache_dir, tokenize_store
-from embtune.errors import UsageError
+from embtune.errors import TrainingStopped, UsageError
 from embtune.losses import contrastive_loss
-from embtune.model import Encoder
+from embtune.model import Encoder, check_max_lengths, load_model_config
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +64,7 @@ CONFIG_FILE = "train_config.yaml"
 BUDGET_FILE = "negatives_budget.json"
 DEV_SPLIT_FILE = "dev_split.json"
 BEST_DIR = "best"
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass
@@ -52,18 +79,48 @@ class TrainResult:
     budget: NegativesBudget | None = None
     best_step: int | None = None
     best_ndcg: float | None = None
+    resumed_from_step: int = 0  # 0 for a run that started fresh
+    skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+
+
+@dataclass
+class _Progress:
+    """Counters that a checkpoint carries over, so a resumed run logs what the whole run did."""
+
+    texts_seen: int = 0
+    train_seconds: float = 0.0
+    # The logging window in progress: a resume in mid-window must log the same average.
+    window_loss: float = 0.0
+    window_steps: int = 0
+    window_texts: int = 0
+    window_seconds: float = 0.0
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
 
 
 def check_output_dir(config: TrainConfig) -> Path:
-    """Refuse to mix a new run into a previous run's folder unless told to."""
+    """Refuse a folder that cannot be written or holds another run; creates nothing.
+
+    A non-empty folder is accepted with --overwrite-output-dir (a new run replaces the old) or
+    --resume (the run continues there).
+    """
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not config.overwrite_output_dir:
+    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resuming):
         raise UsageError(
             f"--output-dir: {out} is not empty (a previous run?); pass --overwrite-output-dir "
-            "to write into it or choose another folder"
+            "to replace it, --resume to continue it, or choose another folder"
         )
+    # The folder is only created once every check has passed; here we ask the nearest existing
+    # parent whether it could be.
+    where = out if out.is_dir() else existing_ancestor(out)
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir: cannot write to {out} ({where} is not writable)")
+    return out
+
+
+def _create_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".embtune-write-test"
@@ -71,7 +128,71 @@ def check_output_dir(config: TrainConfig) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UsageError(f"--output-dir: cannot write to {out}: {exc.strerror or exc}") from exc
-    return out
+
+
+def _resume_point(config: TrainConfig, out: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from and its trainer state, or (None, None) to start fresh."""
+    if config.resume_from:
+        checkpoint = Path(config.resume_from)
+        state = read_trainer_state(checkpoint, "--resume-from")
+        if state.get("finished"):
+            raise UsageError(
+                f"--resume-from: {checkpoint} is a finished run ({state['step']} steps), not a "
+                "checkpoint; use it as --model to train further"
+            )
+        return checkpoint, state
+    if not config.resume:
+        return None, None
+    final = out / TRAINER_STATE_FILE
+    if final.is_file():
+        state = read_trainer_state(out, "--resume")
+        if state.get("finished"):
+            raise UsageError(
+                f"--resume: {out} holds a finished run ({state['step']} steps); nothing to "
+                "resume (--overwrite-output-dir trains it again)"
+            )
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+            raise UsageError(
+                f"--resume: {out} holds files but no embtune run (no {CONFIG_FILE}); "
+                "choose the run's folder"
+            )
+        return None, None
+    return checkpoint, read_trainer_state(checkpoint, "--resume")
+
+
+def _clear_previous_run(out: Path) -> list[str]:
+    """Remove a previous run's checkpoints, best model, events and state from ``out``.
+
+    Left in place they would mix with the new run's: an old checkpoint-900 would be "the newest"
+    to --resume, and TensorBoard would draw two runs as one.
+    """
+    removed = []
+    for path in sorted(out.iterdir()):
+        name = path.name
+        is_ours = (
+            checkpoint_step(path) is not None
+            or name in (BEST_DIR, TENSORBOARD_DIR, TRAINER_STATE_FILE, DEV_SPLIT_FILE)
+            or (name.startswith(".") and name.endswith((".tmp", ".old", ".deleting")))
+        )
+        if not is_ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+    return removed
+
+
+def _rewrite_log(path: Path, history: list[dict]) -> None:
+    """Make train_log.jsonl hold exactly the checkpoint's history (drops lines logged after it)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for record in history:
+            fh.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -97,19 +218,12 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _save_atomically(target: Path, write) -> None:
-    """Write a folder via ``write(tmp)`` then rename, so a kill never leaves half a checkpoint."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    write(tmp)
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, target)
+def _finite_everywhere(accelerator: Any, value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every process: they must skip a step together."""
+    bad = (~torch.isfinite(value.detach().float())).any().float().reshape(1)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
 
 
 def train(
@@ -118,6 +232,8 @@ def train(
     """Fine-tune ``config.model`` on ``config.train_data``; the model is saved to output_dir.
 
     ``dev_data`` (a caller-made dev set, e.g. the demo's) replaces --eval-data/--dev-fraction.
+    With --resume / --resume-from the run continues from a checkpoint and ends exactly as the
+    uninterrupted run would have (same seed: same batches, dropout, updates and log).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -139,14 +255,51 @@ def train(
 
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     accelerator = Accelerator(
-        mixed_precision=precision, log_with="tensorboard", project_dir=str(out)
+        mixed_precision=precision,
+        log_with="tensorboard",
+        project_dir=str(out),
+        # Our step count is global (one call per optimizer step); by default accelerate would
+        # step the schedule once per process and decay the learning rate N times too fast.
+        step_scheduler_with_optimizer=False,
     )
-    set_seed(config.seed)
     main = accelerator.is_main_process
     show = show_progress and main
+    world = accelerator.num_processes
+    global_batch = config.batch_size * world
+
+    # --- every refusal before heavy work: resume point, options, model limits, disk ----------
+    if config.resuming and main:
+        for line in recover_interrupted(out):
+            print(f"embtune train: {out}: {line} (left by an interrupted save)")
+    accelerator.wait_for_everyone()
+    resume_from, state = _resume_point(config, out)
+    fingerprint = data_fingerprint(data.records, data.corpus.values())
+    if state is not None and resume_from is not None:
+        check_resume_compatible(state, config, resume_from, fingerprint)
+        if state["global_batch"] != global_batch:
+            raise UsageError(
+                f"--resume: {resume_from} was trained with {state['global_batch']} queries per "
+                f"step; this launch gives {global_batch} ({world} processes x --batch-size "
+                f"{config.batch_size}). Launch as many processes as the run had"
+            )
+    check_max_lengths(load_model_config(config.model), config.query_max_len, config.passage_max_len)
+    check_disk_space(
+        out,
+        estimate_save_bytes(config.model, with_optimizer=config.save_steps > 0),
+        "a checkpoint (model + optimizer state)" if config.save_steps else "the model",
+    )
+    if main:
+        _create_output_dir(out)
+        if state is None and (config.overwrite_output_dir or config.resuming):
+            removed = _clear_previous_run(out)
+            if removed:
+                print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
+    accelerator.wait_for_everyone()
+    set_seed(config.seed)
 
     encoder = Encoder.from_pretrained(
-        config.model,
+        # A resumed run takes its weights from the checkpoint (same settings, saved with it).
+        str(resume_from) if resume_from else config.model,
         pooling=config.pooling,
         normalize=config.normalize,
         query_instruction=config.query_instruction,
@@ -177,11 +330,35 @@ def train(
     sampler = GroupSampler(
         texts.rows, config.train_group_size, config.negative_fill, len(texts.passages), config.seed
     )
-    world = accelerator.num_processes
-    global_batch = config.batch_size * world
     steps_per_epoch = math.ceil(len(texts.rows) / global_batch)
     # --max-steps overrides --epochs (as in Hugging Face's Trainer), also beyond them.
     total_steps = config.max_steps or steps_per_epoch * config.epochs
+    start_step = 0
+    history: list[dict] = []
+    progress = _Progress()
+    best: dict = {"step": None, "ndcg": None}
+    if state is not None:
+        start_step = int(state["step"])
+        position = state.get("position", {})
+        expected = dict(zip(("epoch", "batch"), divmod(start_step, steps_per_epoch), strict=True))
+        if (state["steps_per_epoch"], state["total_steps"], position) != (
+            steps_per_epoch,
+            total_steps,
+            expected,
+        ):
+            raise UsageError(
+                f"--resume: {resume_from} is at step {start_step} of {state['total_steps']} "
+                f"({state['steps_per_epoch']} per epoch); these options give {total_steps} "
+                f"({steps_per_epoch} per epoch)"
+            )
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as exc:
+            raise UsageError(f"--resume: {resume_from}: {exc}") from exc
+        history = list(state["history"])
+        progress = _Progress(**state["progress"])
+        best = dict(state["best"])
+
     budget = negatives_budget(
         texts.rows,
         config.train_group_size,
@@ -196,6 +373,10 @@ def train(
         print(
             f"  steps: {total_steps} ({steps_per_epoch} per epoch, {global_batch} queries per step)"
         )
+        if resume_from:
+            print(f"  resuming from {resume_from} at step {start_step}")
+        elif config.resuming:
+            print(f"  no checkpoint in {out} yet: starting at step 0")
         with open(out / CONFIG_FILE, "w", encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
         (out / BUDGET_FILE).write_text(json.dumps(asdict(budget), indent=2) + "\n")
@@ -215,21 +396,47 @@ def train(
     optimizer = _optimizer(encoder, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
+    exclude_model_from_state(accelerator)
+    # Events logged after the checkpoint by the interrupted run are hidden from TensorBoard.
+    tb_options = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
     accelerator.init_trackers(
-        "tensorboard", config={k: str(v) for k, v in config.to_dict().items()}
+        "tensorboard",
+        config={k: str(v) for k, v in config.to_dict().items()},
+        init_kwargs=tb_options,
     )
     model.train()
 
-    history: list[dict] = []
-    log_file = open(out / LOG_FILE, "w", encoding="utf-8") if main else None
-    best: dict = {"step": None, "ndcg": None}
+    log_file = None
+    if main:
+        if start_step:
+            _rewrite_log(out / LOG_FILE, history)
+        log_file = open(out / LOG_FILE, "a" if start_step else "w", encoding="utf-8")
 
     def write_log(record: dict) -> None:
         history.append(record)
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        accelerator.log(numbers, step=record["step"])
         if log_file:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
+
+    def trainer_state(done: int) -> dict:
+        """Everything besides model and accelerate state that continuing at ``done`` needs."""
+        epoch, batch_index = divmod(done, steps_per_epoch)
+        return {
+            "format": STATE_FORMAT,
+            "step": done,
+            "total_steps": total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "global_batch": global_batch,
+            "position": {"epoch": epoch, "batch": batch_index},  # the next batch to train
+            "sampler": sampler.state_dict(),
+            "data_fingerprint": fingerprint,
+            "config": config.to_dict(),
+            "progress": asdict(progress),
+            "best": dict(best),
+            "history": history,  # = train_log.jsonl up to this step
+        }
 
     def evaluate_dev(step: int) -> None:
         """Retrieval metrics on the dev set; the main process keeps the best model."""
@@ -245,102 +452,175 @@ def train(
             tqdm.write(f"step {step}: dev nDCG@10 {ndcg:.4f}, MRR@10 {metrics['mrr@10']:.4f}")
             if config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
                 best.update(step=step, ndcg=ndcg)
-                _save_atomically(out / BEST_DIR, unwrapped.save)
+                save_atomically(out / BEST_DIR, unwrapped.save)
         accelerator.wait_for_everyone()
 
-    bar = tqdm(total=total_steps, desc="training", unit="step", disable=not show)
+    if state is not None and resume_from is not None:
+        # Last before the loop: optimizer, scheduler, loss scaler and every RNG as they were.
+        load_training_state(accelerator, resume_from)
+
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc="training", unit="step", disable=not show
+    )
     pad_id = encoder.tokenizer.pad_token_id
-    texts_seen, train_seconds = 0, 0.0
-    window_loss, window_texts, window_seconds = 0.0, 0, 0.0
-
     epoch_batches: tuple[int, list] = (-1, [])
-    for step in range(total_steps):
-        started = time.perf_counter()
-        epoch, index = divmod(step, steps_per_epoch)
-        if epoch_batches[0] != epoch:
-            epoch_batches = (epoch, sampler.batches(epoch, global_batch))
-        rows = epoch_batches[1][index]
-        mine = rows[
-            accelerator.process_index * config.batch_size : (accelerator.process_index + 1)
-            * config.batch_size
-        ]
-        groups = [sampler.group(int(r), epoch) for r in mine]
-        batch: Batch = collate(groups, texts.rows, query_tokens, passage_tokens, pad_id).to(
-            accelerator.device
-        )
-
-        query_emb = model(batch.query_input_ids, batch.query_attention_mask)
-        passage_emb = model(batch.passage_input_ids, batch.passage_attention_mask)
-        out_loss = contrastive_loss(
-            query_emb,
-            passage_emb,
-            batch.positive_index,
-            batch.passage_owner,
-            config.temperature,
-            config.in_batch_negatives,
-            batch.false_negative_mask,
-        )
-        accelerator.backward(out_loss.loss)
-        if config.max_grad_norm:
-            accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        texts_seen += batch.num_texts * world
-        window_loss += out_loss.loss.item()
-        window_texts += batch.num_texts * world
-        window_seconds += seconds
-        bar.update(1)
-        done = step + 1
-        if done % config.logging_steps == 0 or done == total_steps:
-            n = (
-                config.logging_steps
-                if done % config.logging_steps == 0
-                else done % config.logging_steps
+    try:
+        for step in range(start_step, total_steps):
+            started = time.perf_counter()
+            epoch, index = divmod(step, steps_per_epoch)
+            if epoch_batches[0] != epoch:
+                epoch_batches = (epoch, sampler.batches(epoch, global_batch))
+            rows = epoch_batches[1][index]
+            mine = rows[
+                accelerator.process_index * config.batch_size : (accelerator.process_index + 1)
+                * config.batch_size
+            ]
+            groups = [sampler.group(int(r), epoch) for r in mine]
+            batch: Batch = collate(groups, texts.rows, query_tokens, passage_tokens, pad_id).to(
+                accelerator.device
             )
-            candidates = out_loss.candidates.float().mean().item()
-            record = {
-                "step": done,
-                "epoch": epoch,
-                "loss": window_loss / n,
-                "chance_loss": math.log(candidates),
-                "candidates_per_query": candidates,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "texts_per_second": window_texts / window_seconds,
-            }
-            write_log(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                lr=f"{record['learning_rate']:.2e}",
-                texts_s=f"{record['texts_per_second']:.1f}",
-            )
-            window_loss, window_texts, window_seconds = 0.0, 0, 0.0
-        if dev_data is not None and (
-            done == total_steps or (config.eval_steps and done % config.eval_steps == 0)
-        ):
-            evaluate_dev(done)
-        if config.save_steps and done % config.save_steps == 0 and done < total_steps:
-            accelerator.wait_for_everyone()
-            if main:
-                _save_atomically(out / f"checkpoint-{done}", accelerator.unwrap_model(model).save)
 
-    bar.close()
-    if log_file:
-        log_file.close()
+            query_emb = model(batch.query_input_ids, batch.query_attention_mask)
+            passage_emb = model(batch.passage_input_ids, batch.passage_attention_mask)
+            out_loss = contrastive_loss(
+                query_emb,
+                passage_emb,
+                batch.positive_index,
+                batch.passage_owner,
+                config.temperature,
+                config.in_batch_negatives,
+                batch.false_negative_mask,
+            )
+            # NaN guard: a non-finite loss or gradient must not reach the weights. fp16 is the
+            # exception for gradients: there an overflow is the loss scaler's normal signal, and
+            # accelerate's GradScaler skips that update and lowers the scale by itself.
+            problem = None
+            if not _finite_everywhere(accelerator, out_loss.loss):
+                problem = "non-finite loss"
+            else:
+                accelerator.backward(out_loss.loss)
+                if config.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(
+                        model.parameters(), config.max_grad_norm
+                    )
+                elif not config.fp16:
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    grad_norm = torch.nn.utils.get_total_norm(grads)
+                if not config.fp16 and not _finite_everywhere(accelerator, grad_norm):
+                    problem = "non-finite gradient"
+                else:
+                    optimizer.step()
+            # The schedule follows the step count, skipped steps included, so that a step's
+            # learning rate does not depend on how many steps before it were skipped.
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            seconds = time.perf_counter() - started
+            done = step + 1
+            kill_if_requested(KILL_AT_STEP_ENV, done)
+            progress.train_seconds += seconds
+            progress.texts_seen += batch.num_texts * world
+            progress.window_texts += batch.num_texts * world
+            progress.window_seconds += seconds
+            bar.update(1)
+            if problem:
+                progress.nonfinite_in_row += 1
+                progress.skipped_steps += 1
+                row_ids = [int(r) for r in rows]
+                write_log(
+                    {
+                        "step": done,
+                        "epoch": epoch,
+                        "skipped": problem,
+                        "rows": row_ids,
+                        "sources": [texts.rows[r].source for r in row_ids],
+                    }
+                )
+                if show:
+                    tqdm.write(
+                        f"step {done}: skipped ({problem}); rows {row_ids} "
+                        f"(their files and lines are in {LOG_FILE})"
+                    )
+                if progress.nonfinite_in_row >= config.max_nonfinite_steps:
+                    first = done - progress.nonfinite_in_row + 1
+                    saved = save_checkpoint(
+                        accelerator,
+                        accelerator.unwrap_model(model),
+                        out,
+                        done,
+                        trainer_state(done),
+                        config.save_total_limit,
+                    )
+                    accelerator.end_training()
+                    raise TrainingStopped(
+                        f"steps {first}-{done}: {progress.nonfinite_in_row} steps in a row had a "
+                        f"{problem} and were skipped (rows in {out / LOG_FILE}); stopped. "
+                        f"{saved} holds the model from before the failure (after step "
+                        f"{first - 1}): use it as --model for a new run with a lower "
+                        "--learning-rate, a higher --temperature or the listed rows fixed"
+                    )
+            else:
+                progress.nonfinite_in_row = 0
+                progress.window_loss += out_loss.loss.item()
+                progress.window_steps += 1
+            if (done % config.logging_steps == 0 or done == total_steps) and (
+                progress.window_steps
+            ):
+                candidates = out_loss.candidates.float().mean().item()
+                record = {
+                    "step": done,
+                    "epoch": epoch,
+                    "loss": progress.window_loss / progress.window_steps,
+                    "chance_loss": math.log(candidates),
+                    "candidates_per_query": candidates,
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "texts_per_second": progress.window_texts / progress.window_seconds,
+                }
+                write_log(record)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    lr=f"{record['learning_rate']:.2e}",
+                    texts_s=f"{record['texts_per_second']:.1f}",
+                )
+                progress.window_loss, progress.window_steps = 0.0, 0
+                progress.window_texts, progress.window_seconds = 0, 0.0
+            if dev_data is not None and (
+                done == total_steps or (config.eval_steps and done % config.eval_steps == 0)
+            ):
+                evaluate_dev(done)
+            if config.save_steps and done % config.save_steps == 0 and done < total_steps:
+                save_checkpoint(
+                    accelerator,
+                    accelerator.unwrap_model(model),
+                    out,
+                    done,
+                    trainer_state(done),
+                    config.save_total_limit,
+                )
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
         accelerator.unwrap_model(model).save(out)
+        # Written after the model: its presence says the run finished (--resume refuses then).
+        write_json_atomically(
+            out / TRAINER_STATE_FILE, {**trainer_state(total_steps), "finished": True}
+        )
     return TrainResult(
         output_dir=out,
         steps=total_steps,
-        texts_per_second=texts_seen / train_seconds if train_seconds else 0.0,
-        train_seconds=train_seconds,
+        texts_per_second=(
+            progress.texts_seen / progress.train_seconds if progress.train_seconds else 0.0
+        ),
+        train_seconds=progress.train_seconds,
         history=history,
         budget=budget,
         best_step=best["step"],
         best_ndcg=best["ndcg"],
+        resumed_from_step=start_step,
+        skipped_steps=progress.skipped_steps,
     )

@@ -18,6 +18,7 @@ examples:
   embtune train --model ./my-model --train-data scifact/ --train-split train \\
       --train-group-size 4 --batch-size 16 --temperature 0.05 -o out/
   embtune train --config run.yaml --learning-rate 1e-5     # flags override the YAML
+  embtune train --config run.yaml --resume                  # continue after a kill
   torchrun --nproc_per_node 4 -m embtune train --config run.yaml
 """
 
@@ -45,6 +46,13 @@ def run(args: argparse.Namespace) -> int:
     config = resolve_config(args)
     result = train(config)
     last = next((h for h in reversed(result.history) if "loss" in h), {})
+    if result.resumed_from_step:
+        print(f"embtune train: resumed at step {result.resumed_from_step}")
+    if result.skipped_steps:
+        print(
+            f"embtune train: {result.skipped_steps} steps skipped for a non-finite loss or "
+            "gradient (listed in train_log.jsonl)"
+        )
     print(
         f"embtune train: {result.steps} steps in {result.train_seconds:.1f} s, "
         f"{result.texts_per_second:.1f} texts/s"

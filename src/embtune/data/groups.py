@@ -113,6 +113,29 @@ class GroupSampler:
         order = self.epoch_order(epoch)
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
+    def state_dict(self) -> dict:
+        """What a checkpoint stores to continue sampling exactly where a run stopped.
+
+        Today every draw is a function of (seed, epoch, row) and the batch order of (seed,
+        epoch), so the step number alone gives the data position: this holds only the settings
+        a resumed run must share. Samplers with memory across steps (e.g. cycling through a row's
+        negatives) add their state here.
+        """
+        return {
+            "seed": self.seed,
+            "train_group_size": self.group_size,
+            "negative_fill": self.fill,
+            "rows": len(self.rows),
+            "passages": self.passage_count,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's :meth:`state_dict`; ValueError when it is another setup."""
+        mine = self.state_dict()
+        differ = [f"{k} {state[k]!r} != {v!r}" for k, v in mine.items() if state.get(k, v) != v]
+        if differ:
+            raise ValueError(f"sampler state is for another setup: {', '.join(differ)}")
+
     def group(self, row_index: int, epoch: int) -> Group:
         """The group of row ``row_index`` in ``epoch``."""
         row = self.rows[row_index]
