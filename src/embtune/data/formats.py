@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embtune.errors import InputError, ProblemCollector
+from embtune.errors import InputError, ProblemCollector, shorten
 
 TRAIN_SUFFIXES = (".json", ".jsonl")
 
@@ -62,34 +62,76 @@ def is_beir_dir(path: Path) -> bool:
     return path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "qrels").is_dir()
 
 
-def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed value) for each non-blank line; bad lines become problems."""
+def foreign_encoding(raw: bytes) -> str | None:
+    """'UTF-16' or 'UTF-32' when ``raw`` starts with that encoding's byte-order mark, else None.
+
+    Windows tools save "Unicode" text as UTF-16; named, the fix is obvious to the user.
+    """
+    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    return None
+
+
+def _read_raw(path: Path, problems: ProblemCollector) -> bytes | None:
+    """The file's bytes, or None after recording why they are unusable (unreadable, empty...)."""
     try:
         raw = path.read_bytes()
     except OSError as exc:
         problems.add(str(path), None, None, f"cannot read file: {exc.strerror or exc}")
-        return
+        return None
     if not raw.strip():
         problems.add(str(path), None, None, "file is empty")
+        return None
+    if encoding := foreign_encoding(raw):
+        problems.add(str(path), 1, None, f"file is {encoding}; save it as UTF-8")
+        return None
+    return raw
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(path: Path, number: int, line: bytes, problems: ProblemCollector) -> str | None:
+    """One line as text, or None after recording why it is not UTF-8."""
+    if line.startswith(UTF8_BOM):
+        if number == 1:
+            line = line[3:]  # a UTF-8 byte-order mark is harmless at the start; accept it
+        else:
+            problems.add(
+                str(path), number, None, "byte-order mark inside the file (files concatenated?)"
+            )
+            return None
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        problems.add(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
+        return None
+
+
+def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed value) for each non-blank line; bad lines become problems."""
+    raw = _read_raw(path, problems)
+    if raw is None:
         return
     for number, line in enumerate(raw.split(b"\n"), start=1):
-        if number == 1 and line.startswith(b"\xef\xbb\xbf"):
-            line = line[3:]  # a UTF-8 byte-order mark is harmless; accept it
         if not line.strip():
             continue
         if problems.full:
             problems.truncated = True
             return
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            problems.add(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
+        text = _decode_line(path, number, line, problems)
+        if text is None:
             continue
         try:
             # NaN/Infinity parse as floats so the field check can name the field they are in.
             value = json.loads(text)
         except ValueError as exc:
             problems.add(str(path), number, None, f"malformed JSON: {exc}")
+            continue
+        except RecursionError:
+            problems.add(str(path), number, None, "malformed JSON: nested too deeply")
             continue
         yield number, value
 
@@ -100,6 +142,15 @@ def check_text(value: object) -> str | None:
         return f"must be a string, got {type(value).__name__}"
     if not value.strip():
         return "must not be empty or whitespace"
+    return _surrogate_problem(value)
+
+
+def _surrogate_problem(value: str) -> str | None:
+    """JSON's \\uD800-style escapes can encode half a character, which no tokenizer accepts."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"contains an unpaired surrogate escape \\u{ord(value[exc.start]):04x}"
     return None
 
 
@@ -205,9 +256,15 @@ def _read_id_texts(
             problems.add(str(path), number, "_id", f"must be a string, got {type(doc_id).__name__}")
             continue
         doc_id = str(doc_id)
+        if not doc_id.strip() or (reason := _surrogate_problem(doc_id)):
+            problems.add(str(path), number, "_id", reason or "must not be empty or whitespace")
+            continue
         if doc_id in lines:
             problems.add(
-                str(path), number, "_id", f"duplicate id {doc_id!r} (first on line {lines[doc_id]})"
+                str(path),
+                number,
+                "_id",
+                f"duplicate id {shorten(doc_id)} (first on line {lines[doc_id]})",
             )
             continue
         body = row.get("text")
@@ -230,6 +287,10 @@ def _read_id_texts(
         if not text:
             problems.add(str(path), number, "text", "must not be empty or whitespace")
             continue
+        if reason := _surrogate_problem(text):
+            where = "title" if _surrogate_problem(title) else "text"
+            problems.add(str(path), number, where, reason)
+            continue
         texts[doc_id] = text
         lines[doc_id] = number
     return texts, lines
@@ -249,24 +310,19 @@ def _read_qrels(
         hint = f" (available splits: {', '.join(available)})" if available else ""
         problems.add(str(path), None, None, f"qrels file does not exist{hint}")
         return qrels
-    try:
-        content = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        problems.add(str(path), None, None, f"not valid UTF-8 (byte {exc.start})")
+    raw = _read_raw(path, problems)
+    if raw is None:
         return qrels
-    except OSError as exc:
-        problems.add(str(path), None, None, f"cannot read file: {exc.strerror or exc}")
-        return qrels
-    rows = content.splitlines()
-    if not any(r.strip() for r in rows):
-        problems.add(str(path), None, None, "file is empty")
-        return qrels
-    for number, line in enumerate(rows, start=1):
-        if not line.strip():
+    first_seen: dict[tuple[str, str], tuple[int, int]] = {}  # (qid, did) -> (line, relevance)
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
+        if not raw_line.strip():
             continue
         if problems.full:
             problems.truncated = True
             break
+        line = _decode_line(path, number, raw_line, problems)
+        if line is None:
+            continue
         parts = line.split("\t") if "\t" in line else line.split()
         if number == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
             continue  # header
@@ -275,20 +331,38 @@ def _read_qrels(
             continue
         qid, did, score = parts[0].strip(), parts[-2].strip(), parts[-1].strip()
         try:
-            relevance = int(float(score))
-            if not math.isfinite(float(score)):
+            value = float(score)
+            if not math.isfinite(value):  # int() of inf/nan would raise something else
                 raise ValueError
+            relevance = int(value)
         except ValueError:
-            problems.add(str(path), number, "score", f"must be an integer, got {score!r}")
+            problems.add(str(path), number, "score", f"must be an integer, got {shorten(score)}")
             continue
         if qid not in queries:
             problems.add(
-                str(path), number, "query-id", f"unknown query id {qid!r} (not in queries.jsonl)"
+                str(path),
+                number,
+                "query-id",
+                f"unknown query id {shorten(qid)} (not in queries.jsonl)",
             )
             continue
         if did not in corpus:
             problems.add(
-                str(path), number, "corpus-id", f"unknown corpus id {did!r} (not in corpus.jsonl)"
+                str(path),
+                number,
+                "corpus-id",
+                f"unknown corpus id {shorten(did)} (not in corpus.jsonl)",
+            )
+            continue
+        # A repeated judgement is harmless when it agrees; when it does not, which one is meant?
+        first_line, first_relevance = first_seen.setdefault((qid, did), (number, relevance))
+        if first_relevance != relevance:
+            problems.add(
+                str(path),
+                number,
+                "score",
+                f"{relevance} contradicts the judgement of the same pair on line {first_line} "
+                f"({first_relevance})",
             )
             continue
         qrels.setdefault(qid, {})[did] = relevance
@@ -380,6 +454,7 @@ def load_training_data(paths: list[Path | str], split: str = "train") -> Trainin
 
 __all__ = [
     "BeirDataset",
+    "foreign_encoding",
     "InputError",
     "Record",
     "TrainingData",
