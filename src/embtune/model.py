@@ -258,12 +258,12 @@ class Encoder(torch.nn.Module):
         order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]), reverse=True)
         chunks: list[torch.Tensor] = []
         device = self.device
-        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         bar = tqdm(total=len(order), desc=desc, unit="text", disable=not show_progress, leave=False)
         for start in range(0, len(order), batch_size):
             batch = self.pad([token_ids[i] for i in order[start : start + batch_size]])
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            # Full precision on every device: embeddings then equal sentence-transformers' to
+            # 1e-5 and metrics are reproducible across machines.
+            emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             chunks.append(emb.float().cpu())
             bar.update(len(batch["input_ids"]))
         bar.close()
