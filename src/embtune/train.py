@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -193,6 +194,22 @@ def _rewrite_log(path: Path, history: list[dict]) -> None:
         for record in history:
             fh.write(json.dumps(record) + "\n")
     os.replace(tmp, path)
+
+
+def _wait_for_a_later_events_file(folder: Path) -> None:
+    """Sleep until the clock is past the second in which the newest TensorBoard file was made.
+
+    TensorBoard reads a run's event files in name order, and a name starts with its creation
+    second. A resumed run's writer created within the killed run's second could sort first (the
+    process id decides) and then be read as the older file.
+    """
+    stamps = [
+        int(match.group(1))
+        for path in folder.glob("events.out.tfevents.*")
+        if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", path.name))
+    ]
+    if stamps and (wait := max(stamps) + 1 - time.time()) > 0:
+        time.sleep(wait)
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -399,6 +416,8 @@ def train(
     exclude_model_from_state(accelerator)
     # Events logged after the checkpoint by the interrupted run are hidden from TensorBoard.
     tb_options = {"tensorboard": {"purge_step": start_step + 1}} if start_step else {}
+    if start_step:
+        _wait_for_a_later_events_file(out / TENSORBOARD_DIR)
     accelerator.init_trackers(
         "tensorboard",
         config={k: str(v) for k, v in config.to_dict().items()},
