@@ -457,6 +457,17 @@ def train(
             "history": history,  # = train_log.jsonl up to this step
         }
 
+    def checkpoint_at(done: int) -> Path:
+        """Save checkpoint-``done`` (atomically, rotating old ones); returns its folder."""
+        return save_checkpoint(
+            accelerator,
+            accelerator.unwrap_model(model),
+            out,
+            done,
+            trainer_state(done),
+            config.save_total_limit,
+        )
+
     def evaluate_dev(step: int) -> None:
         """Retrieval metrics on the dev set; the main process keeps the best model."""
         from embtune.evaluate import evaluate_retrieval
@@ -562,14 +573,7 @@ def train(
                     )
                 if progress.nonfinite_in_row >= config.max_nonfinite_steps:
                     first = done - progress.nonfinite_in_row + 1
-                    saved = save_checkpoint(
-                        accelerator,
-                        accelerator.unwrap_model(model),
-                        out,
-                        done,
-                        trainer_state(done),
-                        config.save_total_limit,
-                    )
+                    saved = checkpoint_at(done)
                     accelerator.end_training()
                     raise TrainingStopped(
                         f"steps {first}-{done}: {progress.nonfinite_in_row} steps in a row had a "
@@ -608,14 +612,7 @@ def train(
             ):
                 evaluate_dev(done)
             if config.save_steps and done % config.save_steps == 0 and done < total_steps:
-                save_checkpoint(
-                    accelerator,
-                    accelerator.unwrap_model(model),
-                    out,
-                    done,
-                    trainer_state(done),
-                    config.save_total_limit,
-                )
+                checkpoint_at(done)
     finally:
         bar.close()
         if log_file:
