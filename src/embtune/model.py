@@ -345,6 +345,9 @@ class Encoder(torch.nn.Module):
         )
         (path / "1_Pooling").mkdir(exist_ok=True)
         _write_json(path / "1_Pooling" / "config.json", pooling_cfg)
+        # sentence-transformers has one max length for every text; the passage length is the
+        # one that matters for retrieval. Its queries are therefore cut at passage_max_len, not
+        # query_max_len: identical embeddings for queries up to query_max_len tokens.
         _write_json(
             path / "sentence_bert_config.json",
             {"max_seq_length": s.passage_max_len, "do_lower_case": False},
