@@ -181,17 +181,6 @@ def save_atomically(target: Path, write: Callable[[Path], None]) -> None:
     _replace_dir(tmp, target)
 
 
-def write_json_atomically(path: Path, data: object) -> None:
-    """Write a JSON file through a temporary name, so readers see the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=1)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def recover_interrupted(out: Path) -> list[str]:
     """Undo what a kill during a save or rotation left in ``out``; returns what was done.
 

@@ -28,14 +28,13 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from embtune.atomic import atomic_write
 from embtune.data.store import tokenizer_fingerprint
 from embtune.errors import UsageError
 from embtune.search import exact_search
@@ -312,28 +311,6 @@ def corpus_cache_path(cache_dir: str | Path, key: str) -> Path:
     return Path(cache_dir) / f"corpus-{key[:32]}.pt"
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temp_path)`` then rename over ``path``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        tmp.chmod(0o644)  # mkstemp makes files private; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: str | Path, data: object) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _load_cached(path: Path, key: str, count: int) -> torch.Tensor | None:
     """The cached embeddings, or None (with a warning) when the entry is unusable."""
     try:
@@ -458,7 +435,6 @@ def evaluate_retrieval(
 
 __all__ = [
     "METRICS",
-    "atomic_write",
     "check_k_values",
     "corpus_cache_key",
     "corpus_cache_path",
@@ -474,5 +450,4 @@ __all__ = [
     "retrieval_metrics",
     "retrieve",
     "search_top_k",
-    "write_json",
 ]

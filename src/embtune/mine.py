@@ -39,9 +39,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +47,7 @@ from typing import Protocol
 
 import torch
 
+from embtune.atomic import atomic_write
 from embtune.data.formats import (
     beir_training_records,
     check_text,
@@ -512,18 +511,13 @@ def write_mined_jsonl(
     The rows go to a temporary file in the same folder (same file system, so the final
     ``os.replace`` is atomic); on any error the temporary file is removed and ``path`` untouched.
     """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row.to_json(include_scores), ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 __all__ = [

@@ -28,6 +28,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from embtune.atomic import atomic_write, write_json_atomically
 from embtune.checkpoint import (
     KILL_AT_STEP_ENV,
     STATE_FORMAT,
@@ -46,7 +47,6 @@ from embtune.checkpoint import (
     recover_interrupted,
     save_atomically,
     save_checkpoint,
-    write_json_atomically,
 )
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch, collate
@@ -189,11 +189,8 @@ def _clear_previous_run(out: Path) -> list[str]:
 
 def _rewrite_log(path: Path, history: list[dict]) -> None:
     """Make train_log.jsonl hold exactly the checkpoint's history (drops lines logged after it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for record in history:
-            fh.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _wait_for_a_later_events_file(folder: Path) -> None:

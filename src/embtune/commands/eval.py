@@ -160,9 +160,10 @@ def run(args: argparse.Namespace) -> int:
     """Load data and model, evaluate, print the table, optionally write JSON."""
     import time
 
+    from embtune.atomic import write_json_atomically
     from embtune.data.formats import BeirDataset, load_beir
     from embtune.errors import UsageError
-    from embtune.evaluate import check_k_values, evaluate_retrieval, format_metrics, write_json
+    from embtune.evaluate import check_k_values, evaluate_retrieval, format_metrics
     from embtune.model import Encoder
 
     started = time.perf_counter()
@@ -225,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
             "settings": asdict(s),
         }
         try:
-            write_json(args.json, record)
+            write_json_atomically(args.json, record)
         except OSError as exc:
             raise UsageError(f"--json: cannot write {args.json}: {exc.strerror or exc}") from exc
     return 0

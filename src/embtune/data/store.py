@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from embtune.atomic import atomic_write
 
 TOKENIZE_CHUNK = 4096
 
@@ -99,6 +100,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return digest.hexdigest()
 
 
+def _save_table(table: TokenTable, tmp: Path) -> None:
+    with open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a bare name
+        np.savez(fh, flat=table.flat, offsets=table.offsets)
+
+
 def default_cache_dir() -> Path:
     """$EMBTUNE_CACHE, else ~/.cache/embtune."""
     return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
@@ -134,14 +140,5 @@ def tokenize_store(
     bar.close()
     table = TokenTable.from_lists(token_lists)
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write then rename: a killed run never leaves a half-written cache that looks valid.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-        os.close(fd)
-        try:
-            np.savez(tmp, flat=table.flat, offsets=table.offsets)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path, lambda tmp: _save_table(table, tmp))
     return table, False
