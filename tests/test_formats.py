@@ -432,3 +432,16 @@ def test_scifact_missing_split_names_train_and_test() -> None:
     assert info.value.lines() == [
         f"{SCIFACT}/qrels/validation.tsv: qrels file does not exist (available splits: test, train)"
     ]
+
+
+def test_beir_whitespace_id_is_named_not_a_crash(tmp_path: Path) -> None:
+    # Found by the byte-mutation fuzzer: a blank _id once raised UnboundLocalError.
+    folder = beir_folder(tmp_path, "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    write_lines(
+        folder / "queries.jsonl", {"_id": "q1", "text": "first?"}, {"_id": " ", "text": "x"}
+    )
+    with pytest.raises(InputError) as info:
+        load_training_data([folder])
+    assert info.value.lines() == [
+        f"{folder / 'queries.jsonl'}:2: field '_id': must not be empty or whitespace"
+    ]

@@ -256,8 +256,9 @@ def _read_id_texts(
             problems.add(str(path), number, "_id", f"must be a string, got {type(doc_id).__name__}")
             continue
         doc_id = str(doc_id)
-        if not doc_id.strip() or (reason := _surrogate_problem(doc_id)):
-            problems.add(str(path), number, "_id", reason or "must not be empty or whitespace")
+        reason = "must not be empty or whitespace" if not doc_id.strip() else None
+        if reason := reason or _surrogate_problem(doc_id):
+            problems.add(str(path), number, "_id", reason)
             continue
         if doc_id in lines:
             problems.add(
