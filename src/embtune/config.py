@@ -22,6 +22,8 @@ from embtune.data.formats import foreign_encoding
 from embtune.errors import UsageError, shorten
 
 NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
+NEGATIVE_SAMPLING_POLICIES = ("random", "cycle")
+ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
 POOLING_CHOICES = ("cls", "mean", "last_token")
 
 
@@ -89,8 +91,20 @@ class TrainConfig:
         "(FlagEmbedding); shrink = use fewer",
         choices=NEGATIVE_FILL_POLICIES,
     )
+    negative_sampling: str = option(
+        "random",
+        help="which of a row's negatives a step uses: random = a fresh random draw each epoch "
+        "(FlagEmbedding); cycle = walk a seeded shuffle of the row's negatives across epochs, "
+        "so every negative is used before any repeats",
+        choices=NEGATIVE_SAMPLING_POLICIES,
+    )
     in_batch_negatives: bool = option(
         True, help="also score each query against every other passage in the batch"
+    )
+    negatives_cross_device: bool = option(
+        False,
+        help="under torchrun / accelerate launch, score each query against the passages of "
+        "every process (the global batch), with gradients flowing back to each process",
     )
     temperature: float = option(0.02, help="scores are q.p / temperature before the softmax")
     # --- optimisation -----------------------------------------------------------------------
@@ -106,6 +120,28 @@ class TrainConfig:
     seed: int = option(42, help="seed for sampling, shuffling and initialisation")
     gradient_checkpointing: bool = option(
         False, help="recompute activations to save memory", resume_may_change=True
+    )
+    cache_chunk_size: int = option(
+        0,
+        help="cached contrastive loss (GradCache): encode the batch in chunks of this many "
+        "texts without keeping activations, then re-encode chunk by chunk with gradients; "
+        "memory then depends on the chunk, not the batch (0 = off)",
+        resume_may_change=True,
+    )
+    group_by_length: bool = option(
+        False,
+        help="draw each step's queries from a pool of nearby lengths (pools shuffled) so "
+        "batches carry less padding",
+    )
+    attn_implementation: str = option(
+        "sdpa",
+        help="attention kernel: sdpa (PyTorch scaled-dot-product), eager, or flash_attention_2 "
+        "(GPU, needs the flash-attn package; computes without padding)",
+        choices=ATTENTION_CHOICES,
+        resume_may_change=True,
+    )
+    compile: bool = option(
+        False, help="torch.compile the encoder (slower start, faster steps)", resume_may_change=True
     )
     bf16: bool = option(False, help="bfloat16 mixed precision (GPU)")
     fp16: bool = option(False, help="float16 mixed precision with loss scaling (GPU only)")
@@ -203,7 +239,13 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
         non_negative = ("max_steps", "save_steps", "logging_steps", "max_grad_norm")
-        for name in (*non_negative, "weight_decay", "eval_steps", "save_total_limit"):
+        for name in (
+            *non_negative,
+            "weight_decay",
+            "eval_steps",
+            "save_total_limit",
+            "cache_chunk_size",
+        ):
             # `not >=` also refuses NaN, which every comparison calls False.
             if not getattr(self, name) >= 0:
                 raise OptionError(name, f"must not be negative, got {getattr(self, name)}")

@@ -82,6 +82,8 @@ class TrainResult:
     best_ndcg: float | None = None
     resumed_from_step: int = 0  # 0 for a run that started fresh
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
+    peak_memory_bytes: int = 0  # peak resident (CPU) or allocated (GPU) memory of the run
+    negative_coverage: float | None = None  # share of the data's negatives the run used
 
 
 @dataclass
