@@ -11,6 +11,18 @@ used in that epoch. When a row has too few negatives, the ``negative_fill`` poli
   with no negatives at all cannot repeat anything and is filled from the corpus instead,
 * ``shrink``: just the negatives the row has; the loss handles the smaller group.
 
+When a row has more negatives than a group takes, ``negative_sampling`` decides which ones:
+
+* ``random``: a fresh draw without replacement every epoch, independent across epochs
+  (FlagEmbedding's behaviour); some negatives may never be drawn at all,
+* ``cycle``: the row walks a seeded shuffle of its negatives, ``G - 1`` per epoch, so every
+  negative is used once before any is used again (all of them within ``ceil(n / (G - 1))``
+  epochs).
+
+:class:`NegativeCoverage` counts which negatives a run actually showed, and
+:func:`negatives_budget` predicts it before training (with the warnings in
+:meth:`NegativesBudget.findings`).
+
 Every draw comes from a generator seeded by (seed, epoch, row), so the same seed gives the same
 groups whatever the batch size, process count or the point a run resumes from.
 """
@@ -81,6 +93,11 @@ def build_rows(
     return TrainingTexts(queries=queries, passages=passages, rows=rows)
 
 
+SAMPLING_POLICIES = ("random", "cycle")  # kept equal to config.NEGATIVE_SAMPLING_POLICIES
+FILL_POLICIES = ("corpus", "repeat", "shrink")
+_CYCLE_SALT = 0xC7C1E  # keeps cycle's generators apart from the per-(epoch, row) ones
+
+
 class GroupSampler:
     """Seeded, stateless sampling of groups and batch order."""
 
@@ -91,17 +108,23 @@ class GroupSampler:
         negative_fill: str,
         passage_count: int,
         seed: int,
+        *,
+        negative_sampling: str = "random",
     ) -> None:
-        if negative_fill not in ("corpus", "repeat", "shrink"):
+        if negative_fill not in FILL_POLICIES:
             raise ValueError(f"unknown negative_fill {negative_fill!r}")
+        if negative_sampling not in SAMPLING_POLICIES:
+            raise ValueError(f"unknown negative_sampling {negative_sampling!r}")
         self.rows = rows
         self.group_size = train_group_size
         self.fill = negative_fill
+        self.sampling = negative_sampling
         self.passage_count = passage_count
         self.seed = seed
 
     @property
     def negatives_needed(self) -> int:
+        """Negatives per group: ``train_group_size - 1``."""
         return self.group_size - 1
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -116,21 +139,24 @@ class GroupSampler:
     def state_dict(self) -> dict:
         """What a checkpoint stores to continue sampling exactly where a run stopped.
 
-        Today every draw is a function of (seed, epoch, row) and the batch order of (seed,
-        epoch), so the step number alone gives the data position: this holds only the settings
-        a resumed run must share. Samplers with memory across steps (e.g. cycling through a row's
-        negatives) add their state here.
+        Every draw is a function of (seed, epoch, row) and the batch order of (seed, epoch), for
+        ``cycle`` too (its position in a row's shuffle follows from the epoch), so the step
+        number alone gives the data position: this holds only the settings a resumed run must
+        share.
         """
         return {
             "seed": self.seed,
             "train_group_size": self.group_size,
             "negative_fill": self.fill,
+            "negative_sampling": self.sampling,
             "rows": len(self.rows),
             "passages": self.passage_count,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a checkpoint's :meth:`state_dict`; ValueError when it is another setup."""
+        # Checkpoints written before the policy existed sampled at random.
+        state = {"negative_sampling": "random", **state}
         mine = self.state_dict()
         differ = [f"{k} {state[k]!r} != {v!r}" for k, v in mine.items() if state.get(k, v) != v]
         if differ:
@@ -143,6 +169,9 @@ class GroupSampler:
         positive = int(row.pos[rng.integers(len(row.pos))])
         need = self.negatives_needed
         have = len(row.neg)
+        if self.sampling == "cycle" and have > need > 0:
+            negatives = self._cycle_negatives(row_index, epoch)
+            return Group(row_index, row.query, [positive, *negatives])
         if have >= need:
             negatives = rng.choice(row.neg, size=need, replace=False).tolist() if need else []
             return Group(row_index, row.query, [positive, *negatives])
@@ -155,6 +184,28 @@ class GroupSampler:
             return Group(row_index, row.query, [positive, *negatives, *extra], missing, missing)
         extra = self._corpus_fill(rng, exclude={*row.pos.tolist(), *negatives}, count=missing)
         return Group(row_index, row.query, [positive, *negatives, *extra], len(extra))
+
+    def _cycle_negatives(self, row_index: int, epoch: int) -> list[int]:
+        """Epoch ``epoch``'s slice of the row's walk through its negatives (n > k > 0).
+
+        The walk goes in passes of L = ceil(n / k) epochs. Each pass shuffles the row's
+        negatives afresh (seeded by seed, pass and row, so no state is carried between epochs)
+        and epoch j of the pass takes positions [j*k, j*k + k). The pass's last epoch has only
+        r = n - (L-1)*k left; it tops up with the first k - r of the same shuffle, the ones
+        shown longest ago. They cannot collide with the r left (k - r <= (L-1)*k since L >= 2),
+        so a group never holds a duplicate, and every negative is shown once per pass.
+        """
+        neg = self.rows[row_index].neg
+        k = self.negatives_needed
+        per_pass = -(-len(neg) // k)
+        pass_index, j = divmod(epoch, per_pass)
+        order = np.random.default_rng([self.seed, pass_index, row_index, _CYCLE_SALT]).permutation(
+            neg
+        )
+        picked = order[j * k : j * k + k]
+        if len(picked) < k:
+            picked = np.concatenate([picked, order[: k - len(picked)]])
+        return picked.tolist()
 
     def _corpus_fill(self, rng: np.random.Generator, exclude: set[int], count: int) -> list[int]:
         """Up to ``count`` distinct random passage ids outside ``exclude``."""
@@ -181,6 +232,125 @@ class GroupSampler:
         return picked
 
 
+# --- coverage: which of the data's negatives a run showed --------------------------------------
+
+
+class NegativeCoverage:
+    """Which of each row's own negatives the trained groups used, counted once per (row, text).
+
+    Only a row's own (distinct) negatives count: passages added by the ``corpus`` fill are not
+    the row's negatives and are ignored; ``repeat`` duplicates count once. With no negatives in
+    the data, :attr:`fraction` is 1.0: nothing was left unseen (the budget's findings already
+    say that the rows have none).
+
+    Example::
+
+        coverage = NegativeCoverage(sampler.rows)
+        for row in batch_rows:
+            coverage.add(sampler.group(int(row), epoch))
+        print(f"{coverage.fraction:.0%} of the negatives were used")
+    """
+
+    def __init__(self, rows: list[TrainRow]) -> None:
+        own = [np.unique(r.neg) for r in rows]  # sorted, so add() can search them
+        self._offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(n) for n in own], out=self._offsets[1:])
+        self._negatives = np.concatenate(own) if own else np.zeros(0, dtype=np.int64)
+        self._seen = np.zeros(len(self._negatives), dtype=bool)
+
+    def add(self, group: Group) -> None:
+        """Mark the row's negatives that ``group`` used (``passages[1:]``)."""
+        start, end = self._offsets[group.row], self._offsets[group.row + 1]
+        if start == end or len(group.passages) < 2:
+            return
+        own = self._negatives[start:end]
+        ids = np.asarray(group.passages[1:], dtype=own.dtype)
+        at = np.minimum(np.searchsorted(own, ids), len(own) - 1)
+        self._seen[start + at[own[at] == ids]] = True
+
+    @property
+    def used(self) -> int:
+        """Distinct (row, negative) pairs shown at least once."""
+        return int(self._seen.sum())
+
+    @property
+    def total(self) -> int:
+        """Distinct (row, negative) pairs in the data."""
+        return len(self._seen)
+
+    @property
+    def fraction(self) -> float:
+        """``used / total``; 1.0 when the data has no negatives (nothing was left unseen)."""
+        return self.used / self.total if self.total else 1.0
+
+
+def steps_per_epoch(rows: int, global_batch: int) -> int:
+    """Optimizer steps in one pass over ``rows`` (the last batch may be smaller)."""
+    return -(-rows // global_batch) if rows else 0
+
+
+def epochs_of_run(steps: int, rows: int, global_batch: int) -> float:
+    """How many epochs ``steps`` steps cover: whole epochs plus the share of rows visited in a
+    last, unfinished one (what ``--max-steps`` gives; the ``epochs`` of :func:`negatives_budget`).
+    """
+    per_epoch = steps_per_epoch(rows, global_batch)
+    if not per_epoch:
+        return 0.0
+    full, partial = divmod(steps, per_epoch)
+    return full + min(1.0, partial * global_batch / rows)
+
+
+def negative_coverage_of_run(
+    sampler: GroupSampler, steps: int, global_batch: int
+) -> NegativeCoverage:
+    """Replay the groups the first ``steps`` steps trained (as ``train.py`` draws them, every
+    process's slice of each global batch) and count the negatives they used.
+
+    Groups are pure functions of (seed, epoch, row), so this gives a resumed run the coverage
+    of its steps before the resume without any saved state.
+    """
+    coverage = NegativeCoverage(sampler.rows)
+    per_epoch = steps_per_epoch(len(sampler.rows), global_batch)
+    batches: tuple[int, list[np.ndarray]] = (-1, [])
+    for step in range(steps if per_epoch else 0):
+        epoch, index = divmod(step, per_epoch)
+        if batches[0] != epoch:
+            batches = (epoch, sampler.batches(epoch, global_batch))
+        for row_index in batches[1][index].tolist():
+            coverage.add(sampler.group(row_index, epoch))
+    return coverage
+
+
+# --- the negatives budget ----------------------------------------------------------------------
+
+UNSEEN_WARNING = 0.5  # findings: share of negatives never shown above which a run wastes data
+FILL_WARNING = 0.05  # findings: share of rows completed with corpus passages worth a mention
+
+
+def expected_unseen(n: int, k: int, epochs: float, sampling: str) -> float:
+    """Expected share of one row's ``n`` distinct negatives never shown over ``epochs``.
+
+    ``k`` negatives per group; ``epochs = e + f`` with ``e`` whole epochs and a last, unfinished
+    one in which the row is visited with probability ``f`` (its share of rows visited).
+
+    * ``random`` draws k of n without replacement each epoch, independently, so a negative is
+      missed by one epoch with probability ``q = 1 - k/n`` (``q = 0`` when ``n <= k``: every
+      negative is in every group) and by the partial epoch with ``(1 - f) + f*q``:
+      ``P(unseen) = q**e * (1 - f*k/n)``, i.e. ``(1 - k/n)**E`` for whole ``E``.
+    * ``cycle`` shows ``min(n, e*k)`` distinct negatives after ``e`` epochs, so
+      ``P(unseen) = ((1 - f) * max(0, n - e*k) + f * max(0, n - (e+1)*k)) / n``.
+    """
+    if n <= 0:
+        return 0.0
+    whole = int(np.floor(epochs))
+    part = epochs - whole
+    if sampling == "cycle":
+        left = (1 - part) * max(0, n - whole * k) + part * max(0, n - (whole + 1) * k)
+        return left / n
+    miss = max(0.0, 1 - k / n)
+    return miss**whole * (1 - part * (1 - miss))
+
+
 @dataclass
 class NegativesBudget:
     """What the group settings do with the data, in numbers (printed before training)."""
@@ -194,6 +364,25 @@ class NegativesBudget:
     rows_needing_fill: int
     fill_policy: str
     chance_loss: float
+    train_group_size: int = 0
+    batch_size: int = 0  # per process
+    world_size: int = 1
+    in_batch_negatives: bool = True
+    cross_device: bool = False
+    own_group: int = 0  # passages of the query's own group (typical, for shrink)
+    in_batch_candidates: int = 0  # passages of the other queries it is scored against
+    epochs: float = 1.0
+    sampling: str = "random"
+    negatives_total: int = 0  # distinct (row, negative) pairs
+    unseen_negative_fraction: float = 0.0
+    rows_without_negatives: int = 0
+    rows_with_duplicate_fill: int = 0  # groups padded with repeats of the row's own negatives
+    filled_slot_fraction: float = 0.0  # share of negative slots the fill policy supplies
+    epochs_to_see_all: int = 0  # with cycle: every row's negatives shown at least once
+
+    def _epochs_text(self) -> str:
+        shown = f"{round(self.epochs, 3):g}"
+        return f"{shown} epoch" + ("" if shown == "1" else "s")
 
     def lines(self) -> list[str]:
         """Plain-language summary, one fact per line."""
@@ -215,7 +404,117 @@ class NegativesBudget:
             out.append(
                 f"rows with too few negatives: {self.rows_needing_fill} ({how}; --negative-fill)"
             )
+        if self.negatives_total:
+            out.append(
+                f"negatives never shown over {self._epochs_text()}: "
+                f"{self.unseen_negative_fraction:.0%} expected (--negative-sampling "
+                f"{self.sampling})"
+            )
         return out
+
+    def findings(self) -> list[str]:
+        """Warnings about the setup, each in plain language with the fix; [] when all is well."""
+        out: list[str] = []
+        k, size = self.negatives_used_per_step, self.train_group_size
+        if self.negatives_total and self.unseen_negative_fraction > UNSEEN_WARNING:
+            if self.negatives_min == self.negatives_max:
+                have = f"every query has {self.negatives_max} negatives"
+            else:
+                have = (
+                    f"queries have {self.negatives_min} to {self.negatives_max} negatives "
+                    f"(median {self.negatives_median:g})"
+                )
+            unseen = (
+                f"{have} but train_group_size={size} uses {k} per step: over "
+                f"{self._epochs_text()} {self.unseen_negative_fraction:.0%} of negatives are "
+                "never seen."
+            )
+            if k == 0:
+                fix = "Raise --train-group-size: 1 is the positive alone."
+            elif self.sampling == "cycle":
+                fix = (
+                    "Raise --train-group-size (memory grows linearly) or train "
+                    f"{self.epochs_to_see_all} epochs (cycle then shows every negative)."
+                )
+            else:
+                fix = (
+                    "Raise --train-group-size (memory grows linearly), train more epochs, or use "
+                    f"--negative-sampling cycle (every negative within {self.epochs_to_see_all} "
+                    "epochs)."
+                )
+            out.append(f"{unseen} {fix}")
+        short = self.rows_needing_fill - self.rows_without_negatives  # 0 < n < k
+        if self.rows_with_duplicate_fill:
+            out.append(
+                f"{self.rows_with_duplicate_fill} of {self.rows} rows have fewer than {k} "
+                "negatives and --negative-fill repeat pads their groups with duplicates: a "
+                "repeated negative adds nothing new and weighs twice in the loss. Use "
+                "--negative-fill corpus or shrink, lower --train-group-size, or mine more "
+                "negatives (embtune mine)."
+            )
+        elif short and self.fill_policy != "repeat" and short > FILL_WARNING * self.rows:
+            effect = {
+                "corpus": "their groups are completed with random corpus passages (easy "
+                f"negatives; {self.filled_slot_fraction:.0%} of all negative slots)",
+                "shrink": "their groups shrink, so they see fewer candidates",
+            }[self.fill_policy]
+            out.append(
+                f"{short} of {self.rows} rows have fewer than {k} negatives: {effect}. Lower "
+                "--train-group-size or mine more negatives (embtune mine)."
+            )
+        if self.rows_without_negatives:
+            if self.fill_policy != "shrink":
+                effect = "every negative in their groups is a random corpus passage"
+            elif self.in_batch_negatives:
+                effect = "they learn from in-batch negatives only"
+            else:
+                effect = "their loss is always 0, so they train nothing"
+            out.append(
+                f"{self.rows_without_negatives} of {self.rows} rows have no negatives: {effect}. "
+                "Mine hard negatives for them (embtune mine)."
+            )
+        if self.cross_device and not self.in_batch_negatives:
+            out.append(
+                "--negatives-cross-device does nothing with --no-in-batch-negatives: other "
+                "processes' passages are in-batch negatives. Drop one of the two."
+            )
+        elif self.cross_device and self.world_size == 1:
+            out.append(
+                "--negatives-cross-device does nothing with 1 process. Launch several "
+                "(torchrun --nproc_per_node N -m embtune train ...) or drop the option."
+            )
+        return out
+
+    def to_json(self) -> dict:
+        """The budget as JSON (``negatives_budget.json``, ``embtune inspect --json``)."""
+        return {
+            "rows": self.rows,
+            "negatives_per_query": {
+                "min": self.negatives_min,
+                "median": self.negatives_median,
+                "max": self.negatives_max,
+            },
+            "negatives_total": self.negatives_total,
+            "negatives_used_per_step": self.negatives_used_per_step,
+            "train_group_size": self.train_group_size,
+            "candidates_per_query": self.candidates_per_query,
+            "candidates": {"own_group": self.own_group, "in_batch": self.in_batch_candidates},
+            "chance_loss": self.chance_loss,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "in_batch_negatives": self.in_batch_negatives,
+            "cross_device": self.cross_device,
+            "epochs": self.epochs,
+            "sampling": self.sampling,
+            "unseen_negative_fraction": self.unseen_negative_fraction,
+            "epochs_to_see_all": self.epochs_to_see_all,
+            "fill_policy": self.fill_policy,
+            "rows_needing_fill": self.rows_needing_fill,
+            "rows_without_negatives": self.rows_without_negatives,
+            "rows_with_duplicate_fill": self.rows_with_duplicate_fill,
+            "filled_slot_fraction": self.filled_slot_fraction,
+            "findings": self.findings(),
+        }
 
 
 def negatives_budget(
@@ -224,22 +523,64 @@ def negatives_budget(
     batch_size: int,
     in_batch_negatives: bool,
     fill: str,
+    *,
+    epochs: float = 1.0,
+    sampling: str = "random",
+    world_size: int = 1,
+    cross_device: bool = False,
 ) -> NegativesBudget:
-    """The negatives budget of a training setup (full batches, one process)."""
+    """The negatives budget of a training setup, for a full step.
+
+    ``batch_size`` is per process. A query is scored against its own group (G passages; with
+    ``shrink``, 1 + the median row's negatives, at most G - 1) and, with in-batch negatives, the
+    groups of the other queries of its process's batch, or of the global batch (``world_size``
+    x ``batch_size`` queries) with ``cross_device``; batches are capped at the row count.
+    ``epochs`` may be fractional (see :func:`epochs_of_run`); the unseen share is
+    :func:`expected_unseen` summed over every row's distinct negatives.
+    """
+    # build_rows leaves each row's negatives distinct, so a length is a count of distinct texts.
     counts = np.array([len(r.neg) for r in rows]) if rows else np.zeros(1, dtype=int)
     need = train_group_size - 1
-    batch = min(batch_size, max(len(rows), 1))
-    candidates = batch * train_group_size if in_batch_negatives else train_group_size
-    if fill == "shrink" and not in_batch_negatives:
-        candidates = 1 + min(need, int(np.median(counts)))
+    median = float(np.median(counts))
+    own = 1 + min(need, int(median)) if fill == "shrink" else train_group_size
+    queries = batch_size * world_size if cross_device else batch_size
+    batch = min(queries, max(len(rows), 1))
+    in_batch = (batch - 1) * own if in_batch_negatives else 0
+    candidates = own + in_batch
+    total = int(counts.sum()) if rows else 0
+    sizes, how_many = np.unique(counts, return_counts=True)  # few sizes, however many rows
+    unseen = sum(
+        int(m) * int(n) * expected_unseen(int(n), need, epochs, sampling)
+        for n, m in zip(sizes, how_many, strict=True)
+    )
+    short = counts < need
     return NegativesBudget(
         rows=len(rows),
         negatives_min=int(counts.min()),
-        negatives_median=float(np.median(counts)),
+        negatives_median=median,
         negatives_max=int(counts.max()),
         negatives_used_per_step=need,
         candidates_per_query=candidates,
-        rows_needing_fill=int((counts < need).sum()),
+        rows_needing_fill=int(short.sum()) if rows else 0,
         fill_policy=fill,
         chance_loss=float(np.log(max(candidates, 1))),
+        train_group_size=train_group_size,
+        batch_size=batch_size,
+        world_size=world_size,
+        in_batch_negatives=in_batch_negatives,
+        cross_device=cross_device,
+        own_group=own,
+        in_batch_candidates=in_batch,
+        epochs=float(epochs),
+        sampling=sampling,
+        negatives_total=total,
+        unseen_negative_fraction=unseen / total if total else 0.0,
+        rows_without_negatives=int((counts == 0).sum()) if rows else 0,
+        rows_with_duplicate_fill=int((short & (counts > 0)).sum()) if fill == "repeat" else 0,
+        filled_slot_fraction=(
+            float(np.maximum(need - counts, 0).sum() / (len(rows) * need))
+            if rows and need and fill != "shrink"
+            else 0.0
+        ),
+        epochs_to_see_all=-(-int(counts.max()) // need) if need else 0,
     )
