@@ -379,6 +379,7 @@ class NegativesBudget:
     rows_with_duplicate_fill: int = 0  # groups padded with repeats of the row's own negatives
     filled_slot_fraction: float = 0.0  # share of negative slots the fill policy supplies
     epochs_to_see_all: int = 0  # with cycle: every row's negatives shown at least once
+    unseen_after_one_epoch: float = 0.0  # tells a short run apart from a small group
 
     def _epochs_text(self) -> str:
         shown = f"{round(self.epochs, 3):g}"
@@ -416,7 +417,14 @@ class NegativesBudget:
         """Warnings about the setup, each in plain language with the fix; [] when all is well."""
         out: list[str] = []
         k, size = self.negatives_used_per_step, self.train_group_size
-        if self.negatives_total and self.unseen_negative_fraction > UNSEEN_WARNING:
+        short_run = self.epochs < 1 and self.unseen_after_one_epoch <= UNSEEN_WARNING
+        if self.negatives_total and self.unseen_negative_fraction > UNSEEN_WARNING and short_run:
+            out.append(
+                f"the run stops after {self._epochs_text()}, so {1 - self.epochs:.0%} of the rows "
+                f"are never visited and {self.unseen_negative_fraction:.0%} of negatives never "
+                "seen. Train at least 1 epoch (raise or drop --max-steps)."
+            )
+        elif self.negatives_total and self.unseen_negative_fraction > UNSEEN_WARNING:
             if self.negatives_min == self.negatives_max:
                 have = f"every query has {self.negatives_max} negatives"
             else:
@@ -508,6 +516,7 @@ class NegativesBudget:
             "sampling": self.sampling,
             "unseen_negative_fraction": self.unseen_negative_fraction,
             "epochs_to_see_all": self.epochs_to_see_all,
+            "unseen_after_one_epoch": self.unseen_after_one_epoch,
             "fill_policy": self.fill_policy,
             "rows_needing_fill": self.rows_needing_fill,
             "rows_without_negatives": self.rows_without_negatives,
@@ -549,10 +558,14 @@ def negatives_budget(
     candidates = own + in_batch
     total = int(counts.sum()) if rows else 0
     sizes, how_many = np.unique(counts, return_counts=True)  # few sizes, however many rows
-    unseen = sum(
-        int(m) * int(n) * expected_unseen(int(n), need, epochs, sampling)
-        for n, m in zip(sizes, how_many, strict=True)
-    )
+
+    def unseen_over(planned: float) -> float:
+        missed = sum(
+            int(m) * int(n) * expected_unseen(int(n), need, planned, sampling)
+            for n, m in zip(sizes, how_many, strict=True)
+        )
+        return missed / total if total else 0.0
+
     short = counts < need
     return NegativesBudget(
         rows=len(rows),
@@ -574,7 +587,7 @@ def negatives_budget(
         epochs=float(epochs),
         sampling=sampling,
         negatives_total=total,
-        unseen_negative_fraction=unseen / total if total else 0.0,
+        unseen_negative_fraction=unseen_over(epochs),
         rows_without_negatives=int((counts == 0).sum()) if rows else 0,
         rows_with_duplicate_fill=int((short & (counts > 0)).sum()) if fill == "repeat" else 0,
         filled_slot_fraction=(
@@ -583,4 +596,5 @@ def negatives_budget(
             else 0.0
         ),
         epochs_to_see_all=-(-int(counts.max()) // need) if need else 0,
+        unseen_after_one_epoch=unseen_over(1.0),
     )
