@@ -70,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=_train_field("train_data")[1] + " (required)",
     )
     split, split_help = _train_field("train_split")
-    p.add_argument("--train-split", default=split, help=f"{split_help} (default: {split})")
+    p.add_argument(
+        "--train-split", default=split, metavar="SPLIT", help=f"{split_help} (default: {split})"
+    )
     p.add_argument(
         "--model",
         default=None,
