@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING
 
 from embtune.config import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES, TrainConfig
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the real imports pull in transformers, which `embtune --help` must not wait for
+    from transformers import PreTrainedTokenizerBase
+
     from embtune.data.audit import DataAudit
     from embtune.data.groups import NegativesBudget
 
@@ -187,7 +189,7 @@ def check_options(args: argparse.Namespace) -> dict:
     return values
 
 
-def _load_tokenizer(model: str) -> object:
+def _load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     """Only the tokenizer of ``model`` (no weights); UsageError naming the model if it fails."""
     from transformers import AutoTokenizer
 

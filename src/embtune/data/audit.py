@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from transformers import PreTrainedTokenizerBase
 
 from embtune.data.formats import Record
 from embtune.data.groups import TrainingTexts
@@ -123,7 +124,7 @@ def length_summary(lengths: np.ndarray, max_len: int, cap: int = LENGTH_CAP) -> 
 
 def token_lengths(
     store: TextStore,
-    tokenizer: object,
+    tokenizer: PreTrainedTokenizerBase,
     max_len: int,
     cache_dir: Path | None = None,
     desc: str = "tokenizing",
@@ -135,7 +136,7 @@ def token_lengths(
     long texts really are; the token cache keeps the result for the next run.
     """
     cap = max(LENGTH_CAP, max_len + 1)
-    table, _ = tokenize_store(store, tokenizer, cap, cache_dir, desc, show_progress)  # type: ignore[arg-type]
+    table, _ = tokenize_store(store, tokenizer, cap, cache_dir, desc, show_progress)
     return length_summary(table.lengths(), max_len, cap)
 
 
