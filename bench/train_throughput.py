@@ -1,0 +1,581 @@
+"""Training throughput: embtune vs sentence-transformers (MNRL, CachedMNRL) vs FlagEmbedding.
+
+Every tool trains the same model on the same data with the same batch, group size (1 positive
++ G-1 negatives per query, in-batch negatives on), lengths, precision and number of steps,
+one after the other in fresh child processes, each with its own trainer. Printed per tool:
+texts/s = (queries + passages encoded per optimizer step) / seconds per step over the timed
+steps (after the warm-up steps; model loading and data preparation excluded), peak memory
+(CPU: the child's peak RSS from os.wait4; GPU: torch.cuda.max_memory_allocated in the child)
+and the ratio to each anchor.
+
+Step times: embtune's own per-step log (train_log.jsonl, --logging-steps 1); the anchors' from
+a Hugging Face TrainerCallback as the time between consecutive step ends (batch fetch and
+tokenization, forward, backward, optimizer step: the span embtune's step time covers).
+
+CPU (2 cores; all-MiniLM-L6-v2, batch 16, group 4, lengths 64/256, fp32; ~8 min):
+    nice -n 19 .venv/bin/python bench/train_throughput.py --cache-chunk-size 16 \\
+        --out bench/results/train-throughput-cpu.md --out bench/results/train-throughput-cpu.json
+GPU (BERT-base-size config, random init, batch 64, bf16; system python3; ~3-4 min):
+    python3 bench/train_throughput.py --device cuda --cache-chunk-size 64 --out $OUT/tp.md
+
+Anchors run in their own venvs on CPU (bench/anchors/setup.sh builds them); on a GPU machine
+they run with the same python3 and FlagEmbedding is skipped when it is not importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    DEFAULT_WORK,
+    FLAG_VENV,
+    SETUP_HINT,
+    ST_VENV,
+    BenchError,
+    ChildRun,
+    anchor_step_seconds,
+    as_dict,
+    bench_model,
+    child_command,
+    command_line,
+    count_rows,
+    default_pythons,
+    embtune_step_seconds,
+    gib,
+    load_average,
+    machine_info,
+    markdown_table,
+    prepare_train_data,
+    python_has,
+    run_child,
+    summarize_steps,
+    write_outputs,
+)
+
+TOOLS = ("embtune", "st-mnrl", "st-cached", "flagembedding")
+ANCHOR_LABELS = {
+    "st-mnrl": "ST MNRL",
+    "st-cached": "ST CachedMNRL",
+    "flagembedding": "FlagEmbedding",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options; device-dependent defaults are filled in afterwards."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument(
+        "--model",
+        help="model folder (default: all-MiniLM-L6-v2 on cpu; a random-init BERT-base-size "
+        "model made in --work on cuda)",
+    )
+    p.add_argument(
+        "--tokenizer", help="tokenizer folder for the cuda model (default: all-MiniLM-L6-v2's)"
+    )
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="SciFact BEIR folder (%(default)s)")
+    p.add_argument(
+        "--train-data",
+        help="FlagEmbedding jsonl to train on instead of the generated SciFact file (needs at "
+        "least --group-size - 1 negatives per row)",
+    )
+    p.add_argument("--batch-size", type=int, help="queries per step (default: 16 cpu, 64 cuda)")
+    p.add_argument("--group-size", type=int, default=4, help="1 positive + negatives (4)")
+    p.add_argument("--query-max-len", type=int, default=64, help="(64)")
+    p.add_argument("--passage-max-len", type=int, default=256, help="(256)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32 cpu, bf16 cuda)")
+    p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (2)")
+    p.add_argument("--steps", type=int, help="timed steps (default: 10 cpu, 20 cuda)")
+    p.add_argument("--temperature", type=float, default=0.05, help="(0.05 = MNRL scale 20)")
+    p.add_argument("--learning-rate", type=float, default=2e-5, help="(2e-5)")
+    p.add_argument("--seed", type=int, default=42, help="(42)")
+    p.add_argument(
+        "--cache-chunk-size",
+        type=int,
+        default=0,
+        help="also run embtune with --cache-chunk-size N (cached loss)",
+    )
+    p.add_argument(
+        "--group-by-length", action="store_true", help="also run embtune with --group-by-length"
+    )
+    p.add_argument(
+        "--embtune-extra",
+        action="append",
+        default=[],
+        metavar="'[LABEL:] ARGS'",
+        help="one more embtune variant with these extra `embtune train` options, e.g. "
+        "'compiled: --compile' (repeatable)",
+    )
+    p.add_argument(
+        "--no-embtune-plain", action="store_true", help="skip embtune's plain (default) variant"
+    )
+    p.add_argument(
+        "--st-mini-batch-size",
+        type=int,
+        default=32,
+        help="CachedMultipleNegativesRankingLoss mini_batch_size (32, its default)",
+    )
+    p.add_argument(
+        "--st-batch-sampler",
+        default="no_duplicates",
+        help="sentence-transformers batch_sampler (no_duplicates)",
+    )
+    p.add_argument("--only", nargs="+", choices=TOOLS, help="run only these tools")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole sequence this many times; the table shows medians (1)",
+    )
+    p.add_argument("--embtune-python", help="python for embtune (default: .venv or this one)")
+    p.add_argument("--st-python", help=f"python for sentence-transformers (default: {ST_VENV})")
+    p.add_argument(
+        "--flagembedding-python", help=f"python for FlagEmbedding (default: {FLAG_VENV})"
+    )
+    p.add_argument("--work", default=str(DEFAULT_WORK), help="work folder (%(default)s)")
+    p.add_argument("--keep", action="store_true", help="keep the runs' output folders")
+    p.add_argument(
+        "--out", action="append", default=[], help="write the report (.md or .json; repeatable)"
+    )
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.batch_size = args.batch_size or (64 if cuda else 16)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.steps = args.steps or (20 if cuda else 10)
+    if args.warmup_steps < 1:
+        p.error("--warmup-steps must be at least 1 (an anchor step's time needs the previous end)")
+    if args.group_size < 2:
+        p.error("--group-size must be at least 2 (1 positive + at least 1 negative)")
+    return args
+
+
+def embtune_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(label, extra `embtune train` options) of each embtune variant to run."""
+    variants = [] if args.no_embtune_plain else [("embtune", [])]
+    if args.cache_chunk_size:
+        variants.append(
+            (
+                f"embtune cached (chunk {args.cache_chunk_size})",
+                ["--cache-chunk-size", str(args.cache_chunk_size)],
+            )
+        )
+    if args.group_by_length:
+        variants.append(("embtune --group-by-length", ["--group-by-length"]))
+    for text in args.embtune_extra:
+        label, sep, rest = text.partition(":")
+        if sep and not label.strip().startswith("-"):
+            variants.append((f"embtune {label.strip()}", shlex.split(rest)))
+        else:
+            variants.append((f"embtune {text.strip()}", shlex.split(text)))
+    return variants
+
+
+def resolve_pythons(args: argparse.Namespace, tools: list[str]) -> tuple[dict, dict[str, str]]:
+    """Python per tool; refuse a missing CPU venv; skip FlagEmbedding on a GPU box without it."""
+    default = default_pythons(args.device)
+    pythons = {
+        "embtune": args.embtune_python or default["embtune"],
+        "st": args.st_python or default["st"],
+        "flagembedding": args.flagembedding_python or default["flagembedding"],
+    }
+    skipped: dict[str, str] = {}
+    needs = {
+        "st-mnrl": ("st", "sentence_transformers", ST_VENV),
+        "st-cached": ("st", "sentence_transformers", ST_VENV),
+        "flagembedding": ("flagembedding", "FlagEmbedding", FLAG_VENV),
+        "embtune": ("embtune", "embtune.cli", None),
+    }
+    for tool in tools:
+        key, module, venv = needs[tool]
+        python = pythons[key]
+        if not Path(python).exists():
+            raise BenchError(
+                f"{tool}: no python at {python}"
+                + (f" (the anchor venv {venv} is missing; {SETUP_HINT})" if venv else "")
+            )
+        if not python_has(python, module):
+            reason = f"{module} is not importable by {python}"
+            if tool == "flagembedding" and args.device != "cpu" and not args.flagembedding_python:
+                skipped[tool] = reason + " (not installed on this machine)"
+                continue
+            raise BenchError(f"{tool}: {reason}" + (f"; {SETUP_HINT}" if venv else ""))
+    return pythons, skipped
+
+
+def build_runs(
+    args: argparse.Namespace,
+    tools: list[str],
+    pythons: dict,
+    model: Path,
+    train_file: Path,
+    work: Path,
+    round_index: int,
+) -> list[tuple[ChildRun, Path]]:
+    """The child runs of one round, with their output folders."""
+    total = args.warmup_steps + args.steps
+    bf16 = args.precision == "bf16"
+    runs: list[tuple[ChildRun, Path]] = []
+
+    def folder(label: str) -> tuple[Path, Path]:
+        slug = "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+        out = work / "runs" / f"{slug}-r{round_index}"
+        return out, work / "runs" / f"{slug}-r{round_index}.result.json"
+
+    if "embtune" in tools:
+        for label, extra in embtune_variants(args):
+            out, result = folder(label)
+            cmd = child_command(
+                pythons["embtune"],
+                "embtune",
+                result,
+                "--",
+                "train",
+                "--model", str(model),
+                "--train-data", str(train_file),
+                "--output-dir", str(out),
+                "--overwrite-output-dir",
+                "--batch-size", str(args.batch_size),
+                "--train-group-size", str(args.group_size),
+                "--query-max-len", str(args.query_max_len),
+                "--passage-max-len", str(args.passage_max_len),
+                "--pooling", "mean",
+                "--temperature", str(args.temperature),
+                "--learning-rate", str(args.learning_rate),
+                "--max-steps", str(total),
+                "--logging-steps", "1",
+                "--save-steps", "0",
+                "--seed", str(args.seed),
+                "--cache-dir", str(work / "token-cache"),
+                *(["--bf16"] if bf16 else []),
+                *extra,
+            )  # fmt: skip
+            runs.append((ChildRun(label, "embtune", cmd), out))
+    for tool, loss in (("st-mnrl", "mnrl"), ("st-cached", "cached")):
+        if tool not in tools:
+            continue
+        label = ANCHOR_LABELS[tool] + (
+            f" (mini batch {args.st_mini_batch_size})" if loss == "cached" else ""
+        )
+        out, result = folder(tool)
+        cmd = child_command(
+            pythons["st"],
+            "st",
+            result,
+            "--loss", loss,
+            "--mini-batch-size", str(args.st_mini_batch_size),
+            "--model", str(model),
+            "--train", str(train_file),
+            "--output", str(out),
+            "--device", args.device,
+            "--batch-size", str(args.batch_size),
+            "--negatives", str(args.group_size - 1),
+            "--steps", str(total),
+            "--passage-max-len", str(args.passage_max_len),
+            "--temperature", str(args.temperature),
+            "--learning-rate", str(args.learning_rate),
+            "--seed", str(args.seed),
+            "--batch-sampler", args.st_batch_sampler,
+            *(["--bf16"] if bf16 else []),
+        )  # fmt: skip
+        runs.append((ChildRun(label, tool, cmd), out))
+    if "flagembedding" in tools:
+        out, result = folder("flagembedding")
+        cmd = child_command(
+            pythons["flagembedding"],
+            "flagembedding",
+            result,
+            "--",
+            "--model_name_or_path", str(model),
+            "--train_data", str(train_file),
+            "--cache_path", str(work / "flagembedding-datasets-cache"),
+            "--train_group_size", str(args.group_size),
+            "--query_max_len", str(args.query_max_len),
+            "--passage_max_len", str(args.passage_max_len),
+            "--knowledge_distillation", "False",
+            "--output_dir", str(out),
+            "--max_steps", str(total),
+            "--per_device_train_batch_size", str(args.batch_size),
+            "--learning_rate", str(args.learning_rate),
+            "--lr_scheduler_type", "linear",
+            "--weight_decay", "0.0",
+            "--temperature", str(args.temperature),
+            "--sentence_pooling_method", "mean",
+            "--normalize_embeddings", "True",
+            "--negatives_cross_device", "False",
+            "--fp16", "False",
+            "--bf16", str(bf16),
+            "--use_cpu", str(args.device == "cpu"),
+            "--seed", str(args.seed),
+            "--dataloader_num_workers", "0",
+            "--save_strategy", "no",
+            "--logging_steps", "1000000",
+            "--report_to", "none",
+        )  # fmt: skip
+        runs.append((ChildRun("FlagEmbedding", "flagembedding", cmd), out))
+    return runs
+
+
+def measure(run: ChildRun, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Step times, texts/s and memory of a finished run (or why it failed)."""
+    result_file = Path(run.command[run.command.index("--result") + 1])
+    run.result = json.loads(result_file.read_text()) if result_file.is_file() else {}
+    row: dict[str, Any] = {"label": run.label, "tool": run.tool, "run": as_dict(run)}
+    if reason := run.failed_reason():
+        row["failed"] = reason
+        return row
+    try:
+        if run.tool == "embtune":
+            seconds, texts = embtune_step_seconds(out)
+            row.update(summarize_steps(seconds, texts, args.warmup_steps, args.steps))
+            summary = out / "train_summary.json"
+            if summary.is_file():
+                row["embtune_summary"] = json.loads(summary.read_text())
+        else:
+            seconds, compute = anchor_step_seconds(run.result)
+            row.update(
+                summarize_steps(
+                    seconds, float(run.result["texts_per_step"]), args.warmup_steps, args.steps
+                )
+            )
+            row["median_compute_seconds"] = median(
+                compute[k] for k in row["timed_steps"] if k in compute
+            )
+    except (OSError, KeyError, ValueError) as exc:
+        row["failed"] = f"no step timings: {exc} (log: {run.log})"
+        return row
+    if args.device == "cpu":
+        row["peak_memory_bytes"] = run.peak_rss_bytes
+    else:
+        row["peak_memory_bytes"] = run.result.get("cuda_max_allocated_bytes")
+    row["peak_rss_bytes"] = run.peak_rss_bytes
+    return row
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One row per label: medians over rounds (failures kept when every round failed)."""
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    out = []
+    for label, group in by_label.items():
+        ok = [r for r in group if "failed" not in r]
+        if not ok:
+            out.append({"label": label, "tool": group[0]["tool"], "failed": group[0]["failed"]})
+            continue
+        out.append(
+            {
+                "label": label,
+                "tool": group[0]["tool"],
+                "texts_per_second": median(r["texts_per_second"] for r in ok),
+                "median_step_seconds": median(r["median_step_seconds"] for r in ok),
+                "peak_memory_bytes": median(r["peak_memory_bytes"] or 0 for r in ok),
+                "loads": [f"{r['run']['load_before']} -> {r['run']['load_after']}" for r in group],
+                "rounds": len(ok),
+            }
+        )
+    return out
+
+
+def report(
+    args: argparse.Namespace,
+    table: list[dict],
+    rows: list[dict],
+    notes: list[str],
+    skipped: dict[str, str],
+    info: dict,
+) -> tuple[str, dict]:
+    """The markdown report (table, targets, machine, commands) and the JSON payload."""
+    anchors = {r["tool"]: r for r in table if r["tool"] != "embtune" and "failed" not in r}
+    memory_kind = "peak RSS" if args.device == "cpu" else "peak GPU allocated"
+    header = ["tool / variant", "texts/s", "median s/step", memory_kind]
+    header += [f"vs {ANCHOR_LABELS[t]} (speed / memory)" for t in anchors]
+    header += ["load avg before -> after"]
+    lines = []
+    for r in table:
+        if "failed" in r:
+            lines.append([r["label"], r["failed"], "", "", *["" for _ in anchors], ""])
+            continue
+        ratios = []
+        for anchor in anchors.values():
+            speed = r["texts_per_second"] / anchor["texts_per_second"]
+            mem = (
+                r["peak_memory_bytes"] / anchor["peak_memory_bytes"]
+                if anchor["peak_memory_bytes"]
+                else float("nan")
+            )
+            ratios.append(f"{speed:.2f}x / {mem:.2f}x")
+        lines.append(
+            [
+                r["label"],
+                f"{r['texts_per_second']:.1f}",
+                f"{r['median_step_seconds']:.3f}",
+                gib(r["peak_memory_bytes"]),
+                *ratios,
+                "; ".join(r["loads"]),
+            ]
+        )
+    texts_per_step = args.batch_size * (1 + args.group_size)
+    title = (
+        f"# Training throughput ({args.device}): batch {args.batch_size}, group "
+        f"{args.group_size}, lengths {args.query_max_len}/{args.passage_max_len}, "
+        f"{args.precision}, {args.steps} timed steps after {args.warmup_steps} warm-up"
+    )
+    md = [title, "", markdown_table(header, lines), ""]
+    md += targets(args, table, anchors)
+    md += ["## Setup", ""]
+    md += [f"- command: `{command_line()}`"]
+    md += [f"- texts per step: {texts_per_step} ({args.batch_size} queries + "]
+    md[-1] += f"{args.batch_size * args.group_size} passages)"
+    md += [f"- {n}" for n in notes]
+    md += [f"- skipped {t}: {why}" for t, why in skipped.items()]
+    md += [f"- machine: {json.dumps(info)}"]
+    md += ["", "## Runs", ""]
+    for row in rows:
+        run = row["run"]
+        versions = run["result"].get("versions", {})
+        facts = {k: run["result"][k] for k in ("torch_threads", "gpu") if k in run["result"]}
+        md += [
+            f"- {row['label']}: {json.dumps(versions)} {json.dumps(facts)}, wall "
+            f"{run['wall_seconds']:.0f} s, load {run['load_before']} -> {run['load_after']}",
+            "",
+            "  ```",
+            f"  {run['shell_command']}",
+            "  ```",
+        ]
+    payload = {
+        "command": command_line(),
+        "options": vars(args),
+        "machine": info,
+        "notes": notes,
+        "skipped": skipped,
+        "table": table,
+        "runs": rows,
+    }
+    return "\n".join(md), payload
+
+
+def targets(args: argparse.Namespace, table: list[dict], anchors: dict[str, dict]) -> list[str]:
+    """Lines checking the issue's targets (CPU: 1.3x the faster anchor at <= half its memory;
+    GPU: 2x ST MNRL; cached step time <= 1.4x plain)."""
+    ours = [r for r in table if r["tool"] == "embtune" and "failed" not in r]
+    if not ours or not anchors:
+        return []
+    out = ["## Targets", ""]
+    fastest = max(anchors.values(), key=lambda r: r["texts_per_second"])
+    leanest = min(anchors.values(), key=lambda r: r["peak_memory_bytes"] or float("inf"))
+    for r in ours:
+        speed = r["texts_per_second"] / fastest["texts_per_second"]
+        if args.device == "cpu":
+            mem = r["peak_memory_bytes"] / (leanest["peak_memory_bytes"] or 1)
+            ok = speed >= 1.3 and mem <= 0.5
+            out.append(
+                f"- {r['label']}: {speed:.2f}x the texts/s of the fastest anchor "
+                f"({fastest['label']}), {mem:.2f}x the peak memory of the leanest "
+                f"({leanest['label']}); target >= 1.3x at <= 0.5x: {'met' if ok else 'NOT met'}"
+            )
+        elif "st-mnrl" in anchors:
+            speed = r["texts_per_second"] / anchors["st-mnrl"]["texts_per_second"]
+            out.append(
+                f"- {r['label']}: {speed:.2f}x ST MNRL texts/s; target >= 2x: "
+                f"{'met' if speed >= 2 else 'NOT met'}"
+            )
+    plain = next((r for r in ours if r["label"] == "embtune"), None)
+    cached = next((r for r in ours if r["label"].startswith("embtune cached")), None)
+    if plain and cached:
+        ratio = cached["median_step_seconds"] / plain["median_step_seconds"]
+        out.append(
+            f"- {cached['label']}: step time {ratio:.2f}x the plain path's "
+            f"(GPU target <= 1.4x: {'met' if ratio <= 1.4 else 'NOT met'}; memory flatness: "
+            "bench/memory.py)"
+        )
+    return [*out, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tools = [t for t in TOOLS if not args.only or t in args.only]
+    pythons, skipped = resolve_pythons(args, tools)
+    tools = [t for t in tools if t not in skipped]
+    info = machine_info()
+    print(f"command: {command_line()}")
+    print(f"machine: {json.dumps(info)}")
+    for tool, why in skipped.items():
+        print(f"skipping {tool}: {why}")
+
+    total = args.warmup_steps + args.steps
+    needed = args.batch_size * total
+    notes = []
+    if args.train_data:
+        train_file = Path(args.train_data)
+        rows_there = count_rows(train_file)
+        notes.append(f"training data: {train_file} ({rows_there} rows)")
+        if rows_there < needed:
+            notes.append(
+                f"WARNING: {rows_there} rows < {needed} (batch x steps): the runs cross an "
+                "epoch boundary"
+            )
+    else:
+        train_file = work / f"scifact-train-{needed}.jsonl"
+        notes.append(
+            prepare_train_data(Path(args.data), train_file, needed, negatives=args.group_size - 1)
+        )
+    model = bench_model(args.device, args.model, args.tokenizer, work)
+    notes.append(f"model: {model}" + (" (random init)" if args.device != "cpu" else ""))
+    notes.append(
+        "sentence-transformers has one max length (set to the passage length) for all columns; "
+        "each column is padded to its own longest text, so short queries cost the same as at "
+        f"{args.query_max_len}. Its rows are (query, first positive, first "
+        f"{args.group_size - 1} negatives); embtune and FlagEmbedding sample the same texts "
+        f"(each row has exactly {args.group_size - 1} negatives), all with in-batch negatives"
+    )
+    notes.append(
+        "step time: embtune's per-step log; anchors: time between consecutive on_step_end "
+        "callbacks (includes fetching and tokenizing the batch; on a GPU after "
+        "torch.cuda.synchronize())"
+    )
+    for note in notes:
+        print(f"note: {note}")
+
+    rows = []
+    for round_index in range(1, args.rounds + 1):
+        for run, out in build_runs(args, tools, pythons, model, train_file, work, round_index):
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"\n[{run.label}] (round {round_index}) load {load_average()}")
+            print(f"  $ {run.shell_command}")
+            run_child(run, out.with_suffix(".log"))
+            row = measure(run, out, args)
+            row["round"] = round_index
+            rows.append(row)
+            if "failed" in row:
+                print(f"  FAILED: {row['failed']}")
+            else:
+                print(
+                    f"  {row['texts_per_second']:.1f} texts/s, median step "
+                    f"{row['median_step_seconds']:.3f} s, peak {gib(row['peak_memory_bytes'])}, "
+                    f"wall {run.wall_seconds:.0f} s, load after {run.load_after}"
+                )
+            if not args.keep:
+                shutil.rmtree(out, ignore_errors=True)
+
+    table = aggregate(rows)
+    markdown, payload = report(args, table, rows, notes, skipped, info)
+    print("\n" + markdown)
+    write_outputs(args.out, markdown, payload)
+    return 0 if all("failed" not in r for r in table) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
