@@ -33,7 +33,22 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-DEFAULT_DATA = (ROOT / ".." / "shared" / "data" / "scifact").resolve()
+
+
+def _default_data() -> Path:
+    """SciFact: $EMBTUNE_BENCH_DATA, ../shared/data/scifact, or .gpu/data/scifact (carried)."""
+    candidates = [
+        os.environ.get("EMBTUNE_BENCH_DATA", ""),
+        ROOT / ".." / "shared" / "data" / "scifact",
+        ROOT / ".gpu" / "data" / "scifact",
+    ]
+    for path in candidates:
+        if path and (Path(path) / "corpus.jsonl").is_file():
+            return Path(path).resolve()
+    return (ROOT / ".." / "shared" / "data" / "scifact").resolve()
+
+
+DEFAULT_DATA = _default_data()
 DEFAULT_WORK = Path(os.environ.get("EMBTUNE_BENCH_WORK", "/tmp/embtune-bench"))
 ST_VENV = BENCH / ".venv-st"
 FLAG_VENV = BENCH / ".venv-flagembedding"
@@ -239,7 +254,7 @@ def make_random_bert_base(folder: Path, tokenizer_dir: Path, seed: int = 0) -> P
     by embtune's own ``Encoder.save``. Reused when ``folder`` already holds it.
     """
     marker = folder / "bench_model.json"
-    spec = {"config": BERT_BASE, "seed": seed, "tokenizer": str(tokenizer_dir)}
+    spec = {"config": BERT_BASE, "seed": seed, "tokenizer": str(tokenizer_dir), "pooler": True}
     if marker.is_file() and json.loads(marker.read_text()) == spec:
         return folder
     sys.path.insert(0, str(ROOT / "src"))
@@ -249,7 +264,8 @@ def make_random_bert_base(folder: Path, tokenizer_dir: Path, seed: int = 0) -> P
     from embtune.model import Encoder, EncoderSettings
 
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(**BERT_BASE), add_pooling_layer=False)
+    # With its (unused) pooler, so every library loads it without "newly initialized" notes.
+    model = BertModel(BertConfig(**BERT_BASE))
     tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     settings = EncoderSettings(pooling="mean", normalize=True, passage_max_len=256)
     folder.mkdir(parents=True, exist_ok=True)
@@ -625,7 +641,9 @@ def _child_st(args: argparse.Namespace) -> int:
         "texts_per_step": args.batch_size * (2 + args.negatives),
         "versions": _versions("sentence-transformers", "torch", "transformers", "accelerate"),
         "attn_implementation": getattr(
-            model[0].auto_model.config, "_attn_implementation", "unknown"
+            getattr(getattr(model[0], "auto_model", None), "config", None),
+            "_attn_implementation",
+            "unknown",
         ),
         **_device_facts(),
     }

@@ -88,6 +88,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--embtune-args", default="", help="extra `embtune train` options for every run")
     p.add_argument("--embtune-python", help="python for embtune (default: .venv or this one)")
+    p.add_argument(
+        "--retry-after-oom",
+        action="store_true",
+        help="run larger batches of a path that already ran out of memory (default: report "
+        "them as OOM without running)",
+    )
     p.add_argument("--work", default=str(DEFAULT_WORK), help="work folder (%(default)s)")
     p.add_argument("--keep", action="store_true", help="keep the runs' output folders")
     p.add_argument("--plot", help="write a PNG of peak memory vs batch size (matplotlib)")
@@ -207,6 +213,7 @@ def plot(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
                 ax.plot([r["batch"]], [top * 1.05], marker="x", color="red")
                 ax.annotate(f"{mode} OOM", (r["batch"], top * 1.05), fontsize=8)
     ax.set_xscale("log", base=2)
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("batch size (queries per step)")
     ax.set_ylabel("peak memory (GiB)" + (" RSS" if args.device == "cpu" else " GPU allocated"))
     ax.set_title(f"embtune peak memory ({args.device}, {args.precision})")
@@ -235,11 +242,19 @@ def main(argv: list[str] | None = None) -> int:
     model = bench_model(args.device, args.model, args.tokenizer, work)
     print(f"note: {note}\nmodel: {model}")
 
-    rows = [
-        run_one(args, python, model, train_file, work, batch, mode)
-        for batch in args.batch_sizes
-        for mode in args.modes
-    ]
+    rows = []
+    oom_at: dict[str, int] = {}
+    for batch in sorted(args.batch_sizes):
+        for mode in args.modes:
+            if mode in oom_at and not args.retry_after_oom:
+                # A larger batch of the same path runs out of memory too; its start-up is saved.
+                rows.append({"batch": batch, "mode": mode, "failed": "OOM", "skipped": True})
+                print(f"\n[{mode} batch {batch}] skipped: OOM at batch {oom_at[mode]} already")
+                continue
+            row = run_one(args, python, model, train_file, work, batch, mode)
+            if row.get("failed") == "OOM":
+                oom_at[mode] = batch
+            rows.append(row)
 
     found = {(r["batch"], r["mode"]): r for r in rows}
     kind = "peak RSS" if args.device == "cpu" else "peak GPU allocated"
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     md += [
         f"- command: `{command_line()}`",
         f"- {note}",
-        f"- model: {model}" + (" (random init)" if args.device != "cpu" else ""),
+        f"- model: {model}" + (" (random init)" if not args.model and args.device != "cpu" else ""),
         f"- step time: median of embtune's per-step log over {args.steps} steps after "
         f"{args.warmup_steps} warm-up",
         f"- machine: {json.dumps(info)}",
@@ -303,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
     ]
     for r in rows:
+        if "run" not in r:
+            md += [f"- {r['mode']} batch {r['batch']}: not run (OOM at a smaller batch)"]
+            continue
         run = r["run"]
         md += [
             f"- {run['label']}: wall {run['wall_seconds']:.0f} s, load {run['load_before']} -> "

@@ -445,6 +445,8 @@ def report(
         run = row["run"]
         versions = run["result"].get("versions", {})
         facts = {k: run["result"][k] for k in ("torch_threads", "gpu") if k in run["result"]}
+        if reported := row.get("embtune_summary", {}).get("peak_memory_bytes"):
+            facts["embtune_reported_peak"] = gib(reported)
         md += [
             f"- {row['label']}: {json.dumps(versions)} {json.dumps(facts)}, wall "
             f"{run['wall_seconds']:.0f} s, load {run['load_before']} -> {run['load_after']}",
@@ -533,7 +535,9 @@ def main(argv: list[str] | None = None) -> int:
             prepare_train_data(Path(args.data), train_file, needed, negatives=args.group_size - 1)
         )
     model = bench_model(args.device, args.model, args.tokenizer, work)
-    notes.append(f"model: {model}" + (" (random init)" if args.device != "cpu" else ""))
+    notes.append(
+        f"model: {model}" + (" (random init)" if not args.model and args.device != "cpu" else "")
+    )
     notes.append(
         "sentence-transformers has one max length (set to the passage length) for all columns; "
         "each column is padded to its own longest text, so short queries cost the same as at "
