@@ -16,7 +16,8 @@ CPU (2 cores; all-MiniLM-L6-v2, batch 16, group 4, lengths 64/256, fp32; ~8 min)
     nice -n 19 .venv/bin/python bench/train_throughput.py --cache-chunk-size 16 \\
         --out bench/results/train-throughput-cpu.md --out bench/results/train-throughput-cpu.json
 GPU (BERT-base-size config, random init, batch 64, bf16; system python3; ~3-4 min):
-    python3 bench/train_throughput.py --device cuda --cache-chunk-size 64 --out $OUT/tp.md
+    python3 bench/train_throughput.py --device cuda --cache-chunk-size 64 --st-mini-batch-size 64 \
+        --out $OUT/tp.md
 
 Anchors run in their own venvs on CPU (bench/anchors/setup.sh builds them); on a GPU machine
 they run with the same python3 and FlagEmbedding is skipped when it is not importable.
@@ -468,22 +469,27 @@ def report(
 
 
 def targets(args: argparse.Namespace, table: list[dict], anchors: dict[str, dict]) -> list[str]:
-    """Lines checking the issue's targets (CPU: 1.3x the faster anchor at <= half its memory;
-    GPU: 2x ST MNRL; cached step time <= 1.4x plain)."""
+    """Lines checking the issue's targets.
+
+    CPU: >= 1.3x the texts/s of the faster of ST MNRL and FlagEmbedding (the plain anchors) at
+    <= half the peak memory of the leaner of them; GPU: >= 2x ST MNRL's texts/s; the cached
+    path's step time <= 1.4x the plain path's.
+    """
     ours = [r for r in table if r["tool"] == "embtune" and "failed" not in r]
-    if not ours or not anchors:
+    plain_anchors = [anchors[t] for t in ("st-mnrl", "flagembedding") if t in anchors]
+    if not ours or not plain_anchors:
         return []
     out = ["## Targets", ""]
-    fastest = max(anchors.values(), key=lambda r: r["texts_per_second"])
-    leanest = min(anchors.values(), key=lambda r: r["peak_memory_bytes"] or float("inf"))
+    fastest = max(plain_anchors, key=lambda r: r["texts_per_second"])
+    leanest = min(plain_anchors, key=lambda r: r["peak_memory_bytes"] or float("inf"))
     for r in ours:
-        speed = r["texts_per_second"] / fastest["texts_per_second"]
         if args.device == "cpu":
+            speed = r["texts_per_second"] / fastest["texts_per_second"]
             mem = r["peak_memory_bytes"] / (leanest["peak_memory_bytes"] or 1)
             ok = speed >= 1.3 and mem <= 0.5
             out.append(
-                f"- {r['label']}: {speed:.2f}x the texts/s of the fastest anchor "
-                f"({fastest['label']}), {mem:.2f}x the peak memory of the leanest "
+                f"- {r['label']}: {speed:.2f}x the texts/s of the faster anchor "
+                f"({fastest['label']}), {mem:.2f}x the peak memory of the leaner "
                 f"({leanest['label']}); target >= 1.3x at <= 0.5x: {'met' if ok else 'NOT met'}"
             )
         elif "st-mnrl" in anchors:
