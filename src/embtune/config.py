@@ -270,6 +270,11 @@ class TrainConfig:
                 "--resume and --overwrite-output-dir exclude each other: resume continues the run "
                 "in --output-dir, overwrite replaces it"
             )
+        if self.negatives_cross_device and not self.in_batch_negatives:
+            raise UsageError(
+                "--negatives-cross-device with --no-in-batch-negatives: other processes' "
+                "passages are in-batch negatives; allow in-batch negatives or drop the option"
+            )
         if self.train_group_size == 1 and not self.in_batch_negatives:
             raise UsageError(
                 "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "

@@ -15,6 +15,8 @@ class ContrastiveOutput:
     loss: torch.Tensor
     scores: torch.Tensor  # [B, P] q.p / temperature, non-candidates at -inf
     candidates: torch.Tensor  # [B] how many passages each query was scored against
+    own_group: torch.Tensor  # [B, P] True where the passage is from the query's own group
+    masked: torch.Tensor  # [B, P] True where a false negative was taken out of the softmax
 
 
 def contrastive_loss(
@@ -25,6 +27,7 @@ def contrastive_loss(
     temperature: float,
     in_batch_negatives: bool = True,
     false_negative_mask: torch.Tensor | None = None,
+    query_index: torch.Tensor | None = None,
 ) -> ContrastiveOutput:
     r"""InfoNCE / multiple-negatives ranking loss with hard negatives.
 
@@ -50,16 +53,80 @@ def contrastive_loss(
         temperature: :math:`\tau`; lower values sharpen the softmax.
         in_batch_negatives: score against the whole batch, not only the own group.
         false_negative_mask: optional [B, P] bool, True = exclude from that query's candidates.
+        query_index: [B] the number ``passage_owner`` uses for each query (default 0..B-1; with
+            cross-device negatives, the query's place in the global batch).
     """
     scores = query_emb.float() @ passage_emb.float().T / temperature
     batch = torch.arange(query_emb.shape[0], device=scores.device)
-    if in_batch_negatives:
-        candidate = torch.ones_like(scores, dtype=torch.bool)
-    else:
-        candidate = passage_owner.unsqueeze(0) == batch.unsqueeze(1)
+    owner_of_query = batch if query_index is None else query_index
+    own_group = passage_owner.unsqueeze(0) == owner_of_query.unsqueeze(1)
+    candidate = torch.ones_like(scores, dtype=torch.bool) if in_batch_negatives else own_group
+    masked = torch.zeros_like(candidate)
     if false_negative_mask is not None:
-        candidate = candidate & ~false_negative_mask
+        masked = candidate & false_negative_mask
+        masked[batch, positive_index] = False
+        candidate = candidate & ~masked
     candidate[batch, positive_index] = True
     scores = scores.masked_fill(~candidate, float("-inf"))
     loss = F.cross_entropy(scores, positive_index)
-    return ContrastiveOutput(loss=loss, scores=scores, candidates=candidate.sum(1))
+    return ContrastiveOutput(
+        loss=loss,
+        scores=scores,
+        candidates=candidate.sum(1),
+        own_group=own_group,
+        masked=masked,
+    )
+
+
+def batch_signals(
+    out: ContrastiveOutput, positive_index: torch.Tensor, temperature: float
+) -> dict[str, float]:
+    """What one step's scores say beyond the loss (summed over the batch's queries).
+
+    Returned as sums plus ``queries`` so that windows of steps (and processes) add up exactly:
+    ``correct`` (queries whose positive scored highest: in-batch top-1 accuracy), the similarity
+    q.p of positives, hard negatives (own group) and in-batch negatives (other groups), the
+    candidate counts by kind, and the false negatives masked out of the softmax.
+    """
+    with torch.no_grad():
+        scores = out.scores.detach()
+        batch = torch.arange(scores.shape[0], device=scores.device)
+        candidate = torch.isfinite(scores)
+        similarity = torch.where(candidate, scores * temperature, torch.zeros_like(scores))
+        is_positive = torch.zeros_like(candidate)
+        is_positive[batch, positive_index] = True
+        hard = candidate & out.own_group & ~is_positive
+        in_batch = candidate & ~out.own_group
+        return {
+            "queries": float(scores.shape[0]),
+            "correct": float((scores.argmax(1) == positive_index).sum()),
+            "positive_similarity": float(similarity[batch, positive_index].sum()),
+            "hard_negative_similarity": float(similarity[hard].sum()),
+            "hard_negatives": float(hard.sum()),
+            "in_batch_negative_similarity": float(similarity[in_batch].sum()),
+            "in_batch_negatives": float(in_batch.sum()),
+            "candidates": float(candidate.sum()),
+            "masked_false_negatives": float(out.masked.sum()),
+        }
+
+
+def window_signals(sums: dict[str, float]) -> dict[str, float]:
+    """Turn :func:`batch_signals` sums over a logging window into the logged means."""
+    queries = sums.get("queries", 0.0)
+    if not queries:
+        return {}
+
+    def mean(total: str, count: str) -> float | None:
+        return sums[total] / sums[count] if sums.get(count) else None
+
+    signals = {
+        "accuracy": sums["correct"] / queries,
+        "positive_similarity": sums["positive_similarity"] / queries,
+        "hard_negative_similarity": mean("hard_negative_similarity", "hard_negatives"),
+        "in_batch_negative_similarity": mean("in_batch_negative_similarity", "in_batch_negatives"),
+        "candidates_per_query": sums["candidates"] / queries,
+        "hard_negatives_per_query": sums["hard_negatives"] / queries,
+        "in_batch_negatives_per_query": sums["in_batch_negatives"] / queries,
+        "masked_false_negatives": sums["masked_false_negatives"],
+    }
+    return {k: v for k, v in signals.items() if v is not None}

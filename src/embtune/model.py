@@ -184,10 +184,12 @@ class Encoder(torch.nn.Module):
         passage_instruction: str | None = None,
         query_max_len: int | None = None,
         passage_max_len: int | None = None,
+        attn_implementation: str | None = None,
     ) -> Encoder:
         """Load a hub name or local folder; arguments left as None keep the model's own settings.
 
         Pooling defaults to what the model's sentence-transformers config says, else ``cls``.
+        ``attn_implementation`` is passed to transformers (sdpa, eager, flash_attention_2).
         """
         name = str(name_or_path)
         local = Path(name)
@@ -207,10 +209,16 @@ class Encoder(torch.nn.Module):
                 setattr(settings, key, value)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModel.from_pretrained(name)
+            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = AutoModel.from_pretrained(name, **kwargs)
         except OSError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+        except (ImportError, ValueError) as exc:
+            if not attn_implementation:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
         check_max_lengths(model.config, settings.query_max_len, settings.passage_max_len)
         if tokenizer.pad_token is None:
             # Decoder-style models (last_token pooling) often ship without a pad token.

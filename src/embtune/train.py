@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -52,17 +53,28 @@ from embtune.config import TrainConfig
 from embtune.data.batching import Batch, collate
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus, save_dev_split
 from embtune.data.formats import BeirDataset, load_beir, load_training_data
-from embtune.data.groups import GroupSampler, NegativesBudget, build_rows, negatives_budget
+from embtune.data.groups import (
+    GroupSampler,
+    NegativeCoverage,
+    NegativesBudget,
+    build_rows,
+    epochs_of_run,
+    negative_coverage_of_run,
+    negatives_budget,
+)
+from embtune.data.length_grouping import length_grouped_batches
 from embtune.data.store import default_cache_dir, tokenize_store
 from embtune.errors import TrainingStopped, UsageError
-from embtune.losses import contrastive_loss
+from embtune.losses import batch_signals, window_signals
 from embtune.model import Encoder, check_max_lengths, load_model_config
+from embtune.train_step import StepSettings, forward_backward
 
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train_log.jsonl"
 CONFIG_FILE = "train_config.yaml"
 BUDGET_FILE = "negatives_budget.json"
+SUMMARY_FILE = "train_summary.json"
 DEV_SPLIT_FILE = "dev_split.json"
 BEST_DIR = "best"
 TENSORBOARD_DIR = "tensorboard"
@@ -99,6 +111,21 @@ class _Progress:
     window_seconds: float = 0.0
     nonfinite_in_row: int = 0
     skipped_steps: int = 0
+    # Sums of losses.batch_signals over the window, and token positions computed / real.
+    window_signals: dict = field(default_factory=dict)
+    window_padded_tokens: int = 0
+    window_real_tokens: int = 0
+    padded_tokens: int = 0
+    real_tokens: int = 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else resident memory."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 def check_output_dir(config: TrainConfig) -> Path:
@@ -271,6 +298,9 @@ def train(
 
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
     accelerator = Accelerator(
+        # Without a GPU, accelerate only joins a torchrun launch (gloo) when told it is on CPU;
+        # otherwise every process would train alone, each thinking it is the only one.
+        cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with="tensorboard",
         project_dir=str(out),
@@ -322,6 +352,7 @@ def train(
         passage_instruction=config.passage_instruction,
         query_max_len=config.query_max_len,
         passage_max_len=config.passage_max_len,
+        attn_implementation=config.attn_implementation,
     )
     settings = encoder.settings
     texts = build_rows(
@@ -344,9 +375,36 @@ def train(
     )
 
     sampler = GroupSampler(
-        texts.rows, config.train_group_size, config.negative_fill, len(texts.passages), config.seed
+        texts.rows,
+        config.train_group_size,
+        config.negative_fill,
+        len(texts.passages),
+        config.seed,
+        negative_sampling=config.negative_sampling,
     )
-    steps_per_epoch = math.ceil(len(texts.rows) / global_batch)
+    query_lengths = query_tokens.lengths()
+    passage_lengths = passage_tokens.lengths()
+
+    def epoch_batches(epoch: int) -> list:
+        """The global batches (row indices) of an epoch, in training order."""
+        order = sampler.epoch_order(epoch)
+        if config.group_by_length:
+            # Longest passage first, then query length: batches are padded to their longest.
+            keys = np.zeros(len(texts.rows), dtype=np.int64)
+            for row in order.tolist():
+                group = sampler.group(row, epoch)
+                longest = max((int(passage_lengths[p]) for p in group.passages), default=0)
+                keys[row] = longest * 65536 + int(query_lengths[group.query])
+            batches = length_grouped_batches(order, keys, global_batch, config.seed, epoch)
+        else:
+            batches = [order[i : i + global_batch] for i in range(0, len(order), global_batch)]
+        if len(batches) > 1 and len(batches[-1]) < world:
+            # Every process needs at least one query: a tail smaller than the process count
+            # joins the batch before it.
+            batches[-2:] = [np.concatenate(batches[-2:])]
+        return batches
+
+    steps_per_epoch = len(epoch_batches(0))
     # --max-steps overrides --epochs (as in Hugging Face's Trainer), also beyond them.
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     start_step = 0
@@ -378,14 +436,20 @@ def train(
     budget = negatives_budget(
         texts.rows,
         config.train_group_size,
-        global_batch,
+        config.batch_size,
         config.in_batch_negatives,
         config.negative_fill,
+        epochs=epochs_of_run(total_steps, len(texts.rows), global_batch),
+        sampling=config.negative_sampling,
+        world_size=world,
+        cross_device=config.negatives_cross_device,
     )
     if main:
         print("embtune train: negatives budget")
         for line in budget.lines():
             print(f"  {line}")
+        for finding in budget.findings():
+            print(f"embtune train: warning: {finding}")
         print(
             f"  steps: {total_steps} ({steps_per_epoch} per epoch, {global_batch} queries per step)"
         )
@@ -395,7 +459,7 @@ def train(
             print(f"  no checkpoint in {out} yet: starting at step 0")
         with open(out / CONFIG_FILE, "w", encoding="utf-8") as fh:
             yaml.safe_dump(config.to_dict(), fh, sort_keys=False)
-        (out / BUDGET_FILE).write_text(json.dumps(asdict(budget), indent=2) + "\n")
+        write_json_atomically(out / BUDGET_FILE, budget.to_json())
         if dev_rows:
             save_dev_split(out / DEV_SPLIT_FILE, dev_rows, config.dev_fraction, config.seed)
         if dev_data is not None:
@@ -409,6 +473,14 @@ def train(
         encoder.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    pooler = getattr(encoder.model, "pooler", None)
+    if isinstance(pooler, torch.nn.Module):
+        # BERT's pooler head is computed but never used by our pooling: frozen, it keeps its
+        # weights (saved as they were) and DDP does not wait for gradients it will never get.
+        pooler.requires_grad_(False)
+    if config.compile:
+        # In place, so parameter names (and saved weights) stay those of the plain model.
+        encoder.model.compile(dynamic=True)
     optimizer = _optimizer(encoder, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     model, optimizer, scheduler = accelerator.prepare(encoder, optimizer, scheduler)
@@ -492,42 +564,57 @@ def train(
         total=total_steps, initial=start_step, desc="training", unit="step", disable=not show
     )
     pad_id = encoder.tokenizer.pad_token_id
-    epoch_batches: tuple[int, list] = (-1, [])
+    step_settings = StepSettings(
+        temperature=config.temperature,
+        in_batch_negatives=config.in_batch_negatives,
+        negatives_cross_device=config.negatives_cross_device,
+        cache_chunk_size=config.cache_chunk_size,
+    )
+    # Which of the data's negatives the run has trained on (a resumed run replays its past).
+    coverage = (
+        negative_coverage_of_run(sampler, start_step, global_batch, epoch_batches)
+        if start_step
+        else NegativeCoverage(texts.rows)
+    )
+
+    def finite(value: torch.Tensor) -> bool:
+        return _finite_everywhere(accelerator, value)
+
+    def no_sync():  # noqa: ANN202
+        return accelerator.no_sync(model)
+
+    current: tuple[int, list] = (-1, [])
     try:
         for step in range(start_step, total_steps):
             started = time.perf_counter()
             epoch, index = divmod(step, steps_per_epoch)
-            if epoch_batches[0] != epoch:
-                epoch_batches = (epoch, sampler.batches(epoch, global_batch))
-            rows = epoch_batches[1][index]
-            mine = rows[
-                accelerator.process_index * config.batch_size : (accelerator.process_index + 1)
-                * config.batch_size
-            ]
+            if current[0] != epoch:
+                current = (epoch, epoch_batches(epoch))
+            rows = current[1][index]
+            # Each process takes its share; shares differ by at most one query.
+            mine = np.array_split(rows, world)[accelerator.process_index]
             groups = [sampler.group(int(r), epoch) for r in mine]
             batch: Batch = collate(groups, texts.rows, query_tokens, passage_tokens, pad_id).to(
                 accelerator.device
             )
+            if main:
+                local = {g.row: g for g in groups}
+                for r in rows.tolist():
+                    coverage.add(local.get(r) or sampler.group(r, epoch))
 
-            query_emb = model(batch.query_input_ids, batch.query_attention_mask)
-            passage_emb = model(batch.passage_input_ids, batch.passage_attention_mask)
-            out_loss = contrastive_loss(
-                query_emb,
-                passage_emb,
-                batch.positive_index,
-                batch.passage_owner,
-                config.temperature,
-                config.in_batch_negatives,
-                batch.false_negative_mask,
+            # DDP averages gradients over processes; weighting by the share of queries makes
+            # that average the mean over the global batch when shares differ.
+            weight = len(mine) * world / len(rows)
+            result = forward_backward(
+                model, batch, step_settings, accelerator.backward, finite, weight, no_sync
             )
             # NaN guard: a non-finite loss or gradient must not reach the weights. fp16 is the
             # exception for gradients: there an overflow is the loss scaler's normal signal, and
             # accelerate's GradScaler skips that update and lowers the scale by itself.
             problem = None
-            if not _finite_everywhere(accelerator, out_loss.loss):
+            if not result.finite:
                 problem = "non-finite loss"
             else:
-                accelerator.backward(out_loss.loss)
                 if config.max_grad_norm:
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), config.max_grad_norm
@@ -543,14 +630,21 @@ def train(
             # learning rate does not depend on how many steps before it were skipped.
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize(accelerator.device)
 
             seconds = time.perf_counter() - started
             done = step + 1
             kill_if_requested(KILL_AT_STEP_ENV, done)
             progress.train_seconds += seconds
-            progress.texts_seen += batch.num_texts * world
-            progress.window_texts += batch.num_texts * world
+            texts_this_step = batch.num_texts * world
+            progress.texts_seen += texts_this_step
+            progress.window_texts += texts_this_step
             progress.window_seconds += seconds
+            progress.window_padded_tokens += result.padded_tokens
+            progress.window_real_tokens += result.real_tokens
+            progress.padded_tokens += result.padded_tokens
+            progress.real_tokens += result.real_tokens
             bar.update(1)
             if problem:
                 progress.nonfinite_in_row += 1
@@ -583,29 +677,52 @@ def train(
                     )
             else:
                 progress.nonfinite_in_row = 0
-                progress.window_loss += out_loss.loss.item()
+                progress.window_loss += result.loss.item()
                 progress.window_steps += 1
+                signals = batch_signals(result.output, result.positive_index, config.temperature)
+                for key, value in signals.items():
+                    progress.window_signals[key] = progress.window_signals.get(key, 0.0) + value
             if (done % config.logging_steps == 0 or done == total_steps) and (
                 progress.window_steps
             ):
-                candidates = out_loss.candidates.float().mean().item()
+                sums = progress.window_signals
+                if world > 1:
+                    keys = sorted(sums)
+                    totals = accelerator.reduce(
+                        torch.tensor([sums[k] for k in keys], device=accelerator.device),
+                        reduction="sum",
+                    )
+                    sums = dict(zip(keys, totals.tolist(), strict=True))
+                means = window_signals(sums)
+                candidates = means.get("candidates_per_query", 1.0)
+                loss = progress.window_loss / progress.window_steps
                 record = {
                     "step": done,
                     "epoch": epoch,
-                    "loss": progress.window_loss / progress.window_steps,
+                    "loss": loss,
                     "chance_loss": math.log(candidates),
-                    "candidates_per_query": candidates,
+                    "loss_over_chance": loss / math.log(candidates) if candidates > 1 else None,
+                    **means,
                     "learning_rate": scheduler.get_last_lr()[0],
                     "texts_per_second": progress.window_texts / progress.window_seconds,
+                    "window_texts": progress.window_texts,
+                    "window_seconds": progress.window_seconds,
+                    "padding_share": 1
+                    - progress.window_real_tokens / max(progress.window_padded_tokens, 1),
+                    "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 }
-                write_log(record)
+                write_log({k: v for k, v in record.items() if v is not None})
                 bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
+                    loss=f"{loss:.4f}",
+                    chance=f"{record['chance_loss']:.2f}",
+                    acc=f"{means.get('accuracy', 0):.2f}",
                     lr=f"{record['learning_rate']:.2e}",
                     texts_s=f"{record['texts_per_second']:.1f}",
                 )
                 progress.window_loss, progress.window_steps = 0.0, 0
                 progress.window_texts, progress.window_seconds = 0, 0.0
+                progress.window_signals = {}
+                progress.window_padded_tokens = progress.window_real_tokens = 0
             if dev_data is not None and (
                 done == total_steps or (config.eval_steps and done % config.eval_steps == 0)
             ):
@@ -617,10 +734,37 @@ def train(
         if log_file:
             log_file.close()
 
+    texts_per_second = (
+        progress.texts_seen / progress.train_seconds if progress.train_seconds else 0.0
+    )
+    peak = peak_memory_bytes(accelerator.device)
+    if world > 1:
+        peak = int(accelerator.reduce(torch.tensor([peak], device=accelerator.device), "max"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if main:
         accelerator.unwrap_model(model).save(out)
+        padding = 1 - progress.real_tokens / max(progress.padded_tokens, 1)
+        summary = {
+            "steps": total_steps,
+            "texts_per_second": texts_per_second,
+            "train_seconds": progress.train_seconds,
+            "peak_memory_bytes": peak,
+            "negative_coverage": coverage.fraction,
+            "negatives_used": coverage.used,
+            "negatives_total": coverage.total,
+            "padding_share": padding,
+            "skipped_steps": progress.skipped_steps,
+            "best_step": best["step"],
+            "best_dev_ndcg@10": best["ndcg"],
+            "processes": world,
+        }
+        write_json_atomically(out / SUMMARY_FILE, summary)
+        print(
+            f"embtune train: {total_steps} steps, {texts_per_second:.1f} texts/s, peak memory "
+            f"{peak / 2**30:.2f} GiB, padding {padding:.0%} of token positions; negatives used: "
+            f"{coverage.used}/{coverage.total} ({coverage.fraction:.0%} of the data's)"
+        )
         # Written after the model: its presence says the run finished (--resume refuses then).
         write_json_atomically(
             out / TRAINER_STATE_FILE, {**trainer_state(total_steps), "finished": True}
@@ -628,9 +772,7 @@ def train(
     return TrainResult(
         output_dir=out,
         steps=total_steps,
-        texts_per_second=(
-            progress.texts_seen / progress.train_seconds if progress.train_seconds else 0.0
-        ),
+        texts_per_second=texts_per_second,
         train_seconds=progress.train_seconds,
         history=history,
         budget=budget,
@@ -638,4 +780,6 @@ def train(
         best_ndcg=best["ndcg"],
         resumed_from_step=start_step,
         skipped_steps=progress.skipped_steps,
+        peak_memory_bytes=peak,
+        negative_coverage=coverage.fraction,
     )

@@ -28,6 +28,9 @@ class Batch:
     passage_owner: torch.Tensor  # [P] which query's group each passage belongs to
     false_negative_mask: torch.Tensor  # [B, P] True where a passage is one of the query's positives
     rows: list[int]  # training-row indices, for messages about a bad batch
+    passage_ids: torch.Tensor  # [P] text-store id of each passage (false negatives across devices)
+    positive_ids: list[np.ndarray]  # [B] text-store ids of each query's positives
+    query_offset: int | None = None  # first query's place in the global batch (cross-device)
 
     @property
     def num_texts(self) -> int:
@@ -81,4 +84,6 @@ def collate(
         passage_owner=torch.from_numpy(owner),
         false_negative_mask=torch.from_numpy(false_neg),
         rows=[g.row for g in groups],
+        passage_ids=torch.from_numpy(pid_array),
+        positive_ids=[rows[g.row].pos for g in groups],
     )

@@ -29,6 +29,7 @@ groups whatever the batch size, process count or the point a run resumes from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -301,21 +302,31 @@ def epochs_of_run(steps: int, rows: int, global_batch: int) -> float:
 
 
 def negative_coverage_of_run(
-    sampler: GroupSampler, steps: int, global_batch: int
+    sampler: GroupSampler,
+    steps: int,
+    global_batch: int,
+    epoch_batches: Callable[[int], list[np.ndarray]] | None = None,
 ) -> NegativeCoverage:
     """Replay the groups the first ``steps`` steps trained (as ``train.py`` draws them, every
     process's slice of each global batch) and count the negatives they used.
 
+    ``epoch_batches(epoch)`` gives an epoch's global batches (default: ``sampler.batches``;
+    training passes its own when it groups batches by length).
     Groups are pure functions of (seed, epoch, row), so this gives a resumed run the coverage
     of its steps before the resume without any saved state.
     """
     coverage = NegativeCoverage(sampler.rows)
-    per_epoch = steps_per_epoch(len(sampler.rows), global_batch)
+    if epoch_batches is None:
+
+        def epoch_batches(epoch: int) -> list[np.ndarray]:
+            return sampler.batches(epoch, global_batch)
+
+    per_epoch = len(epoch_batches(0)) if sampler.rows else 0
     batches: tuple[int, list[np.ndarray]] = (-1, [])
     for step in range(steps if per_epoch else 0):
         epoch, index = divmod(step, per_epoch)
         if batches[0] != epoch:
-            batches = (epoch, sampler.batches(epoch, global_batch))
+            batches = (epoch, epoch_batches(epoch))
         for row_index in batches[1][index].tolist():
             coverage.add(sampler.group(row_index, epoch))
     return coverage

@@ -1,0 +1,79 @@
+"""Cross-device negatives: every process scores its queries against the passages of all.
+
+Under ``torchrun`` / ``accelerate launch`` each process encodes its share of the global batch.
+With ``--negatives-cross-device`` the passage embeddings of all processes are gathered, so a
+query is scored against every passage of the global batch, and the gradient of each process's
+loss flows back to the process that encoded the passage.
+
+Why a hand-written autograd function: ``torch.distributed.nn.functional.all_gather`` implements
+its backward with all-to-all, which the gloo backend (CPU) lacks, and it needs equal sizes on
+every process, which the last batch of an epoch does not have. Here the backward is one
+all-reduce of the (small) embedding gradient, which every backend has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_sizes(count: int, device: torch.device) -> list[int]:
+    """``count`` of every process, in rank order."""
+    mine = torch.tensor([count], dtype=torch.long, device=device)
+    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [int(t.item()) for t in every]
+
+
+def _gather_padded(tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Concatenation of every process's ``tensor`` (first dimensions ``sizes``)."""
+    width = max(sizes)
+    padded = tensor.new_zeros((width, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, sizes: list[int]) -> torch.Tensor:  # noqa: ANN001
+        ctx.sizes = sizes
+        ctx.rank = dist.get_rank()
+        return _gather_padded(tensor, sizes)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        # Every process's loss depends on our rows: their gradients add up.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+def gather_with_grad(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' rows of ``tensor`` (rank order) and where this process's rows start.
+
+    Gradients reaching the gathered tensor on any process flow back to the process that owns
+    the rows (summed over processes).
+    """
+    sizes = gather_sizes(tensor.shape[0], tensor.device)
+    return _GatherWithGrad.apply(tensor, sizes), sum(sizes[: dist.get_rank()])
+
+
+def gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All processes' rows of ``tensor`` (no gradient) and where this process's rows start."""
+    sizes = gather_sizes(tensor.shape[0], tensor.device)
+    return _gather_padded(tensor, sizes), sum(sizes[: dist.get_rank()])
+
+
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum of ``tensor`` over all processes (a new tensor)."""
+    total = tensor.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
