@@ -174,3 +174,22 @@ def test_settings_come_from_the_sentence_transformers_files_alone(
     settings = saved_settings(str(tmp_path / "saved"))
     assert (settings.pooling, settings.normalize) == ("last_token", True)
     assert (settings.query_instruction, settings.passage_instruction) == ("Q: ", "P: ")
+
+
+def test_bf16_encoding_is_close_to_fp32_and_kept_apart_in_the_cache_key(tiny_model) -> None:
+    from embtune.evaluate import corpus_cache_key
+
+    texts = ["a short text", "a somewhat longer text about proteins and cells", "x"]
+    full = Encoder.from_pretrained(tiny_model, pooling="mean")
+    half = Encoder.from_pretrained(tiny_model, pooling="mean", encode_precision="bf16")
+    a, b = full.encode(texts, 32), half.encode(texts, 32)
+    assert a.dtype == b.dtype == torch.float32
+    cosine = torch.nn.functional.cosine_similarity(a, b)
+    assert cosine.min().item() > 0.99
+    assert not torch.equal(a, b)  # bf16 did run
+    assert corpus_cache_key(full, texts) != corpus_cache_key(half, texts)
+
+
+def test_an_unknown_encode_precision_is_refused(tiny_model) -> None:
+    with pytest.raises(UsageError, match="encode precision 'fp8'"):
+        Encoder.from_pretrained(tiny_model, encode_precision="fp8")

@@ -296,9 +296,10 @@ def corpus_cache_key(
         "normalize": s.normalize,
         "passage_instruction": s.passage_instruction,
         "passage_max_len": s.passage_max_len,
-        # The encoder runs in bf16 on CUDA and fp32 on CPU: vectors differ slightly.
+        # Device and precision change the vectors slightly.
         "device": parameter.device.type,
         "dtype": str(parameter.dtype),
+        "encode_precision": encoder.encode_precision,
         "texts": _hash_strings(texts),
         "ids": _hash_strings(ids) if ids is not None else None,
         "count": len(texts),

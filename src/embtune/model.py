@@ -155,6 +155,9 @@ def load_model_config(name_or_path: str | Path) -> object:
         raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
 
 
+ENCODE_PRECISIONS = ("fp32", "bf16")
+
+
 class Encoder(torch.nn.Module):
     """Hugging Face encoder + pooling + optional L2 normalization + instructions."""
 
@@ -173,6 +176,9 @@ class Encoder(torch.nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
+        # Precision of encode*(): "fp32" by default (embeddings equal sentence-transformers' to
+        # 1e-5); "bf16" autocasts (CPUs with AVX-512 BF16 / AMX and GPUs run it ~2x faster).
+        self.encode_precision = "fp32"
 
     @classmethod
     def from_pretrained(
@@ -185,12 +191,19 @@ class Encoder(torch.nn.Module):
         query_max_len: int | None = None,
         passage_max_len: int | None = None,
         attn_implementation: str | None = None,
+        encode_precision: str = "fp32",
     ) -> Encoder:
         """Load a hub name or local folder; arguments left as None keep the model's own settings.
 
         Pooling defaults to what the model's sentence-transformers config says, else ``cls``.
-        ``attn_implementation`` is passed to transformers (sdpa, eager, flash_attention_2).
+        ``attn_implementation`` is passed to transformers (sdpa, eager, flash_attention_2);
+        ``encode_precision`` ("fp32" or "bf16") is the precision of :meth:`encode_tokens`.
         """
+        if encode_precision not in ENCODE_PRECISIONS:
+            raise UsageError(
+                f"encode precision {encode_precision!r}: choose one of "
+                f"{', '.join(ENCODE_PRECISIONS)}"
+            )
         name = str(name_or_path)
         local = Path(name)
         if not local.exists() and (local.is_absolute() or name.startswith(".")):
@@ -223,7 +236,9 @@ class Encoder(torch.nn.Module):
         if tokenizer.pad_token is None:
             # Decoder-style models (last_token pooling) often ship without a pad token.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        return cls(model, tokenizer, settings)
+        encoder = cls(model, tokenizer, settings)
+        encoder.encode_precision = encode_precision
+        return encoder
 
     # --- embedding -------------------------------------------------------------------------
 
@@ -269,9 +284,12 @@ class Encoder(torch.nn.Module):
         bar = tqdm(total=len(order), desc=desc, unit="text", disable=not show_progress, leave=False)
         for start in range(0, len(order), batch_size):
             batch = self.pad([token_ids[i] for i in order[start : start + batch_size]])
-            # Full precision on every device: embeddings then equal sentence-transformers' to
-            # 1e-5 and metrics are reproducible across machines.
-            emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            # Full precision by default on every device: embeddings then equal
+            # sentence-transformers' to 1e-5 and metrics are reproducible across machines.
+            with torch.autocast(
+                device.type, dtype=torch.bfloat16, enabled=self.encode_precision == "bf16"
+            ):
+                emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
             chunks.append(emb.float().cpu())
             bar.update(len(batch["input_ids"]))
         bar.close()

@@ -130,6 +130,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="torch device to encode on, e.g. cpu, cuda, cuda:1 (default: cuda when "
         "available, else cpu)",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
+        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
+    )
     p.set_defaults(func=run)
 
 
@@ -191,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         passage_instruction=args.passage_instruction,
         query_max_len=args.query_max_len,
         passage_max_len=args.passage_max_len,
+        encode_precision="bf16" if args.bf16 else "fp32",
     ).to(device)
 
     metrics = evaluate_retrieval(

@@ -124,6 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="leave out pos_scores/neg_scores, e.g. when a trainer would read them as "
         "distillation targets (default: written)",
     )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
+        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
+    )
     p.set_defaults(func=run)
 
 
@@ -199,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
         passage_instruction=args.passage_instruction,
         query_max_len=query_max_len,
         passage_max_len=passage_max_len,
+        encode_precision="bf16" if args.bf16 else "fp32",
     )
     if torch.cuda.is_available():
         encoder.to("cuda")
