@@ -75,6 +75,9 @@ def test_grid_writes_table_csv_json_plots_from_the_runs_and_a_rerun_reuses_them(
         assert run["chance_loss"] == trained[-1]["chance_loss"]
         assert run["dev_ndcg10"] == dev[-1]["dev_ndcg@10"]
         assert run["steps"] == 2
+        summary = json.loads((out / "runs" / label / "train_summary.json").read_text())
+        for key in ("texts_per_second", "peak_memory_bytes", "negative_coverage"):
+            assert run[key] == summary[key], key
         assert run["max_rss_bytes"] > 50 * 2**20  # a python + torch process, measured per run
         assert run["config"]["train_group_size"] == int(label[1])
         assert run["config"]["batch_size"] == int(label.split("-b")[1])
