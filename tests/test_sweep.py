@@ -202,6 +202,7 @@ def test_data_variants_label_runs_and_replace_train_data(
     for i, label in enumerate(["neg1-g2", "neg1-g4", "neg4-g2", "neg4-g4"], start=1):
         assert f"[{i}/4] {label}\n" in printed
     assert f"--train-data {four} " in printed and "--max-steps=50" in printed
+    assert "every data variant has its own dev set" in printed
     assert not (tmp_path / "s").exists()
     both = [*args[:2], str(tiny_model), "--train-data", str(one), *args[3:]]
     assert main(both) == 2
