@@ -53,15 +53,13 @@ class StepSettings:
 
 
 def _chunks(ids: torch.Tensor, mask: torch.Tensor, size: int) -> Iterator[tuple[slice, ...]]:
+    """(rows, ids, mask) per chunk of ``size`` texts, without the padding columns no text of
+    the chunk uses (a chunk of short texts is narrower than the batch)."""
+    lengths = mask.sum(1).tolist()  # one device sync for all chunks
     for start in range(0, ids.shape[0], size):
         rows = slice(start, start + size)
-        yield rows, ids[rows], mask[rows]
-
-
-def _trim(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop padding columns that no row of this chunk uses (a chunk of short texts is narrower)."""
-    width = int(mask.sum(1).max().item()) if mask.numel() else 0
-    return ids[:, : max(width, 1)], mask[:, : max(width, 1)]
+        width = max(max(lengths[rows], default=1), 1)
+        yield rows, ids[rows, :width], mask[rows, :width]
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -190,7 +188,6 @@ def _cached_forward_backward(
     with torch.no_grad():
         for which, (ids, mask) in enumerate(parts):
             for rows, chunk_ids, chunk_mask in _chunks(ids, mask, size):
-                chunk_ids, chunk_mask = _trim(chunk_ids, chunk_mask)
                 padded += chunk_ids.numel()
                 state = _rng_state(device)
                 embeddings[which].append(model(chunk_ids, chunk_mask))
