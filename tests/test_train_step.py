@@ -15,6 +15,7 @@ import torch
 from embtune.data.batching import Batch, collate
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
+from embtune.dropout import use_fast_cpu_dropout
 from embtune.losses import contrastive_loss
 from embtune.model import Encoder
 from embtune.train_step import StepSettings, forward_backward
@@ -41,8 +42,10 @@ def make_batch(queries: int = 6, group: int = 3, seed: int = 0) -> tuple[Batch, 
     return batch, rows
 
 
-def load(tiny_model: Path, dropout: bool) -> Encoder:
+def load(tiny_model: Path, dropout: bool, fast_dropout: bool = False) -> Encoder:
     encoder = Encoder.from_pretrained(tiny_model, pooling="mean")
+    if fast_dropout:
+        assert use_fast_cpu_dropout(encoder.model)
     if not dropout:
         for module in encoder.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -92,11 +95,13 @@ def cached_step(encoder: Encoder, batch: Batch, chunk: int) -> tuple[float, torc
     return result.loss.item(), gradients(encoder)
 
 
-@pytest.mark.parametrize("chunk", [1, 4, 5])
-def test_cached_loss_gradients_equal_the_full_graph_with_dropout_on(tiny_model, chunk) -> None:
+@pytest.mark.parametrize(("chunk", "fast"), [(1, False), (4, False), (5, True)])
+def test_cached_loss_gradients_equal_the_full_graph_with_dropout_on(
+    tiny_model, chunk, fast
+) -> None:
     batch, _ = make_batch()
     with single_thread():
-        encoder = load(tiny_model, dropout=True)
+        encoder = load(tiny_model, dropout=True, fast_dropout=fast)
         torch.manual_seed(7)
         loss_ref, grad_ref = reference_step(encoder, batch, chunk)
         encoder.zero_grad(set_to_none=True)

@@ -64,6 +64,7 @@ from embtune.data.groups import (
 )
 from embtune.data.length_grouping import length_grouped_batches
 from embtune.data.store import default_cache_dir, tokenize_store
+from embtune.dropout import use_fast_cpu_dropout
 from embtune.errors import TrainingStopped, UsageError
 from embtune.losses import batch_signals, window_signals
 from embtune.model import Encoder, check_max_lengths, load_model_config
@@ -478,6 +479,9 @@ def train(
         encoder.model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    if accelerator.device.type == "cpu" and config.attn_implementation == "sdpa":
+        # Same dropout, drawn and applied without the unfused attention path (embtune/dropout.py).
+        use_fast_cpu_dropout(encoder.model)
     pooler = getattr(encoder.model, "pooler", None)
     if isinstance(pooler, torch.nn.Module):
         # BERT's pooler head is computed but never used by our pooling: frozen, it keeps its

@@ -1,0 +1,86 @@
+"""The fast CPU dropout paths compute what the model's own dropout computes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from embtune.dropout import FastDropout, dropout_attention, keep_mask, use_fast_cpu_dropout
+from embtune.model import Encoder
+from tests.conftest import single_thread
+
+
+def test_keep_mask_keeps_one_minus_p_and_is_reproducible() -> None:
+    mask = keep_mask(123, (1000, 1000), 0.1)
+    assert mask.dtype == torch.bool
+    assert abs(mask.float().mean().item() - 0.9) < 0.002
+    assert torch.equal(mask, keep_mask(123, (1000, 1000), 0.1))
+    assert not torch.equal(mask, keep_mask(124, (1000, 1000), 0.1))
+
+
+def test_dropout_attention_gradients_match_finite_differences() -> None:
+    q, k, v = (torch.randn(3, 2, 7, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 7, dtype=torch.bool)
+    mask[1, ..., 5:] = False  # padding of the second sequence
+
+    def attention(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(5)  # the same keep masks at every evaluation
+        return dropout_attention(a, b, c, mask, 0.3, 0.5)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v))
+
+
+def test_dropout_attention_is_softmax_attention_with_a_scaled_keep_mask() -> None:
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    bias = torch.zeros(2, 1, 1, 5)
+    bias[0, ..., 4] = torch.finfo(torch.float32).min
+    torch.manual_seed(0)
+    ours = dropout_attention(q, k, v, bias, 0.25, 0.5)
+    # Redraw the mask the function drew: its seed comes from torch's generator (2 rows = 1 chunk).
+    torch.manual_seed(0)
+    keep = keep_mask(int(torch.randint(0, 2**62, (1,)).item()), (2, 3, 5, 5), 0.25)
+    probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, -1)
+    expected = (probs * keep / 0.75) @ v
+    assert (ours - expected).abs().max().item() < 1e-5
+    with pytest.raises(AssertionError):  # the mask does drop something
+        torch.testing.assert_close(ours, probs @ v)
+
+
+def test_fast_dropout_scales_kept_values_and_zeroes_the_rest() -> None:
+    layer = FastDropout(0.2)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.01
+    assert torch.allclose(y[kept], torch.tensor(1.25))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx = keep / (1 - p)
+    layer.eval()
+    assert torch.equal(layer(x), x)
+
+
+def test_a_switched_model_computes_the_same_in_eval_and_is_seeded_in_training(
+    tiny_model,
+) -> None:
+    with single_thread():
+        plain = Encoder.from_pretrained(tiny_model, pooling="mean")
+        fast = copy.deepcopy(plain)
+        assert use_fast_cpu_dropout(fast.model)
+        ids = torch.randint(1000, 2000, (4, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        plain.eval()
+        fast.eval()
+        assert torch.equal(plain(ids, mask), fast(ids, mask))
+        fast.train()
+        torch.manual_seed(1)
+        first = fast(ids, mask)
+        torch.manual_seed(1)
+        again = fast(ids, mask)
+        torch.manual_seed(2)
+        other = fast(ids, mask)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert (first - plain(ids, mask)).abs().max().item() < 0.5  # same model, some units dropped
