@@ -141,8 +141,9 @@ def attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     simple = (
+        # With or without a graph: the cached loss's first pass (no graph) and its replay (with
+        # one) must draw the same dropout.
         dropout > 0
-        and torch.is_grad_enabled()
         and query.device.type == "cpu"
         and query.dtype == torch.float32
         and not is_causal
