@@ -152,3 +152,26 @@ def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
         false_negative_mask=batch.false_negative_mask,
     )
     assert out.candidates.tolist() == [4, 4]
+
+
+def test_batch_signals_by_hand() -> None:
+    from embtune.losses import batch_signals, window_signals
+
+    mask = torch.zeros(2, 4, dtype=torch.bool)
+    mask[0, 3] = True  # passage 3 is also a positive of query 0
+    out = contrastive_loss(Q, P, POSITIVE, OWNER, TAU, false_negative_mask=mask)
+    sums = batch_signals(out, POSITIVE, TAU)
+    # Similarities q.p = SCORES * TAU. Query 0: positive 0 (1.0), hard negative 1 (0.5),
+    # in-batch negative 2 (0.0), passage 3 masked. Query 1: positive 2 (1.0), hard negative 3
+    # (1.0), in-batch negatives 0 (0.0) and 1 (0.5).
+    assert sums["queries"] == 2
+    assert sums["correct"] == 1  # query 1's hard negative ties its positive: not ranked first
+    assert sums["positive_similarity"] == 2.0
+    assert sums["hard_negatives"] == 2 and sums["hard_negative_similarity"] == 1.5
+    assert sums["in_batch_negatives"] == 3 and sums["in_batch_negative_similarity"] == 0.5
+    assert sums["candidates"] == 7 and sums["masked_false_negatives"] == 1
+    means = window_signals(sums)
+    assert means["accuracy"] == 0.5
+    assert means["hard_negative_similarity"] == 0.75
+    assert means["in_batch_negatives_per_query"] == 1.5
+    assert means["candidates_per_query"] == 3.5

@@ -84,7 +84,8 @@ def batch_signals(
     """What one step's scores say beyond the loss (summed over the batch's queries).
 
     Returned as sums plus ``queries`` so that windows of steps (and processes) add up exactly:
-    ``correct`` (queries whose positive scored highest: in-batch top-1 accuracy), the similarity
+    ``correct`` (queries whose positive scored above every other candidate: in-batch top-1
+    accuracy), the similarity
     q.p of positives, hard negatives (own group) and in-batch negatives (other groups), the
     candidate counts by kind, and the false negatives masked out of the softmax.
     """
@@ -99,7 +100,13 @@ def batch_signals(
         in_batch = candidate & ~out.own_group
         return {
             "queries": float(scores.shape[0]),
-            "correct": float((scores.argmax(1) == positive_index).sum()),
+            # Strictly above every other candidate: a tie does not count as ranked first.
+            "correct": float(
+                (
+                    scores[batch, positive_index]
+                    > scores.masked_fill(is_positive, float("-inf")).max(1).values
+                ).sum()
+            ),
             "positive_similarity": float(similarity[batch, positive_index].sum()),
             "hard_negative_similarity": float(similarity[hard].sum()),
             "hard_negatives": float(hard.sum()),

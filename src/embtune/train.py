@@ -285,8 +285,8 @@ def train(
     from accelerate.utils import set_seed
 
     config.validate()
-    # Batches change shape every step; without expandable segments the CUDA caching allocator
-    # fragments and stalls for seconds to free and re-reserve memory (seen on an H100).
+    # Batches change shape every step, which fragments PyTorch's CUDA caching allocator;
+    # expandable segments let it grow blocks in place instead of freeing and re-reserving.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if config.fp16 and not torch.cuda.is_available():
         raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
@@ -410,7 +410,10 @@ def train(
             batches[-2:] = [np.concatenate(batches[-2:])]
         return batches
 
-    steps_per_epoch = len(epoch_batches(0))
+    # = len(epoch_batches(e)) for every epoch, without sampling one.
+    steps_per_epoch = math.ceil(len(texts.rows) / global_batch)
+    if steps_per_epoch > 1 and 0 < len(texts.rows) % global_batch < world:
+        steps_per_epoch -= 1
     # --max-steps overrides --epochs (as in Hugging Face's Trainer), also beyond them.
     total_steps = config.max_steps or steps_per_epoch * config.epochs
     start_step = 0
