@@ -26,7 +26,13 @@ import numpy as np
 import torch
 
 from embtune.data.batching import Batch
-from embtune.distributed import gather, gather_with_grad, is_distributed, sum_over_processes
+from embtune.distributed import (
+    gather,
+    gather_sizes,
+    gather_with_grad,
+    is_distributed,
+    sum_over_processes,
+)
 from embtune.losses import ContrastiveOutput, contrastive_loss
 
 
@@ -123,7 +129,8 @@ def _loss(
 def _query_offset(batch: Batch) -> int:
     """Index of this process's first query in the global batch (cached per batch)."""
     if batch.query_offset is None:
-        _, batch.query_offset = gather(batch.positive_index[:1].new_zeros(len(batch.rows)))
+        sizes = gather_sizes(len(batch.rows), batch.positive_index.device)
+        batch.query_offset = sum(sizes[: torch.distributed.get_rank()])
     return batch.query_offset
 
 
