@@ -70,10 +70,3 @@ def gather(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All processes' rows of ``tensor`` (no gradient) and where this process's rows start."""
     sizes = gather_sizes(tensor.shape[0], tensor.device)
     return _gather_padded(tensor, sizes), sum(sizes[: dist.get_rank()])
-
-
-def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of ``tensor`` over all processes (a new tensor)."""
-    total = tensor.detach().clone()
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return total

@@ -22,17 +22,11 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
+import torch.distributed as dist
 
-from embtune.data.batching import Batch
-from embtune.distributed import (
-    gather,
-    gather_sizes,
-    gather_with_grad,
-    is_distributed,
-    sum_over_processes,
-)
+from embtune.data.batching import Batch, false_negative_mask
+from embtune.distributed import gather, gather_sizes, gather_with_grad, is_distributed
 from embtune.losses import ContrastiveOutput, contrastive_loss
 
 
@@ -79,26 +73,15 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _false_negative_mask(batch: Batch, passage_ids: torch.Tensor) -> torch.Tensor:
-    """[B, P] True where passage ``p`` (any process's) is one of query ``b``'s positives."""
-    ids = passage_ids.cpu().numpy()
-    mask = (
-        np.stack([np.isin(ids, pos) for pos in batch.positive_ids])
-        if batch.positive_ids
-        else (np.zeros((0, len(ids)), dtype=bool))
-    )
-    return torch.from_numpy(mask).to(passage_ids.device)
-
-
 def _loss(
     query_emb: torch.Tensor,
     passage_emb: torch.Tensor,
     batch: Batch,
     settings: StepSettings,
-    gather_passages: Callable[[torch.Tensor], tuple[torch.Tensor, int]] | None,
-) -> tuple[ContrastiveOutput, torch.Tensor, torch.Tensor]:
-    """Loss of this process's queries; returns (output, positive columns, passages scored)."""
-    if gather_passages is None:
+    cross_device: bool,
+) -> tuple[ContrastiveOutput, torch.Tensor]:
+    """Loss of this process's queries; returns (output, positive columns)."""
+    if not cross_device:
         out = contrastive_loss(
             query_emb,
             passage_emb,
@@ -108,10 +91,12 @@ def _loss(
             settings.in_batch_negatives,
             batch.false_negative_mask,
         )
-        return out, batch.positive_index, passage_emb
-    every_passage, first = gather_passages(passage_emb)
+        return out, batch.positive_index
+    every_passage, first = gather_with_grad(passage_emb)
     passage_ids, _ = gather(batch.passage_ids)
-    owners, _ = gather(batch.passage_owner + _query_offset(batch))
+    # Queries are numbered across the global batch, in rank order.
+    first_query = sum(gather_sizes(len(batch.rows), query_emb.device)[: dist.get_rank()])
+    owners, _ = gather(batch.passage_owner + first_query)
     positive_index = batch.positive_index + first
     out = contrastive_loss(
         query_emb,
@@ -120,18 +105,12 @@ def _loss(
         owners,
         settings.temperature,
         settings.in_batch_negatives,
-        _false_negative_mask(batch, passage_ids),
-        query_index=torch.arange(len(batch.rows), device=query_emb.device) + _query_offset(batch),
+        torch.from_numpy(false_negative_mask(passage_ids.cpu().numpy(), batch.positive_ids)).to(
+            query_emb.device
+        ),
+        query_index=torch.arange(len(batch.rows), device=query_emb.device) + first_query,
     )
-    return out, positive_index, every_passage
-
-
-def _query_offset(batch: Batch) -> int:
-    """Index of this process's first query in the global batch (cached per batch)."""
-    if batch.query_offset is None:
-        sizes = gather_sizes(len(batch.rows), batch.positive_index.device)
-        batch.query_offset = sum(sizes[: torch.distributed.get_rank()])
-    return batch.query_offset
+    return out, positive_index
 
 
 def forward_backward(
@@ -159,9 +138,7 @@ def forward_backward(
     if not settings.cache_chunk_size:
         query_emb = model(batch.query_input_ids, batch.query_attention_mask)
         passage_emb = model(batch.passage_input_ids, batch.passage_attention_mask)
-        out, positive_index, _ = _loss(
-            query_emb, passage_emb, batch, settings, gather_with_grad if cross else None
-        )
+        out, positive_index = _loss(query_emb, passage_emb, batch, settings, cross)
         ok = finite(out.loss)
         if ok:
             backward(out.loss * loss_weight)
@@ -204,28 +181,15 @@ def _cached_forward_backward(
         torch.cat(e).detach().requires_grad_() if e else torch.empty(0, device=device)
         for e in embeddings
     ]
-    # (2) loss and its gradient with respect to every embedding.
-    gather_leaf = None
-    if cross:
-
-        def gather_leaf(passages: torch.Tensor) -> tuple[torch.Tensor, int]:
-            every, first = gather(passages.detach())
-            every.requires_grad_()
-            gather_leaf.every, gather_leaf.first = every, first  # type: ignore[attr-defined]
-            return every, first
-
-    out, positive_index, _ = _loss(leaves[0], leaves[1], batch, settings, gather_leaf)
+    # (2) loss and its gradient with respect to every embedding (with cross-device negatives,
+    # the gather's backward adds the other processes' gradients for our passages).
+    out, positive_index = _loss(leaves[0], leaves[1], batch, settings, cross)
     ok = finite(out.loss)
     if not ok:
         _set_rng_state(after_first_pass, device)
         return StepOutput(out.loss.detach(), out, positive_index, False, padded, tokens[1])
     backward(out.loss * loss_weight)
     grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-    if cross:
-        # Other processes' losses depend on our passages too: add their gradients.
-        every_grad = sum_over_processes(gather_leaf.every.grad)  # type: ignore[attr-defined]
-        first = gather_leaf.first  # type: ignore[attr-defined]
-        grads[1] = every_grad[first : first + leaves[1].shape[0]]
     # (3) each chunk again, with a graph and the same dropout, back-propagating its gradient.
     for number, (which, rows, chunk_ids, chunk_mask, state) in enumerate(plan):
         _set_rng_state(state, device)

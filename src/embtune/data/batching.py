@@ -30,7 +30,6 @@ class Batch:
     rows: list[int]  # training-row indices, for messages about a bad batch
     passage_ids: torch.Tensor  # [P] text-store id of each passage (false negatives across devices)
     positive_ids: list[np.ndarray]  # [B] text-store ids of each query's positives
-    query_offset: int | None = None  # first query's place in the global batch (cross-device)
 
     @property
     def num_texts(self) -> int:
@@ -54,6 +53,18 @@ def pad_tokens(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, 
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
 
+def false_negative_mask(passage_ids: np.ndarray, positive_ids: list[np.ndarray]) -> np.ndarray:
+    """[B, P] True where passage ``p`` is one of query ``b``'s positives.
+
+    Such a passage (another query's positive or negative can be the same text) must not be
+    pushed away from ``b``: the loss masks it out of ``b``'s softmax.
+    """
+    mask = np.zeros((len(positive_ids), len(passage_ids)), dtype=bool)
+    for b, positives in enumerate(positive_ids):
+        mask[b] = np.isin(passage_ids, positives)
+    return mask
+
+
 def collate(
     groups: list[Group],
     rows: list[TrainRow],
@@ -66,13 +77,10 @@ def collate(
     sizes = [len(g.passages) for g in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     owner = np.repeat(np.arange(len(groups)), sizes)
-    # A passage that is one of query b's positives (another query's positive or negative can be
-    # the same text) must not be pushed away from b: it is masked out of b's softmax.
     pid_array = np.array(passage_ids, dtype=np.int64)
-    false_neg = np.zeros((len(groups), len(passage_ids)), dtype=bool)
-    for b, g in enumerate(groups):
-        false_neg[b] = np.isin(pid_array, rows[g.row].pos)
-        false_neg[b, offsets[b]] = False
+    positive_ids = [rows[g.row].pos for g in groups]
+    false_neg = false_negative_mask(pid_array, positive_ids)
+    false_neg[np.arange(len(groups)), offsets] = False  # the query's own positive
     q_ids, q_mask = pad_tokens([query_tokens[g.query] for g in groups], pad_id)
     p_ids, p_mask = pad_tokens([passage_tokens[p] for p in passage_ids], pad_id)
     return Batch(
@@ -85,5 +93,5 @@ def collate(
         false_negative_mask=torch.from_numpy(false_neg),
         rows=[g.row for g in groups],
         passage_ids=torch.from_numpy(pid_array),
-        positive_ids=[rows[g.row].pos for g in groups],
+        positive_ids=positive_ids,
     )
