@@ -267,3 +267,12 @@ def test_numbers_a_run_did_not_report_are_none(tmp_path: Path) -> None:
     numbers = read_run(tmp_path, "embtune train: 5 steps in 1.0 s, 99.0 texts/s")
     assert numbers["texts_per_second"] == 12.5  # the summary wins over the console line
     assert numbers["peak_memory_bytes"] == 1000 and numbers["negative_coverage"] == 0.3
+
+
+def test_run_file_names_are_those_train_writes() -> None:
+    import embtune.sweep as sweep_module
+    import embtune.train as train_module
+
+    assert sweep_module.RUN_LOG == train_module.LOG_FILE
+    assert sweep_module.RUN_CONFIG == train_module.CONFIG_FILE
+    assert sweep_module.RUN_SUMMARY == train_module.SUMMARY_FILE

@@ -32,6 +32,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from embtune.atomic import atomic_write, write_json_atomically
+from embtune.checkpoint import TRAINER_STATE_FILE
 from embtune.config import TrainConfig, flag, resolve_config
 from embtune.errors import UsageError
 
@@ -72,11 +73,12 @@ SWEEP_MD = "sweep.md"
 SWEEP_CSV = "sweep.csv"
 LOSS_PNG = "loss.png"
 GROUP_PNG = "by_group_size.png"
-# Files of a run folder (written by `embtune train`).
+# Files of a run folder: train.py's LOG_FILE, CONFIG_FILE and SUMMARY_FILE, named again here
+# because importing embtune.train loads torch, and this module is imported by `embtune --help`.
 RUN_LOG = "train_log.jsonl"
 RUN_CONFIG = "train_config.yaml"
 RUN_SUMMARY = "train_summary.json"
-RUN_STATE = "trainer_state.json"
+RUN_STATE = TRAINER_STATE_FILE
 
 # Never passed to a run: the sweep chooses the folder and whether a run restarts or resumes,
 # and passes every option explicitly (so a --config file is read once, here).
