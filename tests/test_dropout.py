@@ -48,6 +48,23 @@ def test_dropout_attention_is_softmax_attention_with_a_scaled_keep_mask() -> Non
         torch.testing.assert_close(ours, probs @ v)
 
 
+def test_full_size_masks_padding_or_not_mask_what_they_say() -> None:
+    q, k, v = (torch.randn(2, 3, 5, 4) for _ in range(3))
+    padding = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    padding[1, ..., 3:] = False
+    causal = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 1, 5, 5)
+    # [B, 1, L, L] as transformers builds it: a padding mask (kept as one row per sequence) and
+    # one whose rows differ (kept whole).
+    for mask in (padding.expand(2, 1, 5, 5).contiguous(), causal):
+        torch.manual_seed(0)
+        ours = dropout_attention(q, k, v, mask, 0.25, 0.5)
+        torch.manual_seed(0)
+        keep = keep_mask(int(torch.randint(0, 2**62, (1,)).item()), (2, 3, 5, 5), 0.25)
+        bias = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, -1)
+        assert (ours - (probs * keep / 0.75) @ v).abs().max().item() < 1e-5
+
+
 def test_fast_dropout_scales_kept_values_and_zeroes_the_rest() -> None:
     layer = FastDropout(0.2)
     x = torch.ones(200, 500, requires_grad=True)

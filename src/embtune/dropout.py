@@ -11,11 +11,12 @@ peak resident memory from 8.2 to 4.4 GiB (docs/performance.md).
 
 Here the same computation (softmax(QK^T / sqrt(d) + mask), Bernoulli(1 - p) keep mask scaled by
 1 / (1 - p), times V) runs a few sequences at a time, so the probabilities stay in cache and are
-never kept: the backward pass recomputes them (as FlashAttention does) from Q and K, and draws
-the keep mask again from its seed. Random bits come from NumPy's PCG64 generator seeded from
-torch's generator, so runs stay reproducible and resumable (torch's RNG state is checkpointed);
-the keep decision compares 16-bit random integers, so the dropout probability is p to within
-1/65536. Hidden-state dropout uses the same generator (:class:`FastDropout`).
+never kept: the backward pass recomputes them (as FlashAttention does) from Q and K; the keep
+mask is kept packed to one bit per probability (6 MiB per layer at 64 x 256 tokens). Random
+bits come from NumPy's PCG64 generator seeded from torch's generator, so runs stay reproducible
+and resumable (torch's RNG state is checkpointed); the keep decision compares 16-bit random
+integers, so the dropout probability is p to within 1/65536. Hidden-state dropout uses the same
+generator and packed masks (:class:`FastDropout`).
 
 Everything else (GPU, half precision, inference, causal or grouped-query attention) goes to the
 model's usual SDPA kernel: this path only replaces what is slow on CPU.
@@ -36,53 +37,63 @@ def _seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def _keep_bits(seed: int, count: int, p: float) -> np.ndarray:
+    bits = np.random.Generator(np.random.PCG64(seed)).bytes(2 * count)
+    return np.frombuffer(bits, dtype=np.uint16) >= int(round(p * 65536))
+
+
+def _as_weights(keep: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    # Multiplying by float 1.0 / 0.0 is several times faster on CPU than masked_fill with bools.
+    return torch.from_numpy(keep.astype(np.float32)).view(shape)
+
+
 def keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
     """Bool tensor, True with probability 1 - p (to within 1/65536), reproducible from ``seed``."""
-    count = int(np.prod(shape))
-    bits = np.random.Generator(np.random.PCG64(seed)).bytes(2 * count)
-    threshold = int(round(p * 65536))
-    keep = np.frombuffer(bits, dtype=np.uint16) >= threshold
-    return torch.from_numpy(keep).view(shape)
+    return torch.from_numpy(_keep_bits(seed, int(np.prod(shape)), p)).view(shape)
 
 
 class _DropoutAttention(torch.autograd.Function):
     """softmax(q k^T * scale + bias) with dropout, times v; probabilities recomputed in backward.
 
-    Nothing of size [L, L] is kept between forward and backward: the keep masks are drawn again
-    from their seeds. The output is laid out [B, L, H, d] (returned as a [B, H, L, d] view), the
-    layout the model's next layer reads, so it shares storage with that layer's saved input.
+    Of size [L, L] only the keep masks are kept between forward and backward, packed 8 to a byte
+    (unpacking them is ~8x cheaper than drawing them again). The output is laid out
+    [B, L, H, d] (returned as a [B, H, L, d] view), the layout the model's next layer reads, so
+    it shares storage with that layer's saved input.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, p: float, scale: float, seed: int):  # noqa: ANN001, ANN205
         batch, heads, length, dim = q.shape
         out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+        packed = []
         for start in range(0, batch, _SEQUENCES_PER_CHUNK):
             rows = slice(start, start + _SEQUENCES_PER_CHUNK)
             probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
-            probs.masked_fill_(~keep_mask(seed + start, tuple(probs.shape), p), 0.0)
+            keep = _keep_bits(seed + start, probs.numel(), p)
+            packed.append(np.packbits(keep))
+            probs.mul_(_as_weights(keep, tuple(probs.shape)))
             out[rows] = torch.matmul(probs, v[rows])
         out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, bias, out)
-        ctx.p, ctx.scale, ctx.seed = p, scale, seed
+        ctx.p, ctx.scale, ctx.packed = p, scale, packed
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         q, k, v, bias, out = ctx.saved_tensors
-        p, scale, seed = ctx.p, ctx.scale, ctx.seed
+        p, scale = ctx.p, ctx.scale
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
         inv_keep = 1.0 / (1.0 - p)
         # sum_j P_ij dP_ij = dO_i . O_i: a row sum over [L, d] instead of over [L, L].
         row_dot = (grad_out * out).sum(-1, keepdim=True)
-        for start in range(0, q.shape[0], _SEQUENCES_PER_CHUNK):
+        for chunk, start in enumerate(range(0, q.shape[0], _SEQUENCES_PER_CHUNK)):
             rows = slice(start, start + _SEQUENCES_PER_CHUNK)
             probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
-            dropped = ~keep_mask(seed + start, tuple(probs.shape), p)
-            kept = probs.masked_fill(dropped, 0.0)
-            torch.matmul(kept.transpose(-1, -2), grad_out[rows], out=dv[rows])
+            keep = np.unpackbits(ctx.packed[chunk], count=probs.numel())
+            keep = _as_weights(keep, tuple(probs.shape))
+            torch.matmul((probs * keep).transpose(-1, -2), grad_out[rows], out=dv[rows])
             grad_probs = torch.matmul(grad_out[rows], v[rows].transpose(-1, -2))
-            grad_probs.masked_fill_(dropped, 0.0).mul_(inv_keep)
+            grad_probs.mul_(keep).mul_(inv_keep)
             grad_scores = grad_probs.sub_(row_dot[rows]).mul_(probs)
             torch.matmul(grad_scores, k[rows], out=dq[rows])
             torch.matmul(grad_scores.transpose(-1, -2), q[rows], out=dk[rows])
@@ -117,6 +128,13 @@ def dropout_attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     bias = None
     if attention_mask is not None:
+        rows = attention_mask[..., :1, :]
+        if attention_mask.dim() == 4 and torch.equal(
+            rows.expand_as(attention_mask), attention_mask
+        ):
+            # A padding mask repeats one row for every query: one row per sequence is enough
+            # (the bias is kept for the backward pass: [B, L, L] per layer otherwise).
+            attention_mask = rows
         if attention_mask.dtype == torch.bool:
             bias = torch.zeros(attention_mask.shape, dtype=q.dtype)
             bias.masked_fill_(~attention_mask, torch.finfo(q.dtype).min)
@@ -171,15 +189,14 @@ def attention_forward(
 class _FastDropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, seed: int):  # noqa: ANN001, ANN205
-        keep = keep_mask(seed, tuple(x.shape), p)
-        ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return x.masked_fill(~keep, 0.0).mul_(ctx.scale)
+        keep = _keep_bits(seed, x.numel(), p)
+        ctx.packed, ctx.shape, ctx.scale = np.packbits(keep), tuple(x.shape), 1.0 / (1.0 - p)
+        return x * _as_weights(keep, ctx.shape).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
-        (keep,) = ctx.saved_tensors
-        return grad.masked_fill(~keep, 0.0).mul_(ctx.scale), None, None
+        keep = np.unpackbits(ctx.packed, count=grad.numel())
+        return grad * _as_weights(keep, ctx.shape).mul_(ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Dropout):
