@@ -16,6 +16,7 @@ replaced on the instances, and the activation moves from the first to the second
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -29,29 +30,52 @@ INTERMEDIATE_MODULES = frozenset(
 
 
 class _ActivatedLinear(torch.autograd.Function):
-    """``linear(act(h), weight, bias)`` with only ``h`` kept for backward."""
+    """``linear(act(h), weight, bias)`` with only ``h`` kept for backward.
+
+    Both passes go through the tokens in blocks of :data:`_ROWS`, so ``act(h)`` and the
+    gradients in its width exist one block at a time, never as whole [tokens, 4 x hidden]
+    temporaries: on CPU those would each be fresh, zero-filled pages from the operating system
+    and leave holes among the activations the step keeps.
+    """
 
     @staticmethod
     def forward(ctx, h, weight, bias, act):  # noqa: ANN001, ANN205
         ctx.save_for_backward(h, weight)
         ctx.act, ctx.has_bias = act, bias is not None
-        return F.linear(act(h), weight, bias)
+        rows = h.reshape(-1, h.shape[-1])
+        out = rows.new_empty(rows.shape[0], weight.shape[0])
+        for block in _blocks(rows.shape[0]):
+            out[block] = F.linear(act(rows[block]), weight, bias)
+        return out.view(*h.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         h, weight = ctx.saved_tensors
-        with torch.enable_grad():
-            h = h.detach().requires_grad_()
-            activated = ctx.act(h)
-        rows = grad.reshape(-1, grad.shape[-1])
-        grad_weight = grad_bias = grad_h = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = rows.T @ activated.detach().reshape(-1, activated.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = rows.sum(0)
-        if ctx.needs_input_grad[0]:
-            (grad_h,) = torch.autograd.grad(activated, h, grad @ weight)
+        rows = h.reshape(-1, h.shape[-1])
+        grad_rows = grad.reshape(-1, grad.shape[-1])
+        want_h, want_weight, want_bias = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(rows) if want_h else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        for block in _blocks(rows.shape[0]):
+            with torch.enable_grad():
+                inputs = rows[block].detach().requires_grad_()
+                activated = ctx.act(inputs)
+            if want_weight:
+                grad_weight.addmm_(grad_rows[block].T, activated.detach())
+            if want_h:
+                (grad_h[block],) = torch.autograd.grad(activated, inputs, grad_rows[block] @ weight)
+        grad_bias = grad_rows.sum(0) if ctx.has_bias and want_bias else None
+        if grad_h is not None:
+            grad_h = grad_h.view(h.shape)
         return grad_h, grad_weight, grad_bias, None
+
+
+# Tokens per block: 1024 x 1536 fp32 (MiniLM's 4 x hidden) is 6 MiB, cache-sized.
+_ROWS = 1024
+
+
+def _blocks(count: int) -> list[slice]:
+    return [slice(start, start + _ROWS) for start in range(0, count, _ROWS)]
 
 
 def _activated_linear(
@@ -86,3 +110,72 @@ def recompute_feed_forward_activations(model: torch.nn.Module) -> int:
         second.forward = functools.partial(_activated_linear, act, second)
         switched += 1
     return switched
+
+
+class _NormOutputs:
+    """Saved-tensor hooks: a LayerNorm output kept for a later op's backward is stored as a
+    recipe (the norm and its input, which the norm keeps for its own backward anyway) and
+    recomputed when that backward runs."""
+
+    def __init__(self) -> None:
+        # storage address -> (weak reference to the output, norm, its input); cleared after
+        # every forward. The weak reference proves that the address still holds that output.
+        self.outputs: dict[int, tuple[weakref.ref, torch.nn.LayerNorm, torch.Tensor]] = {}
+
+    def record(self, norm: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            key = output.untyped_storage().data_ptr()
+            # Detached: a recipe that held the input's autograd history would form a reference
+            # cycle through the graph that keeps every step's activations alive.
+            self.outputs[key] = (weakref.ref(output), norm, args[0].detach())
+
+    def pack(self, saved: torch.Tensor) -> object:
+        entry = self.outputs.get(saved.untyped_storage().data_ptr()) if self.outputs else None
+        if entry is None or entry[0]() is None:
+            # Detached: an op's saved output returned as is would hold its own grad_fn, a cycle
+            # that keeps branches whose backward never runs (BERT's pooler) alive forever.
+            return saved.detach()
+        _, norm, norm_input = entry
+        return (norm, norm_input, saved.size(), saved.stride(), saved.storage_offset())
+
+    @staticmethod
+    def unpack(packed: object) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        norm, norm_input, size, stride, offset = packed
+        with torch.no_grad():
+            output = F.layer_norm(
+                norm_input, norm.normalized_shape, norm.weight, norm.bias, norm.eps
+            )
+        return output.as_strided(size, stride, offset)
+
+
+def recompute_norm_outputs(model: torch.nn.Module) -> int:
+    """Make ``model``'s forward keep no LayerNorm output for backward; returns how many norms.
+
+    In a BERT-style layer each LayerNorm output is the input of the next linear layers, which
+    keep it for their weight gradients, while the norm keeps its own input: two [tokens,
+    hidden] tensors per norm where one suffices. With this, the later backward recomputes the
+    output from the norm's input (one cheap elementwise pass): 2 tensors per layer less, 288 MiB
+    for all-MiniLM-L6-v2 at batch 16, group 4, 256 tokens. Results are bitwise the same.
+    """
+    if "forward" in vars(model):
+        return 0  # switched already
+    norms = [m for m in model.modules() if type(m) is torch.nn.LayerNorm]
+    if not norms:
+        return 0
+    hooks = _NormOutputs()
+    for norm in norms:
+        norm.register_forward_hook(hooks.record)
+    plain_forward = model.forward
+
+    @functools.wraps(plain_forward)
+    def forward(*args: object, **kwargs: object) -> object:
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+                return plain_forward(*args, **kwargs)
+        finally:
+            hooks.outputs.clear()
+
+    model.forward = forward
+    return len(norms)

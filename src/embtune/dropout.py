@@ -38,8 +38,16 @@ def _seed() -> int:
 
 
 def _keep_bits(seed: int, count: int, p: float) -> np.ndarray:
-    bits = np.random.Generator(np.random.PCG64(seed)).bytes(2 * count)
-    return np.frombuffer(bits, dtype=np.uint16) >= int(round(p * 65536))
+    # Keep when a 16-bit random number is >= round(p * 65536). Its high byte alone decides
+    # unless it equals the threshold's high byte (1 time in 256): only then is a low byte drawn,
+    # so the same decision costs about 1 random byte instead of 2.
+    high, low = divmod(int(round(p * 65536)), 256)
+    generator = np.random.Generator(np.random.PCG64(seed))
+    first = np.frombuffer(generator.bytes(count), dtype=np.uint8)
+    keep = first > high
+    undecided = np.flatnonzero(first == high)
+    keep[undecided] = np.frombuffer(generator.bytes(len(undecided)), dtype=np.uint8) >= low
+    return keep
 
 
 def _as_weights(keep: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
@@ -191,12 +199,13 @@ class _FastDropoutFunction(torch.autograd.Function):
     def forward(ctx, x, p: float, seed: int):  # noqa: ANN001, ANN205
         keep = _keep_bits(seed, x.numel(), p)
         ctx.packed, ctx.shape, ctx.scale = np.packbits(keep), tuple(x.shape), 1.0 / (1.0 - p)
-        return x * _as_weights(keep, ctx.shape).mul_(ctx.scale)
+        # The weights' buffer becomes the output: no second [tokens, hidden] temporary.
+        return _as_weights(keep, ctx.shape).mul_(x).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         keep = np.unpackbits(ctx.packed, count=grad.numel())
-        return grad * _as_weights(keep, ctx.shape).mul_(ctx.scale), None, None
+        return _as_weights(keep, ctx.shape).mul_(grad).mul_(ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Dropout):

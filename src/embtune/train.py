@@ -29,7 +29,10 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from embtune.activation_recompute import recompute_feed_forward_activations
+from embtune.activation_recompute import (
+    recompute_feed_forward_activations,
+    recompute_norm_outputs,
+)
 from embtune.atomic import atomic_write, write_json_atomically
 from embtune.checkpoint import (
     KILL_AT_STEP_ENV,
@@ -67,7 +70,6 @@ from embtune.data.length_grouping import length_grouped_batches
 from embtune.data.store import default_cache_dir, tokenize_store
 from embtune.dropout import use_fast_cpu_dropout
 from embtune.errors import TrainingStopped, UsageError
-from embtune.host_memory import release_freed_memory
 from embtune.losses import batch_signals, window_signals
 from embtune.model import Encoder, check_max_lengths, load_model_config
 from embtune.train_step import StepSettings, forward_backward
@@ -490,8 +492,10 @@ def train(
     if accelerator.device.type == "cpu" and not (
         config.bf16 or config.fp16 or config.gradient_checkpointing
     ):
-        # Same results, 600 MiB less at MiniLM's demo sizes (embtune/activation_recompute.py).
+        # Same results, less kept for backward: cheap activations are recomputed instead
+        # (embtune/activation_recompute.py).
         recompute_feed_forward_activations(encoder.model)
+        recompute_norm_outputs(encoder.model)
     pooler = getattr(encoder.model, "pooler", None)
     if isinstance(pooler, torch.nn.Module):
         # BERT's pooler head is computed but never used by our pooling: frozen, it keeps its
@@ -649,11 +653,9 @@ def train(
             # The schedule follows the step count, skipped steps included, so that a step's
             # learning rate does not depend on how many steps before it were skipped.
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=not os.environ.get("EMBTUNE_PRE"))
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize(accelerator.device)
-            else:
-                release_freed_memory()  # else the C heap keeps this step's activations
 
             seconds = time.perf_counter() - started
             done = step + 1
