@@ -69,8 +69,8 @@ def reference_step(encoder: Encoder, batch: Batch, chunk: int) -> tuple[float, t
             parts.append(encoder(ids[start : start + chunk, :width], rows_mask[:, :width]))
         return torch.cat(parts)
 
+    passages = encode(batch.passage_input_ids, batch.passage_attention_mask)  # first, as ours
     queries = encode(batch.query_input_ids, batch.query_attention_mask)
-    passages = encode(batch.passage_input_ids, batch.passage_attention_mask)
     out = contrastive_loss(
         queries,
         passages,
