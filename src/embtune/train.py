@@ -653,7 +653,7 @@ def train(
             # The schedule follows the step count, skipped steps included, so that a step's
             # learning rate does not depend on how many steps before it were skipped.
             scheduler.step()
-            optimizer.zero_grad(set_to_none=not os.environ.get("EMBTUNE_PRE"))
+            optimizer.zero_grad(set_to_none=True)
             if accelerator.device.type == "cuda":
                 torch.cuda.synchronize(accelerator.device)
 
