@@ -1,4 +1,4 @@
-"""Feed-forward blocks that recompute their activation in backward compute what they did."""
+"""Activations recomputed in backward (feed-forward, LayerNorm outputs) give the plain results."""
 
 from __future__ import annotations
 
