@@ -39,7 +39,7 @@ class _ActivatedLinear(torch.autograd.Function):
     """``linear(act(h), weight, bias)`` with only ``h`` kept for backward.
 
     Both passes go through the tokens in blocks of :data:`_ROWS`, so ``act(h)`` and the
-    gradients in its width exist one block at a time, never as whole [tokens, 4 x hidden]
+    gradient with respect to it exist one block at a time, never as whole [tokens, 4 x hidden]
     temporaries: on CPU those would each be fresh, zero-filled pages from the operating system
     and leave holes among the activations the step keeps.
     """
