@@ -209,7 +209,8 @@ class _FastDropoutFunction(torch.autograd.Function):
 
 
 class FastDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose CPU fp32 training path draws its mask with :func:`keep_mask`."""
+    """``nn.Dropout`` whose CPU fp32 training path draws its mask as :func:`keep_mask` does and
+    keeps it packed to one bit per element for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

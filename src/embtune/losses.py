@@ -85,9 +85,9 @@ def batch_signals(
 
     Returned as sums plus ``queries`` so that windows of steps (and processes) add up exactly:
     ``correct`` (queries whose positive scored above every other candidate: in-batch top-1
-    accuracy), the similarity
-    q.p of positives, hard negatives (own group) and in-batch negatives (other groups), the
-    candidate counts by kind, and the false negatives masked out of the softmax.
+    accuracy), the similarity q.p of positives, hard negatives (own group) and in-batch
+    negatives (other groups), the candidate counts by kind, and the false negatives masked out
+    of the softmax.
     """
     with torch.no_grad():
         scores = out.scores.detach()
