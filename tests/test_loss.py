@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from embtune.data.batching import collate, pad_tokens
+from embtune.data.batching import collate, pad_tokens, padded_width
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
 from embtune.losses import contrastive_loss
@@ -107,6 +107,31 @@ def test_pad_tokens_pads_right_with_a_mask() -> None:
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+@pytest.mark.parametrize(
+    ("longest", "multiple", "cap", "width"),
+    [
+        (37, 1, None, 37),
+        (37, 8, None, 40),
+        (40, 8, None, 40),
+        (37, 64, 256, 64),
+        (250, 64, 256, 256),
+        (250, 64, 252, 252),  # never past the max length...
+        (253, 64, 252, 253),  # ...nor below the longest text
+        (0, 8, None, 8),
+    ],
+)
+def test_padded_width_rounds_up_to_the_multiple_within_the_max_length(
+    longest: int, multiple: int, cap: int | None, width: int
+) -> None:
+    assert padded_width(longest, multiple, cap) == width
+
+
+def test_pad_tokens_to_a_multiple_adds_masked_padding() -> None:
+    ids, mask = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0, multiple=4)
+    assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
 def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
     # Passage 1 is row 0's negative but row 1's positive; passage 0 (row 0's positive) also
     # shows up in row 1's group as a negative.
@@ -128,6 +153,11 @@ def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
         [False, True, False, False, False],  # passage 1, row 1's other positive
     ]
     assert batch.rows == [0, 1]
+    wide = collate(groups, rows, query_tokens, passage_tokens, 0, 8, (6, 64))
+    assert wide.query_input_ids.shape[1] == 6  # 4 rounded to 8, capped at the query max
+    assert wide.passage_input_ids.shape[1] == 8
+    assert torch.equal(wide.passage_attention_mask[:, :4], batch.passage_attention_mask)
+    assert wide.passage_attention_mask[:, 4:].sum() == 0
     assert batch.query_input_ids.tolist() == [[101, 11, 102, 0], [101, 12, 13, 102]]
     assert batch.query_attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert batch.passage_input_ids.tolist() == [

@@ -167,6 +167,19 @@ def test_same_seed_gives_the_same_loss_sequence(tiny_model: Path, tmp_path: Path
     assert len(losses[0]) == 3
 
 
+def test_log_reports_padded_widths_rounded_to_the_multiple(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    data = _tiny_beir(tmp_path / "beir")
+    out = tmp_path / "run"
+    assert _cli_train(tiny_model, data, out, "--pad-to-multiple-of", "8") == 0
+    records = [json.loads(r) for r in (out / LOG_FILE).read_text().splitlines()]
+    widths = [(r["query_width"], r["passage_width"]) for r in records]
+    assert len(widths) == 3
+    assert all(q % 8 == 0 and p % 8 == 0 and 0 < q <= 64 and 0 < p <= 256 for q, p in widths)
+    assert all(r["padding_share"] > 0 for r in records)
+
+
 def test_yaml_config_supplies_options_and_flags_override(tiny_model: Path, tmp_path: Path) -> None:
     data = _tiny_beir(tmp_path / "beir")
     cfg = tmp_path / "run.yaml"

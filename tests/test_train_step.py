@@ -137,6 +137,43 @@ def test_cached_loss_with_one_chunk_equals_the_plain_step(tiny_model) -> None:
     assert plain.output.masked.sum().item() == 1  # the false negative was masked
 
 
+@pytest.mark.parametrize("chunk", [0, 4])
+def test_padding_to_a_multiple_changes_neither_loss_nor_gradients(tiny_model, chunk) -> None:
+    """Extra padding is masked out; widths seen by the encoder are multiples of 8."""
+    batch, _ = make_batch()
+    wide_batch, _ = make_batch()
+    for name in ("query", "passage"):
+        for part in ("input_ids", "attention_mask"):
+            key = f"{name}_{part}"
+            tensor = getattr(wide_batch, key)
+            extra = -tensor.shape[1] % 8
+            setattr(wide_batch, key, torch.nn.functional.pad(tensor, (0, extra)))
+    widths: list[int] = []
+    with single_thread():
+        encoder = load(tiny_model, dropout=False)
+        results = []
+        for b, multiple in ((batch, 1), (wide_batch, 8)):
+            widths.clear()
+            hook = encoder.model.register_forward_pre_hook(
+                lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                with_kwargs=True,
+            )
+            result = forward_backward(
+                encoder,
+                b,
+                StepSettings(TEMPERATURE, cache_chunk_size=chunk, pad_to_multiple_of=multiple),
+                lambda loss: loss.backward(),
+                lambda loss: True,
+            )
+            hook.remove()
+            results.append((result.loss.item(), gradients(encoder), list(widths)))
+            encoder.zero_grad(set_to_none=True)
+    (loss, grad, narrow), (wide_loss, wide_grad, wide) = results
+    assert wide_loss == pytest.approx(loss, abs=1e-6)
+    assert (wide_grad - grad).abs().max().item() < 1e-5
+    assert all(w % 8 == 0 for w in wide) and any(w % 8 for w in narrow)
+
+
 def test_a_non_finite_loss_back_propagates_nothing(tiny_model) -> None:
     batch, _ = make_batch()
     encoder = load(tiny_model, dropout=False)

@@ -133,6 +133,13 @@ class TrainConfig:
         help="draw each step's queries from a pool of nearby lengths (pools shuffled) so "
         "batches carry less padding",
     )
+    pad_to_multiple_of: int = option(
+        1,
+        help="round each batch's padded width up to a multiple of N (at most the max length): "
+        "fewer distinct batch shapes, for GPU kernels that plan or compile once per shape "
+        "(docs/performance.md); 1 pads to the longest text",
+        metavar="N",
+    )
     attn_implementation: str = option(
         "sdpa",
         help="attention kernel: sdpa (PyTorch scaled-dot-product), eager, or flash_attention_2 "
@@ -234,6 +241,7 @@ class TrainConfig:
             "epochs",
             "query_max_len",
             "passage_max_len",
+            "pad_to_multiple_of",
         )
         for name in (*positive_ints, "max_nonfinite_steps"):
             if getattr(self, name) < 1:

@@ -120,6 +120,10 @@ class _Progress:
     window_signals: dict = field(default_factory=dict)
     window_padded_tokens: int = 0
     window_real_tokens: int = 0
+    # Widest padded query and passage batch of the window: on a GPU a batch width not met
+    # before costs kernel planning once (docs/performance.md).
+    window_query_width: int = 0
+    window_passage_width: int = 0
     padded_tokens: int = 0
     real_tokens: int = 0
 
@@ -593,6 +597,7 @@ def train(
         in_batch_negatives=config.in_batch_negatives,
         negatives_cross_device=config.negatives_cross_device,
         cache_chunk_size=config.cache_chunk_size,
+        pad_to_multiple_of=config.pad_to_multiple_of,
     )
     # Which of the data's negatives the run has trained on (a resumed run replays its past).
     coverage = (
@@ -618,9 +623,15 @@ def train(
             # Each process takes its share; shares differ by at most one query.
             mine = np.array_split(rows, world)[accelerator.process_index]
             groups = [sampler.group(int(r), epoch) for r in mine]
-            batch: Batch = collate(groups, texts.rows, query_tokens, passage_tokens, pad_id).to(
-                accelerator.device
-            )
+            batch: Batch = collate(
+                groups,
+                texts.rows,
+                query_tokens,
+                passage_tokens,
+                pad_id,
+                config.pad_to_multiple_of,
+                (config.query_max_len, config.passage_max_len),
+            ).to(accelerator.device)
             if main:
                 local = {g.row: g for g in groups}
                 for r in rows.tolist():
@@ -667,6 +678,12 @@ def train(
             progress.window_seconds += seconds
             progress.window_padded_tokens += result.padded_tokens
             progress.window_real_tokens += result.real_tokens
+            progress.window_query_width = max(
+                progress.window_query_width, batch.query_input_ids.shape[1]
+            )
+            progress.window_passage_width = max(
+                progress.window_passage_width, batch.passage_input_ids.shape[1]
+            )
             progress.padded_tokens += result.padded_tokens
             progress.real_tokens += result.real_tokens
             bar.update(1)
@@ -733,6 +750,8 @@ def train(
                     "window_seconds": progress.window_seconds,
                     "padding_share": 1
                     - progress.window_real_tokens / max(progress.window_padded_tokens, 1),
+                    "query_width": progress.window_query_width,
+                    "passage_width": progress.window_passage_width,
                     "peak_memory_bytes": peak_memory_bytes(accelerator.device),
                 }
                 write_log({k: v for k, v in record.items() if v is not None})
@@ -747,6 +766,7 @@ def train(
                 progress.window_texts, progress.window_seconds = 0, 0.0
                 progress.window_signals = {}
                 progress.window_padded_tokens = progress.window_real_tokens = 0
+                progress.window_query_width = progress.window_passage_width = 0
             if dev_data is not None and (
                 done == total_steps or (config.eval_steps and done % config.eval_steps == 0)
             ):

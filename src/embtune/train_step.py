@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from embtune.data.batching import Batch, false_negative_mask
+from embtune.data.batching import Batch, false_negative_mask, padded_width
 from embtune.distributed import gather, gather_sizes, gather_with_grad, is_distributed
 from embtune.losses import ContrastiveOutput, contrastive_loss
 
@@ -50,15 +50,19 @@ class StepSettings:
     in_batch_negatives: bool = True
     negatives_cross_device: bool = False
     cache_chunk_size: int = 0
+    pad_to_multiple_of: int = 1
 
 
-def _chunks(ids: torch.Tensor, mask: torch.Tensor, size: int) -> Iterator[tuple[slice, ...]]:
+def _chunks(
+    ids: torch.Tensor, mask: torch.Tensor, size: int, multiple: int = 1
+) -> Iterator[tuple[slice, ...]]:
     """(rows, ids, mask) per chunk of ``size`` texts, without the padding columns no text of
-    the chunk uses (a chunk of short texts is narrower than the batch)."""
+    the chunk uses (a chunk of short texts is narrower than the batch); widths are rounded up
+    to ``multiple`` as the batch's were."""
     lengths = mask.sum(1).tolist()  # one device sync for all chunks
     for start in range(0, ids.shape[0], size):
         rows = slice(start, start + size)
-        width = max(max(lengths[rows], default=1), 1)
+        width = padded_width(max(lengths[rows], default=1), multiple, ids.shape[1])
         yield rows, ids[rows, :width], mask[rows, :width]
 
 
@@ -174,7 +178,9 @@ def _cached_forward_backward(
     with torch.no_grad():
         for which in (1, 0):  # passages first, as in the plain path (same dropout draws)
             ids, mask = parts[which]
-            for rows, chunk_ids, chunk_mask in _chunks(ids, mask, size):
+            for rows, chunk_ids, chunk_mask in _chunks(
+                ids, mask, size, settings.pad_to_multiple_of
+            ):
                 padded += chunk_ids.numel()
                 state = _rng_state(device)
                 embeddings[which].append(model(chunk_ids, chunk_mask))

@@ -42,9 +42,25 @@ class Batch:
         return Batch(**moved)
 
 
-def pad_tokens(sequences: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and attention mask for a list of id arrays."""
-    width = max((len(s) for s in sequences), default=1)
+def padded_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:
+    """The width a batch whose longest text has ``longest`` tokens is padded to.
+
+    ``longest`` rounded up to a multiple of ``multiple``, but never past ``cap`` (the max
+    length, which the position embeddings are sized for) nor below ``longest``.
+    """
+    width = max(longest, 1)
+    rounded = -(-width // multiple) * multiple
+    return max(width, min(rounded, cap)) if cap else rounded
+
+
+def pad_tokens(
+    sequences: list[np.ndarray], pad_id: int, multiple: int = 1, cap: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and attention mask for a list of id arrays.
+
+    The width is the longest sequence's, rounded by :func:`padded_width`.
+    """
+    width = padded_width(max((len(s) for s in sequences), default=1), multiple, cap)
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
     for i, seq in enumerate(sequences):
@@ -71,8 +87,14 @@ def collate(
     query_tokens: TokenTable,
     passage_tokens: TokenTable,
     pad_id: int,
+    pad_to_multiple_of: int = 1,
+    max_lengths: tuple[int, int] | None = None,
 ) -> Batch:
-    """Build the tensors of one step from its groups."""
+    """Build the tensors of one step from its groups.
+
+    Widths are rounded up to ``pad_to_multiple_of``, at most ``max_lengths`` (query, passage).
+    """
+    query_cap, passage_cap = max_lengths or (None, None)
     passage_ids = [pid for g in groups for pid in g.passages]
     sizes = [len(g.passages) for g in groups]
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -81,8 +103,12 @@ def collate(
     positive_ids = [rows[g.row].pos for g in groups]
     false_neg = false_negative_mask(pid_array, positive_ids)
     false_neg[np.arange(len(groups)), offsets] = False  # the query's own positive
-    q_ids, q_mask = pad_tokens([query_tokens[g.query] for g in groups], pad_id)
-    p_ids, p_mask = pad_tokens([passage_tokens[p] for p in passage_ids], pad_id)
+    q_ids, q_mask = pad_tokens(
+        [query_tokens[g.query] for g in groups], pad_id, pad_to_multiple_of, query_cap
+    )
+    p_ids, p_mask = pad_tokens(
+        [passage_tokens[p] for p in passage_ids], pad_id, pad_to_multiple_of, passage_cap
+    )
     return Batch(
         query_input_ids=q_ids,
         query_attention_mask=q_mask,
