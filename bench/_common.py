@@ -53,6 +53,8 @@ DEFAULT_WORK = Path(os.environ.get("EMBTUNE_BENCH_WORK", "/tmp/embtune-bench"))
 ST_VENV = BENCH / ".venv-st"
 FLAG_VENV = BENCH / ".venv-flagembedding"
 SETUP_HINT = "build it with: bash bench/anchors/setup.sh"
+# Set to "1" in a child's environment: cuDNN's attention backend off (bench --no-cudnn-attention).
+NO_CUDNN_ATTENTION_ENV = "EMBTUNE_BENCH_NO_CUDNN_ATTENTION"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -415,6 +417,35 @@ def embtune_step_seconds(output_dir: Path) -> tuple[dict[int, float], dict[int, 
     return seconds, texts
 
 
+def embtune_step_shapes(output_dir: Path) -> dict[int, set]:
+    """Per-step padded batch widths from embtune's log (logged every step):
+    {("query", width), ("passage", width)}; empty when the log has no widths."""
+    shapes: dict[int, set] = {}
+    for record in read_jsonl(output_dir / "train_log.jsonl"):
+        if "query_width" in record:
+            shapes[int(record["step"])] = {
+                ("query", record["query_width"]),
+                ("passage", record["passage_width"]),
+            }
+    return shapes
+
+
+def anchor_step_shapes(result: dict) -> dict[int, set]:
+    """Per-step [batch, width] shapes an anchor's embedding layer met (see _step_timer)."""
+    return {k + 1: {tuple(s) for s in step} for k, step in enumerate(result.get("step_shapes", []))}
+
+
+def first_seen_shape_steps(shapes: dict[int, set]) -> list[int]:
+    """Steps that met a batch shape no earlier step of the run had met."""
+    seen: set = set()
+    steps = []
+    for step in sorted(shapes):
+        if shapes[step] - seen:
+            steps.append(step)
+        seen |= shapes[step]
+    return steps
+
+
 def anchor_step_seconds(result: dict) -> tuple[dict[int, float], dict[int, float]]:
     """Per-step seconds of an anchor run: the time between consecutive step ends.
 
@@ -516,10 +547,13 @@ def _device_facts() -> dict[str, Any]:
     return facts
 
 
-def _step_timer(on_cuda: bool) -> Any:
+def _step_timer(on_cuda: bool, model: Any = None) -> Any:
     """A TrainerCallback that records perf_counter() at each step's begin and end.
 
-    On a GPU it synchronizes first, so a step's time includes its queued kernels.
+    On a GPU it synchronizes first, so a step's time includes its queued kernels. With
+    ``model``, it also records the [batch, width] of every batch the model's embedding layer
+    embedded during each step: on a GPU a shape met for the first time can cost kernel
+    planning, so the report separates those steps.
     """
     import torch
     from transformers import TrainerCallback
@@ -528,6 +562,14 @@ def _step_timer(on_cuda: bool) -> Any:
         def __init__(self) -> None:
             self.begin: list[float] = []
             self.end: list[float] = []
+            self.shapes: list[list[list[int]]] = []
+            self._current: list[list[int]] = []
+            modules = model.modules() if isinstance(model, torch.nn.Module) else []
+            embeddings = next((m for m in modules if type(m).__name__.endswith("Embeddings")), None)
+            if embeddings is not None:
+                embeddings.register_forward_hook(
+                    lambda module, args, output: self._current.append(list(output.shape[:2]))
+                )
 
         def _now(self) -> float:
             if on_cuda:
@@ -539,6 +581,8 @@ def _step_timer(on_cuda: bool) -> Any:
 
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, ANN003
             self.end.append(self._now())
+            self.shapes.append(self._current)
+            self._current = []
 
     return StepTimer()
 
@@ -627,7 +671,7 @@ def _child_st(args: argparse.Namespace) -> int:
         logging_steps=10**6,
         report_to="none",
     )
-    timer = _step_timer(on_cuda)
+    timer = _step_timer(on_cuda, model)
     trainer = SentenceTransformerTrainer(
         model=model, args=training_args, train_dataset=dataset, loss=loss, callbacks=[timer]
     )
@@ -638,6 +682,7 @@ def _child_st(args: argparse.Namespace) -> int:
         "train_seconds": time.perf_counter() - started,
         "step_begin": timer.begin,
         "step_end": timer.end,
+        "step_shapes": timer.shapes,
         "texts_per_step": args.batch_size * (2 + args.negatives),
         "versions": _versions("sentence-transformers", "torch", "transformers", "accelerate"),
         "attn_implementation": getattr(
@@ -673,7 +718,9 @@ def _child_flagembedding(args: argparse.Namespace, rest: list[str]) -> int:
     runner = EncoderOnlyEmbedderRunner(
         model_args=model_args, data_args=data_args, training_args=training_args
     )
-    timer = _step_timer(not training_args.use_cpu and sys.modules["torch"].cuda.is_available())
+    timer = _step_timer(
+        not training_args.use_cpu and sys.modules["torch"].cuda.is_available(), runner.model
+    )
     runner.trainer.add_callback(timer)
     started = time.perf_counter()
     runner.run()
@@ -682,6 +729,7 @@ def _child_flagembedding(args: argparse.Namespace, rest: list[str]) -> int:
         "train_seconds": time.perf_counter() - started,
         "step_begin": timer.begin,
         "step_end": timer.end,
+        "step_shapes": timer.shapes,
         "texts_per_step": training_args.per_device_train_batch_size
         * (1 + data_args.train_group_size),
         "versions": _versions("FlagEmbedding", "torch", "transformers", "accelerate"),
@@ -724,6 +772,11 @@ def child_main(argv: list[str]) -> int:
     else:
         rest = []
     args = parser.parse_args(argv)
+    if os.environ.get(NO_CUDNN_ATTENTION_ENV) == "1":
+        import torch
+
+        # Every tool alike: PyTorch then picks flash or memory-efficient attention instead.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.tool == "embtune":
         return _child_embtune(args, rest)
     if args.tool == "flagembedding":

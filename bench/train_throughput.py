@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shlex
 import shutil
 import sys
@@ -40,11 +42,13 @@ from _common import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_WORK,
     FLAG_VENV,
+    NO_CUDNN_ATTENTION_ENV,
     SETUP_HINT,
     ST_VENV,
     BenchError,
     ChildRun,
     anchor_step_seconds,
+    anchor_step_shapes,
     as_dict,
     bench_model,
     child_command,
@@ -52,6 +56,8 @@ from _common import (  # noqa: E402
     count_rows,
     default_pythons,
     embtune_step_seconds,
+    embtune_step_shapes,
+    first_seen_shape_steps,
     gib,
     load_average,
     machine_info,
@@ -132,6 +138,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="no_duplicates",
         help="sentence-transformers batch_sampler (no_duplicates)",
     )
+    p.add_argument(
+        "--no-cudnn-attention",
+        action="store_true",
+        help="switch PyTorch's cuDNN attention backend off in every tool (GPU; see "
+        "bench/shape_cost.py)",
+    )
     p.add_argument("--only", nargs="+", choices=TOOLS, help="run only these tools")
     p.add_argument(
         "--rounds",
@@ -150,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", action="append", default=[], help="write the report (.md or .json; repeatable)"
     )
     args = p.parse_args(argv)
+    if args.no_cudnn_attention:
+        os.environ[NO_CUDNN_ATTENTION_ENV] = "1"  # the children inherit it
     cuda = args.device == "cuda"
     args.batch_size = args.batch_size or (64 if cuda else 16)
     args.precision = args.precision or ("bf16" if cuda else "fp32")
@@ -352,6 +366,11 @@ def measure(run: ChildRun, out: Path, args: argparse.Namespace) -> dict[str, Any
             row["median_compute_seconds"] = median(
                 compute[k] for k in row["timed_steps"] if k in compute
             )
+        shapes = (
+            embtune_step_shapes(out) if run.tool == "embtune" else anchor_step_shapes(run.result)
+        )
+        if shapes:
+            row.update(seen_shape_summary(row, first_seen_shape_steps(shapes)))
     except (OSError, KeyError, ValueError) as exc:
         row["failed"] = f"no step timings: {exc} (log: {run.log})"
         return row
@@ -361,6 +380,27 @@ def measure(run: ChildRun, out: Path, args: argparse.Namespace) -> dict[str, Any
         row["peak_memory_bytes"] = run.result.get("cuda_max_allocated_bytes")
     row["peak_rss_bytes"] = run.peak_rss_bytes
     return row
+
+
+def seen_shape_summary(row: dict[str, Any], new_shape_steps: list[int]) -> dict[str, Any]:
+    """Which timed steps met a batch shape for the first time in the run, and texts/s over
+    the other timed steps (on a GPU a new shape can cost kernel planning once; a long run
+    meets each shape once, a 20-step benchmark mostly new ones)."""
+    timed = row["timed_steps"]
+    new = [k for k in timed if k in set(new_shape_steps)]
+    rest = [i for i, k in enumerate(timed) if k not in set(new)]
+    texts_per_step = row["texts"] / len(timed)
+    seconds = sum(row["step_seconds"][i] for i in rest)
+    return {
+        "new_shape_steps": new,
+        "texts_per_second_seen_shapes": texts_per_step * len(rest) / seconds if rest else None,
+    }
+
+
+def median_or_none(values: Any) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return median(present) if present else None
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -380,6 +420,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "tool": group[0]["tool"],
                 "texts_per_second": median(r["texts_per_second"] for r in ok),
                 "median_step_seconds": median(r["median_step_seconds"] for r in ok),
+                "new_shape_steps": [
+                    len(r["new_shape_steps"]) for r in ok if "new_shape_steps" in r
+                ],
+                "texts_per_second_seen_shapes": median_or_none(
+                    r.get("texts_per_second_seen_shapes") for r in ok
+                ),
                 "peak_memory_bytes": median(r["peak_memory_bytes"] or 0 for r in ok),
                 "loads": [f"{r['run']['load_before']} -> {r['run']['load_after']}" for r in group],
                 "rounds": len(ok),
@@ -400,12 +446,13 @@ def report(
     anchors = {r["tool"]: r for r in table if r["tool"] != "embtune" and "failed" not in r}
     memory_kind = "peak RSS" if args.device == "cpu" else "peak GPU allocated"
     header = ["tool / variant", "texts/s", "median s/step", memory_kind]
+    header += ["steps meeting a new batch shape", "texts/s over the other steps"]
     header += [f"vs {ANCHOR_LABELS[t]} (speed / memory)" for t in anchors]
     header += ["load avg before -> after"]
     lines = []
     for r in table:
         if "failed" in r:
-            lines.append([r["label"], r["failed"], "", "", *["" for _ in anchors], ""])
+            lines.append([r["label"], r["failed"], "", "", "", "", *["" for _ in anchors], ""])
             continue
         ratios = []
         for anchor in anchors.values():
@@ -422,6 +469,10 @@ def report(
                 f"{r['texts_per_second']:.1f}",
                 f"{r['median_step_seconds']:.3f}",
                 gib(r["peak_memory_bytes"]),
+                "/".join(str(n) for n in r["new_shape_steps"]) + f" of {args.steps}"
+                if r["new_shape_steps"]
+                else "-",
+                f"{seen:.1f}" if (seen := r["texts_per_second_seen_shapes"]) else "-",
                 *ratios,
                 "; ".join(r["loads"]),
             ]
@@ -493,17 +544,27 @@ def targets(args: argparse.Namespace, table: list[dict], anchors: dict[str, dict
                 f"({leanest['label']}); target >= 1.3x at <= 0.5x: {'met' if ok else 'NOT met'}"
             )
         elif "st-mnrl" in anchors:
-            speed = r["texts_per_second"] / anchors["st-mnrl"]["texts_per_second"]
-            out.append(
+            st = anchors["st-mnrl"]
+            speed = r["texts_per_second"] / st["texts_per_second"]
+            line = (
                 f"- {r['label']}: {speed:.2f}x ST MNRL texts/s; target >= 2x: "
                 f"{'met' if speed >= 2 else 'NOT met'}"
             )
-    plain = next((r for r in ours if r["label"] == "embtune"), None)
-    cached = next((r for r in ours if r["label"].startswith("embtune cached")), None)
-    if plain and cached:
+            if r.get("texts_per_second_seen_shapes") and st.get("texts_per_second_seen_shapes"):
+                steady = r["texts_per_second_seen_shapes"] / st["texts_per_second_seen_shapes"]
+                line += f" ({steady:.2f}x over the steps that met no new batch shape)"
+            out.append(line)
+    by_label = {r["label"]: r for r in ours}
+    for cached in ours:
+        if " cached" not in cached["label"]:
+            continue
+        # "embtune cached (chunk 64)" -> "embtune"; "embtune cached pad 64" -> "embtune pad 64"
+        base = re.sub(r" \(chunk \d+\)", "", cached["label"].replace(" cached", "", 1))
+        if (plain := by_label.get(base)) is None:
+            continue
         ratio = cached["median_step_seconds"] / plain["median_step_seconds"]
         out.append(
-            f"- {cached['label']}: step time {ratio:.2f}x the plain path's "
+            f"- {cached['label']}: median step time {ratio:.2f}x {base}'s "
             f"(GPU target <= 1.4x: {'met' if ratio <= 1.4 else 'NOT met'}; memory flatness: "
             "bench/memory.py)"
         )
@@ -556,6 +617,13 @@ def main(argv: list[str] | None = None) -> int:
         "callbacks (includes fetching and tokenizing the batch; on a GPU after "
         "torch.cuda.synchronize())"
     )
+    notes.append(
+        "a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
+        "logged query and passage widths; anchors: what their embedding layer met) include one "
+        "no earlier step of the run, warm-up included, had"
+    )
+    if args.no_cudnn_attention:
+        notes.append("cuDNN attention backend switched off in every tool (--no-cudnn-attention)")
     for note in notes:
         print(f"note: {note}")
 
