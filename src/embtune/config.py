@@ -134,10 +134,11 @@ class TrainConfig:
         "batches carry less padding",
     )
     pad_to_multiple_of: int = option(
-        1,
-        help="round each batch's padded width up to a multiple of N (at most the max length): "
-        "fewer distinct batch shapes, for GPU kernels that plan or compile once per shape "
-        "(docs/performance.md); 1 pads to the longest text",
+        0,
+        help="round each batch's padded width up to a multiple of N (at most the max length), "
+        "so a run meets few batch shapes: on a GPU a step meeting a shape for the first time "
+        "was measured up to 3.5 s slower (docs/performance.md). 1 pads to the longest text; "
+        "0 (default): 16 on a GPU, 1 on a CPU",
         metavar="N",
     )
     attn_implementation: str = option(
@@ -241,7 +242,6 @@ class TrainConfig:
             "epochs",
             "query_max_len",
             "passage_max_len",
-            "pad_to_multiple_of",
         )
         for name in (*positive_ints, "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -253,6 +253,7 @@ class TrainConfig:
             "eval_steps",
             "save_total_limit",
             "cache_chunk_size",
+            "pad_to_multiple_of",
         ):
             # `not >=` also refuses NaN, which every comparison calls False.
             if not getattr(self, name) >= 0:

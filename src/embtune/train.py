@@ -120,12 +120,25 @@ class _Progress:
     window_signals: dict = field(default_factory=dict)
     window_padded_tokens: int = 0
     window_real_tokens: int = 0
-    # Widest padded query and passage batch of the window: on a GPU a batch width not met
-    # before costs kernel planning once (docs/performance.md).
+    # Widest padded query and passage batch of the window: on a GPU a step meeting a batch
+    # width for the first time was measured slower (docs/performance.md).
     window_query_width: int = 0
     window_passage_width: int = 0
     padded_tokens: int = 0
     real_tokens: int = 0
+
+
+def pad_multiple_for(requested: int, device: torch.device) -> int:
+    """The multiple batch widths are rounded up to: ``requested``, or for 0 the device's default.
+
+    The GPU default follows the H100 benchmark: a step meeting a batch width for the first time
+    took 0.28-3.6 s against 0.17-0.19 s (docs/performance.md); at most 15 extra padding
+    positions per text bound the widths a run meets. On a CPU a new width costs nothing
+    measurable (bench/shape_cost.py --device cpu), so there it pads to the longest text.
+    """
+    if requested:
+        return requested
+    return 16 if device.type == "cuda" else 1
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -323,6 +336,7 @@ def train(
         step_scheduler_with_optimizer=False,
     )
     main = accelerator.is_main_process
+    pad_multiple = pad_multiple_for(config.pad_to_multiple_of, accelerator.device)
     show = show_progress and main
     world = accelerator.num_processes
     global_batch = config.batch_size * world
@@ -470,6 +484,10 @@ def train(
         print(
             f"  steps: {total_steps} ({steps_per_epoch} per epoch, {global_batch} queries per step)"
         )
+        if pad_multiple > 1:
+            print(
+                f"  batch widths rounded up to a multiple of {pad_multiple} (--pad-to-multiple-of)"
+            )
         if resume_from:
             print(f"  resuming from {resume_from} at step {start_step}")
         elif config.resuming:
@@ -597,7 +615,7 @@ def train(
         in_batch_negatives=config.in_batch_negatives,
         negatives_cross_device=config.negatives_cross_device,
         cache_chunk_size=config.cache_chunk_size,
-        pad_to_multiple_of=config.pad_to_multiple_of,
+        pad_to_multiple_of=pad_multiple,
     )
     # Which of the data's negatives the run has trained on (a resumed run replays its past).
     coverage = (
@@ -629,7 +647,7 @@ def train(
                 query_tokens,
                 passage_tokens,
                 pad_id,
-                config.pad_to_multiple_of,
+                pad_multiple,
                 (config.query_max_len, config.passage_max_len),
             ).to(accelerator.device)
             if main:
