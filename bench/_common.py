@@ -552,8 +552,8 @@ def _step_timer(on_cuda: bool, model: Any = None) -> Any:
 
     On a GPU it synchronizes first, so a step's time includes its queued kernels. With
     ``model``, it also records the [batch, width] of every batch the model's embedding layer
-    embedded during each step: on a GPU a shape met for the first time can cost kernel
-    planning, so the report separates those steps.
+    embedded during each step: on a GPU a step meeting a shape for the first time was measured
+    slower (docs/performance.md), so the report separates those steps.
     """
     import torch
     from transformers import TrainerCallback
