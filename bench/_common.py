@@ -501,6 +501,26 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def setup_lines(device: str, *facts: str) -> list[str]:
+    """A report's closing lines: the command, ``facts``, torch (and GPU) and the machine."""
+    import torch
+
+    gpu = f", {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    return [
+        f"- command: `{command_line()}`",
+        *(f"- {fact}" for fact in facts),
+        f"- torch {torch.__version__}{gpu}",
+        f"- machine: {json.dumps(machine_info())}",
+    ]
+
+
+def publish(paths: Sequence[str], lines: list[str], results: Any) -> None:
+    """Print the markdown report and write it (and the JSON with the command and ``results``)."""
+    text = "\n".join(lines)
+    print(text)
+    write_outputs(paths, text, {"command": command_line(), "results": results})
+
+
 def write_outputs(paths: Sequence[str], markdown: str, payload: dict) -> None:
     """Write the report to each path: .json gets ``payload``, anything else the markdown."""
     for name in paths:

@@ -16,7 +16,6 @@ CPU smoke test: .venv/bin/python bench/shape_cost.py --size tiny --device cpu
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import command_line, machine_info, markdown_table, write_outputs  # noqa: E402
+from _common import markdown_table, publish, setup_lines  # noqa: E402
 
 SIZES = {
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
@@ -137,7 +136,6 @@ def measure(args: argparse.Namespace, cudnn: bool, widths: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Measure both settings and write the report."""
-    import torch
 
     args = parse_args(argv)
     settings = [(True, args.widths)]
@@ -172,15 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{result['median_second_seconds']:.3f} s; attention kernels: "
             + (", ".join(f"`{k}`" for k in result["attention_kernels"]) or "none matched")
         )
-    md += [
-        f"- command: `{command_line()}`",
-        f"- torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        f"- machine: {json.dumps(machine_info())}",
-    ]
-    text = "\n".join(md)
-    print(text)
-    write_outputs(args.out, text, {"command": command_line(), "results": results})
+    publish(args.out, md + setup_lines(args.device), results)
     return 0
 
 

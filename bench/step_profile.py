@@ -17,7 +17,6 @@ CPU smoke test:   .venv/bin/python bench/step_profile.py --device cpu --model /t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,14 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import (  # noqa: E402
-    DEFAULT_WORK,
-    bench_model,
-    command_line,
-    machine_info,
-    markdown_table,
-    write_outputs,
-)
+from _common import DEFAULT_WORK, bench_model, markdown_table, publish, setup_lines  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -211,16 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         md.append(
             f"- {r['variant']}: " + "; ".join(f"`{k}` {ms:.1f} ms x{n}" for k, ms, n in r["top"])
         )
-    md += [
-        "",
-        f"- command: `{command_line()}`",
-        f"- model: {model_dir}; torch {torch.__version__}"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        f"- machine: {json.dumps(machine_info())}",
-    ]
-    text = "\n".join(md)
-    print(text)
-    write_outputs(args.out, text, {"command": command_line(), "results": results})
+    publish(args.out, [*md, "", *setup_lines(args.device, f"model: {model_dir}")], results)
     return 0
 
 
