@@ -501,6 +501,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def default_device() -> str:
+    """ "cuda" when this torch sees a GPU, else "cpu"."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def setup_lines(device: str, *facts: str) -> list[str]:
     """A report's closing lines: the command, ``facts``, torch (and GPU) and the machine."""
     import torch

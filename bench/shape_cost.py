@@ -23,7 +23,7 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, publish, setup_lines  # noqa: E402
+from _common import default_device, markdown_table, publish, setup_lines  # noqa: E402
 
 SIZES = {
     "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12},
@@ -49,10 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", action="append", default=[], help="report (.md or .json)")
     args = p.parse_args(argv)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = args.device or default_device()
     return args
 
 

@@ -26,7 +26,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "src"))
 
-from _common import DEFAULT_WORK, bench_model, markdown_table, publish, setup_lines  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_WORK,
+    bench_model,
+    default_device,
+    markdown_table,
+    publish,
+    setup_lines,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,10 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", default=str(DEFAULT_WORK), help="work folder (%(default)s)")
     p.add_argument("--out", action="append", default=[], help="report (.md or .json)")
     args = p.parse_args(argv)
-    if args.device is None:
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = args.device or default_device()
     return args
 
 

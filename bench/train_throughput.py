@@ -387,8 +387,9 @@ def seen_shape_summary(row: dict[str, Any], new_shape_steps: list[int]) -> dict[
     the other timed steps (on a GPU such a step was measured up to 3.5 s slower; a long run
     meets each shape once, a 20-step benchmark mostly new ones)."""
     timed = row["timed_steps"]
-    new = [k for k in timed if k in set(new_shape_steps)]
-    rest = [i for i, k in enumerate(timed) if k not in set(new)]
+    first_seen = set(new_shape_steps)
+    new = [k for k in timed if k in first_seen]
+    rest = [i for i, k in enumerate(timed) if k not in first_seen]
     texts_per_step = row["texts"] / len(timed)
     seconds = sum(row["step_seconds"][i] for i in rest)
     return {
