@@ -263,7 +263,7 @@ def make_random_bert_base(folder: Path, tokenizer_dir: Path, seed: int = 0) -> P
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from embtune.model import Encoder, EncoderSettings
+    from embtune.models.encoder import Encoder, EncoderSettings
 
     torch.manual_seed(seed)
     # With its (unused) pooler, so every library loads it without "newly initialized" notes.

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from sentence_transformers import SentenceTransformer
 
     from embtune.data.formats import load_beir
-    from embtune.model import Encoder
+    from embtune.models.encoder import Encoder
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -101,8 +101,8 @@ def profile_variant(args: argparse.Namespace, model_dir: Path, chunk: int) -> di
     from accelerate import Accelerator
     from torch.profiler import ProfilerActivity, profile
 
-    from embtune.model import Encoder
-    from embtune.train_step import StepSettings, forward_backward
+    from embtune.models.encoder import Encoder
+    from embtune.training.step import StepSettings, forward_backward
 
     cuda = args.device == "cuda"
     accelerator = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)

@@ -44,10 +44,10 @@ import sys
 from pathlib import Path
 
 from embtune.data.formats import BeirDataset, load_beir
-from embtune.evaluate import evaluate_retrieval
-from embtune.mine import mine_negatives
-from embtune.model import Encoder
-from embtune.search import exact_search
+from embtune.eval.retrieval import evaluate_retrieval
+from embtune.mining.negatives import mine_negatives
+from embtune.models.encoder import Encoder
+from embtune.eval.search import exact_search
 
 scifact, work, model, n_train = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 data = load_beir(scifact, "train")

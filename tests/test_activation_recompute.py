@@ -8,13 +8,13 @@ import warnings
 
 import torch
 
-from embtune import activation_recompute
-from embtune.activation_recompute import (
+from embtune.models.speedups import activation_recompute
+from embtune.models.encoder import Encoder
+from embtune.models.speedups.activation_recompute import (
     _ActivatedLinear,
     recompute_feed_forward_activations,
     recompute_norm_outputs,
 )
-from embtune.model import Encoder
 from tests.conftest import single_thread
 
 

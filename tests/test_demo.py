@@ -18,16 +18,16 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "cache"))
-    import embtune.model
+    import embtune.models.encoder
 
     passage_calls: list[int] = []
-    original = embtune.model.Encoder.encode_passages
+    original = embtune.models.encoder.Encoder.encode_passages
 
     def counting(self, passages, *args, **kwargs):
         passage_calls.append(len(passages))
         return original(self, passages, *args, **kwargs)
 
-    monkeypatch.setattr(embtune.model.Encoder, "encode_passages", counting)
+    monkeypatch.setattr(embtune.models.encoder.Encoder, "encode_passages", counting)
     out = tmp_path / "demo"
     args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "24"]
     assert main([*args, "-o", str(out)]) == 0

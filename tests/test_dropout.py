@@ -7,8 +7,13 @@ import copy
 import pytest
 import torch
 
-from embtune.dropout import FastDropout, dropout_attention, keep_mask, use_fast_cpu_dropout
-from embtune.model import Encoder
+from embtune.models.encoder import Encoder
+from embtune.models.speedups.dropout import (
+    FastDropout,
+    dropout_attention,
+    keep_mask,
+    use_fast_cpu_dropout,
+)
 from tests.conftest import single_thread
 
 

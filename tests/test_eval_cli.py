@@ -12,7 +12,7 @@ import torch
 from embtune.cli import main
 from embtune.data.formats import BeirDataset, load_beir
 from embtune.errors import UsageError
-from embtune.evaluate import (
+from embtune.eval.retrieval import (
     corpus_cache_key,
     corpus_embeddings,
     evaluate_retrieval,
@@ -20,7 +20,7 @@ from embtune.evaluate import (
     retrieve,
     search_top_k,
 )
-from embtune.model import POOLING_MODES, Encoder
+from embtune.models.encoder import POOLING_MODES, Encoder
 
 DOCS = {
     "d1": ("Cells", "A cell is the basic structural unit of all living organisms."),

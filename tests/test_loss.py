@@ -11,7 +11,7 @@ import torch
 from embtune.data.batching import collate, pad_tokens, padded_width
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
-from embtune.losses import contrastive_loss
+from embtune.objectives.infonce import contrastive_loss
 
 # B = 2 queries, groups of 2 passages (positive first), H = 2.
 Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
@@ -185,7 +185,7 @@ def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
 
 
 def test_batch_signals_by_hand() -> None:
-    from embtune.losses import batch_signals, window_signals
+    from embtune.objectives.infonce import batch_signals, window_signals
 
     mask = torch.zeros(2, 4, dtype=torch.bool)
     mask[0, 3] = True  # passage 3 is also a positive of query 0

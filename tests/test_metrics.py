@@ -7,7 +7,7 @@ import random
 import pytest
 
 from embtune.errors import UsageError
-from embtune.evaluate import (
+from embtune.eval.retrieval import (
     format_metrics,
     rank_documents,
     retrieval_metrics,

@@ -12,7 +12,7 @@ import torch
 from embtune.cli import main
 from embtune.data.formats import read_flag_jsonl
 from embtune.errors import InputError, UsageError
-from embtune.mine import (
+from embtune.mining.negatives import (
     load_mining_input,
     mine_negatives,
     parse_range,
@@ -209,7 +209,7 @@ def test_sampling_is_seeded_and_per_row() -> None:
 
 
 def test_real_encoder_never_returns_a_positive(tiny_model: Path) -> None:
-    from embtune.model import Encoder
+    from embtune.models.encoder import Encoder
 
     enc = Encoder.from_pretrained(tiny_model, pooling="mean")
     corpus = [f"passage number {i} about topic {i % 7}" for i in range(60)]
@@ -338,7 +338,7 @@ def test_read_candidates_formats_and_errors(tmp_path: Path) -> None:
 
 
 def test_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from embtune.mine import MinedRow
+    from embtune.mining.negatives import MinedRow
 
     rows = [MinedRow("q", ["p"], [f"n{i}"], [0.9], [0.1], [3]) for i in range(3)]
     out = tmp_path / "out.jsonl"

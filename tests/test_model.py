@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel
 
 from embtune.errors import UsageError
-from embtune.model import SETTINGS_FILE, Encoder, EncoderSettings, pool, saved_settings
+from embtune.models.encoder import SETTINGS_FILE, Encoder, EncoderSettings, pool, saved_settings
 
 QUERIES = ["what is a cell?", "why do dogs bark at night"]
 PASSAGES = [
@@ -177,7 +177,7 @@ def test_settings_come_from_the_sentence_transformers_files_alone(
 
 
 def test_bf16_encoding_is_close_to_fp32_and_kept_apart_in_the_cache_key(tiny_model) -> None:
-    from embtune.evaluate import corpus_cache_key
+    from embtune.eval.retrieval import corpus_cache_key
 
     texts = ["a short text", "a somewhat longer text about proteins and cells", "x"]
     full = Encoder.from_pretrained(tiny_model, pooling="mean")

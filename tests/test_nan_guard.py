@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import embtune.train_step as train_step_module
+import embtune.training.step as train_step_module
 from embtune.cli import main
-from embtune.losses import contrastive_loss
-from embtune.train import LOG_FILE
+from embtune.objectives.infonce import contrastive_loss
+from embtune.training.run import LOG_FILE
 from tests.conftest import single_thread
 from tests.test_train_integration import _tiny_beir
 

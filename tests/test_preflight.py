@@ -13,8 +13,8 @@ import pytest
 from embtune.checkpoint import estimate_save_bytes, human_bytes, list_checkpoints
 from embtune.cli import build_parser, main
 from embtune.config import resolve_config
-from embtune.model import Encoder
-from embtune.train import LOG_FILE
+from embtune.models.encoder import Encoder
+from embtune.training.run import LOG_FILE
 from tests.conftest import single_thread
 from tests.test_train_integration import _tiny_beir
 

@@ -29,8 +29,8 @@ from embtune.checkpoint import (
     read_trainer_state,
 )
 from embtune.cli import main
-from embtune.model import Encoder
-from embtune.train import LOG_FILE
+from embtune.models.encoder import Encoder
+from embtune.training.run import LOG_FILE
 from tests.conftest import single_thread, subprocess_env
 from tests.test_train_integration import _tiny_beir
 
@@ -296,7 +296,7 @@ def test_resume_from_something_that_is_not_a_checkpoint(
 def test_a_resumed_run_writes_tensorboard_events_that_sort_after_the_killed_runs(
     tmp_path: Path,
 ) -> None:
-    from embtune.train import _wait_for_a_later_events_file
+    from embtune.training.run import _wait_for_a_later_events_file
 
     now = int(time.time())
     (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")

@@ -271,7 +271,7 @@ def test_numbers_a_run_did_not_report_are_none(tmp_path: Path) -> None:
 
 def test_run_file_names_are_those_train_writes() -> None:
     import embtune.sweep as sweep_module
-    import embtune.train as train_module
+    import embtune.training.run as train_module
 
     assert sweep_module.RUN_LOG == train_module.LOG_FILE
     assert sweep_module.RUN_CONFIG == train_module.CONFIG_FILE

@@ -15,9 +15,9 @@ from embtune.data.batching import collate
 from embtune.data.formats import load_training_data
 from embtune.data.groups import GroupSampler, build_rows
 from embtune.data.store import tokenize_store
-from embtune.losses import contrastive_loss
-from embtune.model import Encoder
-from embtune.train import LOG_FILE, pad_multiple_for, train
+from embtune.models.encoder import Encoder
+from embtune.objectives.infonce import contrastive_loss
+from embtune.training.run import LOG_FILE, pad_multiple_for, train
 from tests.conftest import NQ_FILE
 
 
@@ -211,7 +211,7 @@ def test_non_empty_output_dir_is_refused(
 
 def test_dev_evaluation_keeps_the_best_checkpoint(tiny_model: Path, tmp_path: Path) -> None:
     from embtune.data.dev_split import dev_dataset
-    from embtune.evaluate import evaluate_retrieval
+    from embtune.eval.retrieval import evaluate_retrieval
 
     data = _tiny_beir(tmp_path / "beir")
     out = tmp_path / "run"

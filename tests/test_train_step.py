@@ -15,10 +15,10 @@ import torch
 from embtune.data.batching import Batch, collate
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
-from embtune.dropout import use_fast_cpu_dropout
-from embtune.losses import contrastive_loss
-from embtune.model import Encoder
-from embtune.train_step import StepSettings, forward_backward
+from embtune.models.encoder import Encoder
+from embtune.models.speedups.dropout import use_fast_cpu_dropout
+from embtune.objectives.infonce import contrastive_loss
+from embtune.training.step import StepSettings, forward_backward
 from tests.conftest import single_thread, subprocess_env
 
 TEMPERATURE = 0.05

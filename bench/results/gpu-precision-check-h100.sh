@@ -9,7 +9,7 @@ python3 -m embtune train --model .gpu/minilm --train-data .gpu/nq --max-steps 3 
 python3 - <<'PY'
 import torch
 from sentence_transformers import SentenceTransformer
-from embtune.model import Encoder
+from embtune.models.encoder import Encoder
 e = Encoder.from_pretrained("/tmp/stcheck").to("cuda")
 texts = ["a short passage about cells", "another passage"]
 ours = e.encode_passages(texts)

@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from embtune.data.formats import Record
-    from embtune.model import Encoder
+    from embtune.models.encoder import Encoder
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"

@@ -144,7 +144,7 @@ def _dev_pool(
     cost on CPU. It measures how the model re-ranks the documents the base model found hard,
     which is what fine-tuning changes; the test evaluation always searches the whole corpus.
     """
-    from embtune.search import exact_search
+    from embtune.eval.search import exact_search
 
     doc_ids = list(dev.corpus)
     _, top = exact_search(query_emb, corpus_emb, pool)
@@ -166,11 +166,11 @@ def run_demo(
     """Mine, fine-tune and evaluate; returns metrics before/after and writes the report."""
     from embtune.config import TrainConfig
     from embtune.data.dev_split import carve_dev_split, dev_dataset, save_dev_split
-    from embtune.evaluate import evaluate_retrieval, format_metrics
-    from embtune.mine import mine_negatives, write_mined_jsonl
-    from embtune.model import Encoder
+    from embtune.eval.retrieval import evaluate_retrieval, format_metrics
+    from embtune.mining.negatives import mine_negatives, write_mined_jsonl
+    from embtune.models.encoder import Encoder
     from embtune.report import write_demo_report
-    from embtune.train import train
+    from embtune.training.run import train
 
     started = time.perf_counter()
     recipe = recipe or DemoRecipe()

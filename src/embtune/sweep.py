@@ -73,8 +73,8 @@ SWEEP_MD = "sweep.md"
 SWEEP_CSV = "sweep.csv"
 LOSS_PNG = "loss.png"
 GROUP_PNG = "by_group_size.png"
-# Files of a run folder: train.py's LOG_FILE, CONFIG_FILE and SUMMARY_FILE, named again here
-# because importing embtune.train loads torch, and this module is imported by `embtune --help`.
+# Files of a run folder: training.run's LOG_FILE, CONFIG_FILE and SUMMARY_FILE, named again
+# here because importing embtune.training.run loads torch; `embtune --help` imports this module.
 RUN_LOG = "train_log.jsonl"
 RUN_CONFIG = "train_config.yaml"
 RUN_SUMMARY = "train_summary.json"
@@ -318,7 +318,7 @@ def _check_inputs(points: Sequence[SweepPoint]) -> None:
     A typo in the third data variant must not surface after two finished trainings.
     """
     from embtune.data.formats import load_beir, load_training_data
-    from embtune.model import check_max_lengths, load_model_config
+    from embtune.models.encoder import check_max_lengths, load_model_config
 
     checked: set[tuple] = set()
     for point in points:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Kept in step with embtune.model.POOLING_MODES (a test checks); importing it here would
+# Kept in step with embtune.models.encoder.POOLING_MODES (a test checks); importing it here would
 # pull in torch and slow down `embtune --help`.
 POOLING_CHOICES = ("cls", "mean", "last_token")
 
@@ -169,8 +169,8 @@ def run(args: argparse.Namespace) -> int:
     from embtune.atomic import write_json_atomically
     from embtune.data.formats import BeirDataset, load_beir
     from embtune.errors import UsageError
-    from embtune.evaluate import check_k_values, evaluate_retrieval, format_metrics
-    from embtune.model import Encoder
+    from embtune.eval.retrieval import check_k_values, evaluate_retrieval, format_metrics
+    from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
     k_values = check_k_values(args.k)

@@ -211,7 +211,7 @@ def run(args: argparse.Namespace) -> int:
     from embtune.data.formats import load_training_data
     from embtune.data.groups import build_rows, epochs_of_run, negatives_budget
     from embtune.data.store import default_cache_dir
-    from embtune.model import saved_settings
+    from embtune.models.encoder import saved_settings
 
     model = args.model
     if model is None:

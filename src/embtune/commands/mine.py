@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the real import pulls in torch, which `embtune --help` must not wait for
-    from embtune.mine import MiningReport
+    from embtune.mining.negatives import MiningReport
 
 DESCRIPTION = """\
 Retrieve with an embedding model and write each query's hard negatives as FlagEmbedding jsonl
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from embtune.errors import UsageError
-    from embtune.mine import check_margins, parse_range
+    from embtune.mining.negatives import check_margins, parse_range
 
     # Every option is checked before the model loads, so a typo costs no waiting.
     rank_range = parse_range(args.range)
@@ -193,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from embtune.mine import load_mining_input, mine_negatives, write_mined_jsonl
-    from embtune.model import Encoder
+    from embtune.mining.negatives import load_mining_input, mine_negatives, write_mined_jsonl
+    from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
     data = load_mining_input(args.data, args.split, args.candidates, limit)

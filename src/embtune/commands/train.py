@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Resolve options (defaults < YAML < flags), train, and print where the model went."""
     from embtune.config import resolve_config
-    from embtune.train import train
+    from embtune.training.run import train
 
     config = resolve_config(args)
     result = train(config)

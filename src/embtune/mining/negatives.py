@@ -1,7 +1,7 @@
 """Hard-negative mining: retrieve, drop positives and likely false negatives, sample.
 
 For each query the whole pool is ranked by exact inner-product search
-(:func:`embtune.search.exact_search`, top ``rank_range[1]``), then:
+(:func:`embtune.eval.search.exact_search`, top ``rank_range[1]``), then:
 
 1. **Rank window.** Candidates are the documents at ranks ``rank_range[0]..rank_range[1]``
    (1-based, both ends included). Ranks are counted over the retrieved list *before* positives
@@ -58,7 +58,7 @@ from embtune.data.formats import (
     training_files,
 )
 from embtune.errors import ProblemCollector, UsageError
-from embtune.search import exact_search
+from embtune.eval.search import exact_search
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ DEFAULT_NEGATIVES = 15
 
 
 class TextEncoder(Protocol):
-    """What mining needs from a model: :class:`embtune.model.Encoder` satisfies it."""
+    """What mining needs from a model: :class:`embtune.models.encoder.Encoder` satisfies it."""
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int = ..., show_progress: bool = ...

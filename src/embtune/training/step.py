@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from embtune.data.batching import Batch, false_negative_mask, padded_width
 from embtune.distributed import gather, gather_sizes, gather_with_grad, is_distributed
-from embtune.losses import ContrastiveOutput, contrastive_loss
+from embtune.objectives.infonce import ContrastiveOutput, contrastive_loss
 
 
 @dataclass

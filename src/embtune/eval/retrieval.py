@@ -37,11 +37,11 @@ import torch
 from embtune.atomic import atomic_write
 from embtune.data.store import tokenizer_fingerprint
 from embtune.errors import UsageError
-from embtune.search import exact_search
+from embtune.eval.search import exact_search
 
 if TYPE_CHECKING:
     from embtune.data.formats import BeirDataset
-    from embtune.model import Encoder
+    from embtune.models.encoder import Encoder
 
 log = logging.getLogger(__name__)
 

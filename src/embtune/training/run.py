@@ -29,10 +29,6 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from embtune.activation_recompute import (
-    recompute_feed_forward_activations,
-    recompute_norm_outputs,
-)
 from embtune.atomic import atomic_write, write_json_atomically
 from embtune.checkpoint import (
     KILL_AT_STEP_ENV,
@@ -68,11 +64,15 @@ from embtune.data.groups import (
 )
 from embtune.data.length_grouping import length_grouped_batches
 from embtune.data.store import default_cache_dir, tokenize_store
-from embtune.dropout import use_fast_cpu_dropout
 from embtune.errors import TrainingStopped, UsageError
-from embtune.losses import batch_signals, window_signals
-from embtune.model import Encoder, check_max_lengths, load_model_config
-from embtune.train_step import StepSettings, forward_backward
+from embtune.models.encoder import Encoder, check_max_lengths, load_model_config
+from embtune.models.speedups.activation_recompute import (
+    recompute_feed_forward_activations,
+    recompute_norm_outputs,
+)
+from embtune.models.speedups.dropout import use_fast_cpu_dropout
+from embtune.objectives.infonce import batch_signals, window_signals
+from embtune.training.step import StepSettings, forward_backward
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -607,7 +607,7 @@ def train(
 
     def evaluate_dev(step: int) -> None:
         """Retrieval metrics on the dev set; the main process keeps the best model."""
-        from embtune.evaluate import evaluate_retrieval
+        from embtune.eval.retrieval import evaluate_retrieval
 
         accelerator.wait_for_everyone()
         if main:

@@ -1,0 +1,22 @@
+"""The one definition of every choice list: the CLI, YAML, `inspect` and the model read them here.
+
+Kept free of heavy imports (no torch, no transformers): `embtune --help` builds every parser
+from these lists without waiting for a library to load.
+"""
+
+from __future__ import annotations
+
+POOLING_MODES = ("cls", "mean", "last_token")
+"""How token states become one vector (models/encoder.py ``pool``)."""
+
+NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
+"""What a row with too few negatives gets (data/groups.py ``GroupSampler``)."""
+
+NEGATIVE_SAMPLING_POLICIES = ("random", "cycle")
+"""Which of a row's negatives a step uses (data/groups.py ``GroupSampler``)."""
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+"""Attention kernels passed to transformers (``attn_implementation``)."""
+
+ENCODE_PRECISIONS = ("fp32", "bf16")
+"""Precision of evaluation and mining encodes (models/encoder.py ``Encoder.encode_tokens``)."""

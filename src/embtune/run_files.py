@@ -1,0 +1,17 @@
+"""The names of the files and folders in a run folder, defined once.
+
+`embtune train` writes them, `embtune sweep` and the demo read them, `--overwrite-output-dir`
+knows which ones are a previous run's. Free of heavy imports, so the sweep's planning (and
+`embtune --help`) can name them without loading torch.
+"""
+
+from __future__ import annotations
+
+LOG_FILE = "train_log.jsonl"  # one JSON record per logging window, dev evaluation or skip
+CONFIG_FILE = "train_config.yaml"  # the run's resolved options
+BUDGET_FILE = "negatives_budget.json"  # the negatives budget printed before training
+SUMMARY_FILE = "train_summary.json"  # written when the run finished
+DEV_SPLIT_FILE = "dev_split.json"  # the rows --dev-fraction held out
+BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
+TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
+TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished
