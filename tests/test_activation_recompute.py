@@ -8,8 +8,8 @@ import warnings
 
 import torch
 
-from embtune.models.speedups import activation_recompute
 from embtune.models.encoder import Encoder
+from embtune.models.speedups import activation_recompute
 from embtune.models.speedups.activation_recompute import (
     _ActivatedLinear,
     recompute_feed_forward_activations,

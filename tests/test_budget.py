@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 
+from embtune.data.epoch_plan import epochs_of_run
 from embtune.data.groups import (
     TrainRow,
-    epochs_of_run,
     expected_unseen,
     negatives_budget,
 )

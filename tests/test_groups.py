@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 
+from embtune.data.epoch_plan import EpochPlan
 from embtune.data.groups import (
     Group,
     GroupSampler,
     NegativeCoverage,
     TrainRow,
     expected_unseen,
-    negative_coverage_of_run,
     negatives_budget,
 )
 
@@ -136,8 +136,8 @@ def test_the_same_seed_gives_the_same_groups_and_batches() -> None:
     a, b = sampler(MANY, 4, seed=7, passages=400), sampler(MANY, 4, seed=7, passages=400)
     assert [g.passages for g in all_groups(a)] == [g.passages for g in all_groups(b)]
     for epoch in range(3):
-        assert [x.tolist() for x in a.batches(epoch, 5)] == [
-            x.tolist() for x in b.batches(epoch, 5)
+        assert [x.tolist() for x in EpochPlan(a, 5).batches(epoch)] == [
+            x.tolist() for x in EpochPlan(b, 5).batches(epoch)
         ]
 
 
@@ -151,7 +151,11 @@ def test_groups_do_not_depend_on_the_batch_size() -> None:
     s = sampler(MANY, 4, seed=3, passages=400)
 
     def by_row(batch_size: int) -> dict[int, list[int]]:
-        return {int(r): s.group(int(r), 1).passages for b in s.batches(1, batch_size) for r in b}
+        return {
+            int(r): s.group(int(r), 1).passages
+            for b in EpochPlan(s, batch_size).batches(1)
+            for r in b
+        }
 
     assert by_row(2) == by_row(5) == by_row(23)
 
@@ -160,7 +164,7 @@ def test_groups_do_not_depend_on_the_batch_size() -> None:
 def test_batches_visit_every_row_exactly_once_per_epoch(batch_size: int) -> None:
     s = sampler(MANY, 4, passages=400)
     for epoch in range(3):
-        batches = s.batches(epoch, batch_size)
+        batches = EpochPlan(s, batch_size).batches(epoch)
         visited = np.concatenate(batches).tolist()
         assert sorted(visited) == list(range(23))
         assert all(len(b) == batch_size for b in batches[:-1])
@@ -359,11 +363,11 @@ def test_coverage_of_a_run_replays_what_training_would_draw() -> None:
     per_epoch = math.ceil(23 / 6)
     for step in range(7):
         epoch, index = divmod(step, per_epoch)
-        rows = s.batches(epoch, 6)[index]
+        rows = EpochPlan(s, 6).batches(epoch)[index]
         for process in range(2):
             for r in rows[process * 3 : (process + 1) * 3]:
                 direct.add(s.group(int(r), epoch))
-    replayed = negative_coverage_of_run(s, 7, 6)
+    replayed = EpochPlan(s, 6).coverage_of(7)
     assert (replayed.used, replayed.total) == (direct.used, direct.total)
     assert replayed.total == 230 and 0 < replayed.used < 230
 
@@ -372,7 +376,7 @@ def test_coverage_of_a_run_replays_what_training_would_draw() -> None:
 def test_cycle_coverage_of_a_run_is_what_the_budget_predicts(epochs: int) -> None:
     rows = [row([0], list(range(100 + 20 * i, 100 + 20 * i + 3 + i % 9)), i) for i in range(30)]
     s = sampler(rows, 4, seed=4, passages=800, sampling="cycle")
-    coverage = negative_coverage_of_run(s, epochs * math.ceil(30 / 8), 8)
+    coverage = EpochPlan(s, 8).coverage_of(epochs * math.ceil(30 / 8))
     budget = negatives_budget(rows, 4, 8, True, "corpus", epochs=epochs, sampling="cycle")
     assert coverage.used == sum(min(len(r.neg), 3 * epochs) for r in rows)
     assert coverage.fraction == pytest.approx(1 - budget.unseen_negative_fraction)
@@ -382,7 +386,7 @@ def test_cycle_coverage_of_a_run_is_what_the_budget_predicts(epochs: int) -> Non
 def test_random_coverage_of_a_run_is_near_the_budgets_expectation() -> None:
     rows = [row([0], list(range(100 + 10 * i, 110 + 10 * i)), i) for i in range(1500)]
     s = sampler(rows, 4, seed=6, passages=20000)
-    coverage = negative_coverage_of_run(s, 2 * 1500 // 50, 50)  # 2 epochs
+    coverage = EpochPlan(s, 50).coverage_of(2 * 1500 // 50)  # 2 epochs
     expected = 1 - expected_unseen(10, 3, 2.0, "random")  # 1 - 0.7**2 = 0.51
     assert expected == pytest.approx(0.51)
     assert coverage.fraction == pytest.approx(expected, abs=0.02)

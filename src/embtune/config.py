@@ -18,13 +18,14 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
+from embtune.choices import (
+    ATTENTION_IMPLEMENTATIONS,
+    NEGATIVE_FILL_POLICIES,
+    NEGATIVE_SAMPLING_POLICIES,
+    POOLING_MODES,
+)
 from embtune.data.formats import foreign_encoding
 from embtune.errors import UsageError, shorten
-
-NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
-NEGATIVE_SAMPLING_POLICIES = ("random", "cycle")
-ATTENTION_CHOICES = ("sdpa", "eager", "flash_attention_2")
-POOLING_CHOICES = ("cls", "mean", "last_token")
 
 
 def option(
@@ -65,7 +66,7 @@ class TrainConfig:
         None,
         help="how token states become one vector; default: the model's sentence-transformers "
         "config, else cls",
-        choices=POOLING_CHOICES,
+        choices=POOLING_MODES,
     )
     normalize: bool = option(
         True, help="L2-normalize embeddings (scores are then cosine similarities)"
@@ -145,7 +146,7 @@ class TrainConfig:
         "sdpa",
         help="attention kernel: sdpa (PyTorch scaled-dot-product), eager, or flash_attention_2 "
         "(GPU, needs the flash-attn package; computes without padding)",
-        choices=ATTENTION_CHOICES,
+        choices=ATTENTION_IMPLEMENTATIONS,
         resume_may_change=True,
     )
     compile: bool = option(

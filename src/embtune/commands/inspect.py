@@ -8,7 +8,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embtune.config import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES, TrainConfig
+from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
+from embtune.config import TrainConfig
 
 if TYPE_CHECKING:  # the real imports pull in transformers, which `embtune --help` must not wait for
     from transformers import PreTrainedTokenizerBase
@@ -208,8 +209,9 @@ def run(args: argparse.Namespace) -> int:
 
     from embtune.atomic import write_json_atomically
     from embtune.data.audit import audit_data, token_lengths
+    from embtune.data.epoch_plan import epochs_of_run
     from embtune.data.formats import load_training_data
-    from embtune.data.groups import build_rows, epochs_of_run, negatives_budget
+    from embtune.data.groups import build_rows, negatives_budget
     from embtune.data.store import default_cache_dir
     from embtune.models.encoder import saved_settings
 

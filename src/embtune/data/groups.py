@@ -29,11 +29,11 @@ groups whatever the batch size, process count or the point a run resumes from.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.data.formats import Record
 from embtune.data.store import TextStore
 
@@ -94,8 +94,6 @@ def build_rows(
     return TrainingTexts(queries=queries, passages=passages, rows=rows)
 
 
-SAMPLING_POLICIES = ("random", "cycle")  # kept equal to config.NEGATIVE_SAMPLING_POLICIES
-FILL_POLICIES = ("corpus", "repeat", "shrink")
 _CYCLE_SALT = 0xC7C1E  # keeps cycle's generators apart from the per-(epoch, row) ones
 
 
@@ -112,9 +110,9 @@ class GroupSampler:
         *,
         negative_sampling: str = "random",
     ) -> None:
-        if negative_fill not in FILL_POLICIES:
+        if negative_fill not in NEGATIVE_FILL_POLICIES:
             raise ValueError(f"unknown negative_fill {negative_fill!r}")
-        if negative_sampling not in SAMPLING_POLICIES:
+        if negative_sampling not in NEGATIVE_SAMPLING_POLICIES:
             raise ValueError(f"unknown negative_sampling {negative_sampling!r}")
         self.rows = rows
         self.group_size = train_group_size
@@ -131,11 +129,6 @@ class GroupSampler:
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The order rows are visited in an epoch (a seeded permutation)."""
         return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(len(self.rows))
-
-    def batches(self, epoch: int, batch_size: int) -> list[np.ndarray]:
-        """Row indices of each step of an epoch; the last batch may be smaller."""
-        order = self.epoch_order(epoch)
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
     def state_dict(self) -> dict:
         """What a checkpoint stores to continue sampling exactly where a run stopped.
@@ -283,53 +276,6 @@ class NegativeCoverage:
     def fraction(self) -> float:
         """``used / total``; 1.0 when the data has no negatives (nothing was left unseen)."""
         return self.used / self.total if self.total else 1.0
-
-
-def steps_per_epoch(rows: int, global_batch: int) -> int:
-    """Optimizer steps in one pass over ``rows`` (the last batch may be smaller)."""
-    return -(-rows // global_batch) if rows else 0
-
-
-def epochs_of_run(steps: int, rows: int, global_batch: int) -> float:
-    """How many epochs ``steps`` steps cover: whole epochs plus the share of rows visited in a
-    last, unfinished one (what ``--max-steps`` gives; the ``epochs`` of :func:`negatives_budget`).
-    """
-    per_epoch = steps_per_epoch(rows, global_batch)
-    if not per_epoch:
-        return 0.0
-    full, partial = divmod(steps, per_epoch)
-    return full + min(1.0, partial * global_batch / rows)
-
-
-def negative_coverage_of_run(
-    sampler: GroupSampler,
-    steps: int,
-    global_batch: int,
-    epoch_batches: Callable[[int], list[np.ndarray]] | None = None,
-) -> NegativeCoverage:
-    """Replay the groups the first ``steps`` steps trained (as ``train.py`` draws them, every
-    process's slice of each global batch) and count the negatives they used.
-
-    ``epoch_batches(epoch)`` gives an epoch's global batches (default: ``sampler.batches``;
-    training passes its own when it groups batches by length).
-    Groups are pure functions of (seed, epoch, row), so this gives a resumed run the coverage
-    of its steps before the resume without any saved state.
-    """
-    coverage = NegativeCoverage(sampler.rows)
-    if epoch_batches is None:
-
-        def epoch_batches(epoch: int) -> list[np.ndarray]:
-            return sampler.batches(epoch, global_batch)
-
-    per_epoch = len(epoch_batches(0)) if sampler.rows else 0
-    batches: tuple[int, list[np.ndarray]] = (-1, [])
-    for step in range(steps if per_epoch else 0):
-        epoch, index = divmod(step, per_epoch)
-        if batches[0] != epoch:
-            batches = (epoch, epoch_batches(epoch))
-        for row_index in batches[1][index].tolist():
-            coverage.add(sampler.group(row_index, epoch))
-    return coverage
 
 
 # --- the negatives budget ----------------------------------------------------------------------
@@ -555,8 +501,8 @@ def negatives_budget(
     ``shrink``, 1 + the median row's negatives, at most G - 1) and, with in-batch negatives, the
     groups of the other queries of its process's batch, or of the global batch (``world_size``
     x ``batch_size`` queries) with ``cross_device``; batches are capped at the row count.
-    ``epochs`` may be fractional (see :func:`epochs_of_run`); the unseen share is
-    :func:`expected_unseen` summed over every row's distinct negatives.
+    ``epochs`` may be fractional (:func:`embtune.data.epoch_plan.epochs_of_run`); the unseen
+    share is :func:`expected_unseen` summed over every row's distinct negatives.
     """
     # build_rows leaves each row's negatives distinct, so a length is a count of distinct texts.
     counts = np.array([len(r.neg) for r in rows]) if rows else np.zeros(1, dtype=int)

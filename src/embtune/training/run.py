@@ -52,14 +52,13 @@ from embtune.checkpoint import (
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch, collate
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus, save_dev_split
+from embtune.data.epoch_plan import EpochPlan, epochs_of_run
 from embtune.data.formats import BeirDataset, load_beir, load_training_data
 from embtune.data.groups import (
     GroupSampler,
     NegativeCoverage,
     NegativesBudget,
     build_rows,
-    epochs_of_run,
-    negative_coverage_of_run,
     negatives_budget,
 )
 from embtune.data.length_grouping import length_grouped_batches
@@ -311,6 +310,12 @@ def _finite_everywhere(accelerator: Any, value: torch.Tensor) -> bool:
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return bad.item() == 0
+
+
+def _coverage_of(sampler, steps, global_batch, epoch_batches):  # noqa: ANN001, ANN202
+    plan = EpochPlan(sampler, global_batch)
+    plan.batches = epoch_batches
+    return plan.coverage_of(steps)
 
 
 def train(
@@ -639,7 +644,7 @@ def train(
     )
     # Which of the data's negatives the run has trained on (a resumed run replays its past).
     coverage = (
-        negative_coverage_of_run(sampler, start_step, global_batch, epoch_batches)
+        _coverage_of(sampler, start_step, global_batch, epoch_batches)
         if start_step
         else NegativeCoverage(texts.rows)
     )
