@@ -16,14 +16,11 @@ import pkgutil
 import sys
 
 from embtune import __version__, commands
+from embtune.commands import HelpFormatter
 from embtune.errors import TrainingStopped, UsageError
 
 USAGE_ERROR = 2  # bad option or input: nothing was done (docs/reliability.md lists the codes)
 TRAINING_STOPPED = TrainingStopped.exit_status  # 3: work was done and saved, then it had to stop
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps example blocks in descriptions as written."""
 
 
 def build_parser() -> argparse.ArgumentParser:

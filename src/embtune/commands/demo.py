@@ -22,7 +22,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` sub-command."""
-    from embtune.cli import HelpFormatter
+    from embtune.commands import HelpFormatter
 
     parser = subparsers.add_parser(
         "demo",

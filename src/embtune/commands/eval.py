@@ -26,11 +26,13 @@ example:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` sub-command."""
+    from embtune.commands import HelpFormatter
+
     p = subparsers.add_parser(
         "eval",
         help="evaluate retrieval (nDCG, MRR, Recall, MAP) on a BEIR folder",
         description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--model",

@@ -57,7 +57,7 @@ def _train_field(name: str) -> tuple[object, str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `inspect` sub-command."""
-    from embtune.cli import HelpFormatter
+    from embtune.commands import HelpFormatter
 
     p = subparsers.add_parser(
         NAME,

@@ -32,7 +32,7 @@ example:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `mine` sub-command."""
-    from embtune.cli import HelpFormatter
+    from embtune.commands import HelpFormatter
 
     p = subparsers.add_parser(
         "mine",

@@ -38,7 +38,7 @@ DEFAULT_MAX_STEPS = 50
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `sweep` sub-command."""
-    from embtune.cli import HelpFormatter
+    from embtune.commands import HelpFormatter
     from embtune.config import TrainConfig, add_arguments, flag
     from embtune.sweep import AXES
 

@@ -25,7 +25,7 @@ examples:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `train` sub-command."""
-    from embtune.cli import HelpFormatter
+    from embtune.commands import HelpFormatter
     from embtune.config import add_arguments
 
     parser = subparsers.add_parser(
