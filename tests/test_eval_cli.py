@@ -200,10 +200,21 @@ def test_cache_is_reused(tiny_model, beir, tmp_path, monkeypatch) -> None:
         run_eval(*base, "--passage-max-len", "8")
 
 
-def test_pooling_choices_match_the_model() -> None:
-    from embtune.commands.eval import POOLING_CHOICES
+def test_every_command_offers_the_one_list_of_pooling_modes() -> None:
+    from embtune import choices
+    from embtune.cli import build_parser
 
-    assert POOLING_CHOICES == POOLING_MODES
+    # A literal list in one command would drift from the others and from the model.
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    offered = {
+        name: action.choices
+        for name, parser in subcommands.items()
+        for action in parser._actions
+        if action.dest == "pooling"
+    }
+    assert {"eval", "mine", "train"} <= offered.keys()
+    assert all(tuple(c) == choices.POOLING_MODES for c in offered.values()), offered
+    assert POOLING_MODES == choices.POOLING_MODES
 
 
 def test_command_module_imports_no_torch() -> None:

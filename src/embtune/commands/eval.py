@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-# Kept in step with embtune.models.encoder.POOLING_MODES (a test checks); importing it here would
-# pull in torch and slow down `embtune --help`.
-POOLING_CHOICES = ("cls", "mean", "last_token")
+from embtune.choices import POOLING_MODES
 
 DESCRIPTION = """\
 Embed every judged query of a split and the whole corpus, retrieve by inner product
@@ -98,7 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--pooling",
-        choices=POOLING_CHOICES,
+        choices=POOLING_MODES,
         help="how token vectors become one vector: cls, mean or last_token (default: the "
         "model's saved setting, else cls)",
     )

@@ -7,6 +7,8 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embtune.choices import POOLING_MODES
+
 if TYPE_CHECKING:  # the real import pulls in torch, which `embtune --help` must not wait for
     from embtune.mining.negatives import MiningReport
 
@@ -104,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--pooling",
         default=None,
-        choices=("cls", "mean", "last_token"),
+        choices=POOLING_MODES,
         help="pooling (default: the model's sentence-transformers config, else cls)",
     )
     p.add_argument(
