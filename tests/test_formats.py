@@ -193,6 +193,11 @@ def test_an_overflowing_score_is_not_finite(tmp_path: Path) -> None:
     assert only_problem(tmp_path, line) == "1: field 'neg_scores': item 0 is not a finite number"
 
 
+def test_an_integer_score_too_large_for_a_float_is_not_finite(tmp_path: Path) -> None:
+    line = json.dumps({"query": "q", "pos": ["a"], "pos_scores": [10**400]})
+    assert only_problem(tmp_path, line) == "1: field 'pos_scores': item 0 is not a finite number"
+
+
 def test_non_utf8_bytes(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b'\n{"query": "caf\xe9", "pos": ["p"]}\n')

@@ -293,15 +293,27 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:
 
 
 def data_fingerprint(records: Iterable[Record], corpus: Iterable[str] = ()) -> str:
-    """A hash of the training rows and extra corpus: resuming on other data would be silent."""
+    """A hash of the training rows and extra corpus: resuming on other data would be silent.
+
+    Teacher scores count when a record has them; a record without them hashes as it did before
+    scores were part of the hash, so checkpoints of such data still resume.
+    """
     digest = hashlib.sha256()
     for rec in records:
         fields_ = [rec.query, rec.prompt or "", *rec.pos, "\x1d", *rec.neg]
+        if rec.pos_scores is not None or rec.neg_scores is not None:
+            fields_ += ["\x1d", _scores_text(rec.pos_scores), _scores_text(rec.neg_scores)]
         digest.update("\x1f".join(fields_).encode("utf-8", "surrogatepass") + b"\x1e")
     digest.update(b"\x1c")
     for text in corpus:
         digest.update(text.encode("utf-8", "surrogatepass") + b"\x1e")
     return digest.hexdigest()
+
+
+def _scores_text(scores: list[float] | None) -> str:
+    # repr of a float round-trips exactly, so any change of a score changes the text; "-" keeps
+    # "no scores" apart from an empty list.
+    return "-" if scores is None else " ".join(repr(float(s)) for s in scores)
 
 
 def check_resume_compatible(

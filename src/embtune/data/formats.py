@@ -174,7 +174,11 @@ def _check_scores(value: object, expected: int, texts_field: str) -> str | None:
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int | float):
             return f"item {i} must be a number, got {type(item).__name__}"
-        if not math.isfinite(item):
+        try:
+            finite = math.isfinite(item)
+        except OverflowError:  # a JSON integer too large for a float
+            finite = False
+        if not finite:
             return f"item {i} is not a finite number"
     return None
 
@@ -204,6 +208,11 @@ def _row_problems(row: object) -> list[tuple[str | None, str]]:
     return found
 
 
+def _floats(scores: list[int | float] | None) -> list[float] | None:
+    """Scores as floats: JSON's ``1`` and ``1.0`` are the same teacher score."""
+    return None if scores is None else [float(s) for s in scores]
+
+
 def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None) -> list[Record]:
     """Read FlagEmbedding jsonl files into validated records (raises InputError on problems)."""
     own = problems is None
@@ -222,8 +231,8 @@ def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None)
                     query=row["query"],
                     pos=list(row["pos"]),
                     neg=list(row.get("neg") or []),
-                    pos_scores=row.get("pos_scores"),
-                    neg_scores=row.get("neg_scores"),
+                    pos_scores=_floats(row.get("pos_scores")),
+                    neg_scores=_floats(row.get("neg_scores")),
                     prompt=row.get("prompt"),
                     source=f"{path}:{number}",
                 )

@@ -46,6 +46,14 @@ class TrainRow:
     pos: np.ndarray  # ids in the passage store
     neg: np.ndarray
     source: str = ""
+    # Teacher scores (knowledge distillation), one per id of ``pos`` / ``neg``; None without.
+    pos_scores: np.ndarray | None = None
+    neg_scores: np.ndarray | None = None
+
+    @property
+    def has_scores(self) -> bool:
+        """True when the data gave teacher scores for this row's positives or negatives."""
+        return self.pos_scores is not None or self.neg_scores is not None
 
 
 @dataclass
@@ -57,6 +65,9 @@ class Group:
     passages: list[int]
     filled: int = 0  # negatives added by the fill policy
     duplicates: int = 0  # negatives that repeat one already in the group
+    # Teacher scores aligned with ``passages``, NaN where the data has none (corpus fill); None
+    # when the row has no scores at all.
+    scores: list[float] | None = None
 
 
 @dataclass
@@ -78,6 +89,8 @@ def build_rows(
 
     A row's ``prompt`` replaces the query instruction (FlagEmbedding's per-row prompt).
     ``corpus`` adds extra passages (e.g. a BEIR corpus) that the ``corpus`` fill can draw from.
+    A row's ``pos`` and ``neg`` come out sorted and distinct, with no negative that is also a
+    positive; teacher scores (``pos_scores`` / ``neg_scores``) follow the ids they belong to.
     """
     queries, passages = TextStore(), TextStore()
     rows = []
@@ -86,12 +99,44 @@ def build_rows(
         q = queries.add(instruction + rec.query)
         pos = np.array([passages.add(passage_instruction + t) for t in rec.pos], dtype=np.int64)
         neg = np.array([passages.add(passage_instruction + t) for t in rec.neg], dtype=np.int64)
+        pos_scores = _scores_array(rec.pos_scores)
+        neg_scores = _scores_array(rec.neg_scores)
         # A text listed as both positive and negative would train the model against itself.
-        neg = neg[~np.isin(neg, pos)]
-        rows.append(TrainRow(query=q, pos=np.unique(pos), neg=np.unique(neg), source=rec.source))
+        keep = ~np.isin(neg, pos)
+        neg = neg[keep]
+        neg_scores = neg_scores[keep] if neg_scores is not None else None
+        pos, pos_scores = _distinct(pos, pos_scores)
+        neg, neg_scores = _distinct(neg, neg_scores)
+        rows.append(
+            TrainRow(
+                query=q,
+                pos=pos,
+                neg=neg,
+                source=rec.source,
+                pos_scores=pos_scores,
+                neg_scores=neg_scores,
+            )
+        )
     for text in corpus or ():
         passages.add(passage_instruction + text)
     return TrainingTexts(queries=queries, passages=passages, rows=rows)
+
+
+def _scores_array(scores: list[float] | None) -> np.ndarray | None:
+    return None if scores is None else np.asarray(scores, dtype=np.float64)
+
+
+def _distinct(ids: np.ndarray, scores: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``np.unique(ids)`` and the scores that stay aligned with it.
+
+    A text listed twice (the same id) may carry two different teacher scores; there is no right
+    one to pick, so the first occurrence's score is kept (``return_index`` gives first
+    occurrences).
+    """
+    if scores is None:
+        return np.unique(ids), None
+    unique, first = np.unique(ids, return_index=True)
+    return unique, scores[first]
 
 
 _CYCLE_SALT = 0xC7C1E  # keeps cycle's generators apart from the per-(epoch, row) ones
@@ -157,30 +202,56 @@ class GroupSampler:
             raise ValueError(f"sampler state is for another setup: {', '.join(differ)}")
 
     def group(self, row_index: int, epoch: int) -> Group:
-        """The group of row ``row_index`` in ``epoch``."""
+        """The group of row ``row_index`` in ``epoch``, with its teacher scores when it has any.
+
+        The draws pick positions in ``row.pos`` / ``row.neg`` rather than ids: numpy draws the
+        same numbers for ``choice(n)`` / ``permutation(n)`` as for ``choice(array)`` /
+        ``permutation(array)`` of length n, so the groups are those of the id-drawing sampler,
+        and the positions give the scores without a lookup.
+        """
         row = self.rows[row_index]
         rng = np.random.default_rng([self.seed, epoch, row_index])
-        positive = int(row.pos[rng.integers(len(row.pos))])
-        need = self.negatives_needed
-        have = len(row.neg)
-        if self.sampling == "cycle" and have > need > 0:
-            negatives = self._cycle_negatives(row_index, epoch)
-            return Group(row_index, row.query, [positive, *negatives])
-        if have >= need:
-            negatives = rng.choice(row.neg, size=need, replace=False).tolist() if need else []
-            return Group(row_index, row.query, [positive, *negatives])
-        negatives = rng.permutation(row.neg).tolist()
-        missing = need - have
-        if self.fill == "shrink":
-            return Group(row_index, row.query, [positive, *negatives])
-        if self.fill == "repeat" and have:
-            extra = rng.choice(row.neg, size=missing, replace=True).tolist()
-            return Group(row_index, row.query, [positive, *negatives, *extra], missing, missing)
-        extra = self._corpus_fill(rng, exclude={*row.pos.tolist(), *negatives}, count=missing)
-        return Group(row_index, row.query, [positive, *negatives, *extra], len(extra))
+        positive = int(rng.integers(len(row.pos)))
+        own, repeats = self._row_negatives(row_index, epoch, rng)
+        picked = np.concatenate([own, repeats])
+        passages = [int(row.pos[positive]), *row.neg[picked].tolist()]
+        missing = self.negatives_needed - len(picked)
+        extra: list[int] = []
+        if missing > 0 and self.fill != "shrink":
+            extra = self._corpus_fill(
+                rng, exclude={*row.pos.tolist(), *passages[1:]}, count=missing
+            )
+        return Group(
+            row_index,
+            row.query,
+            [*passages, *extra],
+            filled=len(repeats) + len(extra),
+            duplicates=len(repeats),
+            scores=_group_scores(row, positive, picked, len(extra)) if row.has_scores else None,
+        )
 
-    def _cycle_negatives(self, row_index: int, epoch: int) -> list[int]:
-        """Epoch ``epoch``'s slice of the row's walk through its negatives (n > k > 0).
+    def _row_negatives(
+        self, row_index: int, epoch: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Positions in ``row.neg`` of the group's own negatives, and of the repeat fill's.
+
+        A row short of negatives gets all of them (shuffled); ``repeat`` then draws the missing
+        ones again with replacement. Any slot still empty is the caller's corpus fill (or, with
+        ``shrink``, stays empty).
+        """
+        none = np.zeros(0, dtype=np.int64)
+        need, have = self.negatives_needed, len(self.rows[row_index].neg)
+        if self.sampling == "cycle" and have > need > 0:
+            return self._cycle_negatives(row_index, epoch), none
+        if have >= need:
+            return (rng.choice(have, size=need, replace=False) if need else none), none
+        order = rng.permutation(have)
+        if self.fill == "repeat" and have:
+            return order, rng.choice(have, size=need - have, replace=True)
+        return order, none
+
+    def _cycle_negatives(self, row_index: int, epoch: int) -> np.ndarray:
+        """Positions in ``row.neg`` of epoch ``epoch``'s slice of the row's walk (n > k > 0).
 
         The walk goes in passes of L = ceil(n / k) epochs. Each pass shuffles the row's
         negatives afresh (seeded by seed, pass and row, so no state is carried between epochs)
@@ -189,17 +260,17 @@ class GroupSampler:
         shown longest ago. They cannot collide with the r left (k - r <= (L-1)*k since L >= 2),
         so a group never holds a duplicate, and every negative is shown once per pass.
         """
-        neg = self.rows[row_index].neg
+        n = len(self.rows[row_index].neg)
         k = self.negatives_needed
-        per_pass = -(-len(neg) // k)
+        per_pass = -(-n // k)
         pass_index, j = divmod(epoch, per_pass)
         order = np.random.default_rng([self.seed, pass_index, row_index, _CYCLE_SALT]).permutation(
-            neg
+            n
         )
         picked = order[j * k : j * k + k]
         if len(picked) < k:
             picked = np.concatenate([picked, order[: k - len(picked)]])
-        return picked.tolist()
+        return picked
 
     def _corpus_fill(self, rng: np.random.Generator, exclude: set[int], count: int) -> list[int]:
         """Up to ``count`` distinct random passage ids outside ``exclude``."""
@@ -224,6 +295,20 @@ class GroupSampler:
             rest = np.setdiff1d(np.arange(self.passage_count), np.fromiter(seen, dtype=np.int64))
             picked.extend(rng.choice(rest, size=count - len(picked), replace=False).tolist())
         return picked
+
+
+def _group_scores(row: TrainRow, positive: int, negatives: np.ndarray, filled: int) -> list[float]:
+    """Teacher scores of a group: the positive's, the picked negatives', NaN for corpus fill.
+
+    ``positive`` and ``negatives`` are positions in ``row.pos`` / ``row.neg``. A row with scores
+    for one side only gets NaN for the other.
+    """
+    pos = row.pos_scores[positive] if row.pos_scores is not None else np.nan
+    if row.neg_scores is not None:
+        neg = row.neg_scores[negatives].tolist()
+    else:
+        neg = [np.nan] * len(negatives)
+    return [float(pos), *neg, *[np.nan] * filled]
 
 
 # --- coverage: which of the data's negatives a run showed --------------------------------------
