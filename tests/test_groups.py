@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from embtune.choices import NEGATIVE_FILL_POLICIES
 from embtune.data.epoch_plan import EpochPlan
 from embtune.data.groups import (
     Group,
@@ -260,7 +261,7 @@ def test_random_sampling_draws_exactly_what_it_drew_before_the_policies(fill: st
 
 def test_cycle_leaves_rows_without_spare_negatives_as_random_does() -> None:
     few = [row([0], [5, 6, 7]), row([1], [8]), row([2], [])]  # n <= G-1: all used, then filled
-    for fill in ("corpus", "repeat", "shrink"):
+    for fill in NEGATIVE_FILL_POLICIES:
         a, b = sampler(few, 4, fill, seed=3), sampler(few, 4, fill, seed=3, sampling="cycle")
         assert [g.passages for g in all_groups(a)] == [g.passages for g in all_groups(b)]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
+from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
 from embtune.models.encoder import SETTINGS_FILE, Encoder, EncoderSettings, pool, saved_settings
 
@@ -62,7 +63,7 @@ def test_default_pooling_follows_minilms_sentence_transformers_config(minilm: Pa
     assert (settings.pooling, settings.normalize) == ("mean", True)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last_token"])
+@pytest.mark.parametrize("pooling", POOLING_MODES)
 def test_encoder_embeds_with_each_pooling(tiny_model: Path, pooling: str) -> None:
     enc = Encoder.from_pretrained(tiny_model, pooling=pooling)
     assert enc.settings.pooling == pooling
@@ -110,7 +111,7 @@ def sentence_transformer():
     return lambda path: SentenceTransformer(str(path), device="cpu")
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean", "last_token"])
+@pytest.mark.parametrize("pooling", POOLING_MODES)
 def test_saved_model_gives_the_same_embeddings_in_sentence_transformers(
     tiny_model: Path, tmp_path: Path, sentence_transformer, pooling: str
 ) -> None:

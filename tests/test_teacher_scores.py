@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from embtune.checkpoint import data_fingerprint
+from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.data.formats import Record, read_flag_jsonl
 from embtune.data.groups import Group, GroupSampler, TrainingTexts, TrainRow, build_rows
 from tests.conftest import FLAG_DIR
@@ -140,8 +141,8 @@ def check_scores(group: Group, row: TrainRow) -> None:
     assert sum(math.isnan(s) for s in group.scores) == (0 if group.duplicates else group.filled)
 
 
-@pytest.mark.parametrize("fill", ["corpus", "repeat", "shrink"])
-@pytest.mark.parametrize("sampling", ["random", "cycle"])
+@pytest.mark.parametrize("fill", NEGATIVE_FILL_POLICIES)
+@pytest.mark.parametrize("sampling", NEGATIVE_SAMPLING_POLICIES)
 @pytest.mark.parametrize("size", [1, 4, 8])
 def test_group_scores_are_aligned_with_the_passages(fill: str, sampling: str, size: int) -> None:
     s = GroupSampler(ROWS, size, fill, PASSAGES, seed=3, negative_sampling=sampling)
@@ -176,8 +177,8 @@ def test_a_row_without_scores_gives_groups_without_scores() -> None:
 
 def test_scores_do_not_change_which_passages_are_drawn() -> None:
     bare = [TrainRow(query=r.query, pos=r.pos, neg=r.neg) for r in ROWS]
-    for fill in ("corpus", "repeat", "shrink"):
-        for sampling in ("random", "cycle"):
+    for fill in NEGATIVE_FILL_POLICIES:
+        for sampling in NEGATIVE_SAMPLING_POLICIES:
             a = GroupSampler(ROWS, 4, fill, PASSAGES, seed=9, negative_sampling=sampling)
             b = GroupSampler(bare, 4, fill, PASSAGES, seed=9, negative_sampling=sampling)
             for epoch in range(4):

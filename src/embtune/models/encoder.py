@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from embtune.choices import ENCODE_PRECISIONS, POOLING_MODES
 from embtune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-POOLING_MODES = ("cls", "mean", "last_token")
 SETTINGS_FILE = "embtune_encoder.json"
 
 # sentence-transformers' legacy pooling keys: every release since 2.x reads them.
@@ -153,9 +153,6 @@ def load_model_config(name_or_path: str | Path) -> object:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
-
-
-ENCODE_PRECISIONS = ("fp32", "bf16")
 
 
 class Encoder(torch.nn.Module):
