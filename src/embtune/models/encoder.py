@@ -327,15 +327,12 @@ class Encoder(torch.nn.Module):
 
     # --- saving ----------------------------------------------------------------------------
 
-    def save(self, path: str | Path, model: PreTrainedModel | None = None) -> None:
-        """Write a folder that AutoModel, SentenceTransformer and embtune all load identically.
-
-        ``model`` lets the training loop pass the unwrapped model (DDP/compiled wrappers off).
-        """
+    def save(self, path: str | Path) -> None:
+        """Write a folder that AutoModel, SentenceTransformer and embtune all load identically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.settings
-        (model or self.model).save_pretrained(path, safe_serialization=True)
+        self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
