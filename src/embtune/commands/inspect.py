@@ -209,9 +209,8 @@ def run(args: argparse.Namespace) -> int:
 
     from embtune.atomic import write_json_atomically
     from embtune.data.audit import audit_data, token_lengths
-    from embtune.data.epoch_plan import epochs_of_run
     from embtune.data.formats import load_training_data
-    from embtune.data.groups import build_rows, negatives_budget
+    from embtune.data.pipeline import negatives_budget_for, training_texts
     from embtune.data.store import default_cache_dir
     from embtune.models.encoder import saved_settings
 
@@ -231,9 +230,8 @@ def run(args: argparse.Namespace) -> int:
         if args.passage_instruction is None
         else args.passage_instruction
     )
-    texts = build_rows(
-        data.records, query_instruction, passage_instruction, list(data.corpus.values())
-    )
+    # The same rows and budget as `embtune train` (data/pipeline.py), so they cannot disagree.
+    texts = training_texts(data, query_instruction, passage_instruction)
 
     audit = audit_data(data.records, texts)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -245,21 +243,19 @@ def run(args: argparse.Namespace) -> int:
         texts.passages, tokenizer, values["passage_max_len"], cache, "tokenizing passages", show
     )
 
-    global_batch = values["batch_size"] * values["nproc"]
-    epochs: float = values["epochs"]
-    if values["max_steps"]:  # --max-steps overrides --epochs in training too
-        epochs = epochs_of_run(values["max_steps"], len(texts.rows), global_batch)
-    budget = negatives_budget(
-        texts.rows,
-        values["train_group_size"],
-        values["batch_size"],
-        args.in_batch_negatives,
-        args.negative_fill,
-        epochs=epochs,
-        sampling=args.negative_sampling,
-        world_size=values["nproc"],
-        cross_device=args.negatives_cross_device,
+    config = TrainConfig(
+        train_group_size=values["train_group_size"],
+        batch_size=values["batch_size"],
+        epochs=values["epochs"],
+        max_steps=values["max_steps"],
+        negative_fill=args.negative_fill,
+        negative_sampling=args.negative_sampling,
+        in_batch_negatives=args.in_batch_negatives,
+        negatives_cross_device=args.negatives_cross_device,
+        query_max_len=values["query_max_len"],
+        passage_max_len=values["passage_max_len"],
     )
+    budget = negatives_budget_for(config, texts, values["nproc"])
     print(format_report(args.train_data, model, audit, budget, values))
     if args.json is not None:
         write_json_atomically(args.json, {**budget.to_json(), "audit": audit.to_json()})
