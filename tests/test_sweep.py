@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from embtune.cli import main
+from embtune.run_files import LOG_FILE
 from embtune.sweep import (
-    RUN_LOG,
+    AXES,
     DataVariant,
     first_error_line,
     point_label,
@@ -68,7 +69,7 @@ def test_grid_writes_table_csv_json_plots_from_the_runs_and_a_rerun_reuses_them(
     assert report["axes"] == {"train_group_size": [2, 3], "batch_size": [2, 4]}
     for label, run in runs.items():
         assert run["status"] == "done" and run["exit_code"] == 0
-        log = [json.loads(x) for x in (out / "runs" / label / RUN_LOG).read_text().splitlines()]
+        log = [json.loads(x) for x in (out / "runs" / label / LOG_FILE).read_text().splitlines()]
         trained = [r for r in log if "loss" in r]
         dev = [r for r in log if "dev_ndcg@10" in r]
         assert run["loss"] == trained[-1]["loss"]
@@ -244,7 +245,7 @@ def test_labels_and_error_lines() -> None:
 
 
 def test_numbers_a_run_did_not_report_are_none(tmp_path: Path) -> None:
-    (tmp_path / RUN_LOG).write_text(
+    (tmp_path / LOG_FILE).write_text(
         json.dumps({"step": 5, "loss": 1.0, "chance_loss": 2.0, "candidates_per_query": 7.4})
         + "\n"
         + '{"step": 6, "lo'  # a line cut short by a kill
@@ -269,10 +270,60 @@ def test_numbers_a_run_did_not_report_are_none(tmp_path: Path) -> None:
     assert numbers["peak_memory_bytes"] == 1000 and numbers["negative_coverage"] == 0.3
 
 
-def test_run_file_names_are_those_train_writes() -> None:
-    import embtune.sweep as sweep_module
-    import embtune.training.run as train_module
+def test_the_sweep_reads_the_files_named_in_run_files(tmp_path: Path) -> None:
+    import subprocess
+    import sys
 
-    assert sweep_module.RUN_LOG == train_module.LOG_FILE
-    assert sweep_module.RUN_CONFIG == train_module.CONFIG_FILE
-    assert sweep_module.RUN_SUMMARY == train_module.SUMMARY_FILE
+    from embtune import run_files
+    from embtune.sweep.plan import read_saved_config
+    from embtune.sweep.results import run_finished
+
+    assert not run_finished(tmp_path)
+    (tmp_path / run_files.TRAINER_STATE_FILE).write_text('{"finished": true}')
+    assert run_finished(tmp_path)
+    (tmp_path / run_files.TRAINER_STATE_FILE).unlink()
+    (tmp_path / run_files.SUMMARY_FILE).write_text('{"steps": 3}')
+    assert run_finished(tmp_path) and read_run(tmp_path)["steps"] == 3
+    (tmp_path / run_files.CONFIG_FILE).write_text("batch_size: 4\n")
+    assert read_saved_config(tmp_path) == {"batch_size": 4}
+    # The names come from run_files, not from embtune.training: `embtune --help` imports the
+    # sweep command, and must not load torch.
+    code = "import sys, embtune.sweep, embtune.commands.sweep; print('torch' in sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False", loaded.stderr
+
+
+def test_the_axes_are_the_options_declared_sweepable(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    from dataclasses import fields
+
+    from embtune.commands.sweep import DESCRIPTION, register
+    from embtune.config import TrainConfig, flag
+    from embtune.sweep.plan import AXIS_HEADER, AXIS_SHORT
+
+    declared = {f.name: f.metadata["sweep"] for f in fields(TrainConfig) if "sweep" in f.metadata}
+    assert set(AXES) == set(declared)
+    # Grid order: run labels (the run folders an earlier sweep left to reuse) and CSV columns.
+    assert AXES == (
+        "train_group_size",
+        "batch_size",
+        "learning_rate",
+        "temperature",
+        "negative_sampling",
+        "cache_chunk_size",
+    )
+    for name, sweep in declared.items():
+        assert (AXIS_SHORT[name], AXIS_HEADER[name]) == (sweep["label"], sweep["header"])
+        assert flag(name) in DESCRIPTION, name
+    assert point_label({"train_group_size": 4, "batch_size": 16}, AXES[:2]) == "g4-b16"
+
+    # The sweep command takes several values for exactly these options, of the option's type.
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    grid = ["--train-group-size", "2", "4", "--learning-rate", "1e-5", "3e-5"]
+    args = parser.parse_args(["sweep", *grid, "--negative-sampling", "random", "cycle"])
+    assert args.train_group_size == [2, 4] and args.learning_rate == [1e-5, 3e-5]
+    assert args.negative_sampling == ["random", "cycle"]
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "--epochs", "1", "2"])
+    assert "unrecognized arguments: 2" in capsys.readouterr().err

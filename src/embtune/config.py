@@ -34,7 +34,11 @@ def option(
     """A dataclass field carrying its command-line help (and choices).
 
     ``extra`` metadata: ``metavar``; ``aliases`` (more flag spellings); ``resume_may_change``
-    (the option may differ when a run is resumed, because it does not change what is trained).
+    (the option may differ when a run is resumed, because it does not change what is trained);
+    ``sweep``: `embtune sweep` may give the option several values (one run each), declared as
+    ``{"order": N, "label": "g", "header": "G"}``: ``order`` places it among the sweep's axes
+    (the order of a run label's parts and of the CSV columns: existing axes keep their number),
+    ``label`` prefixes its value in run labels ("g4-b16"), ``header`` names its table column.
     """
     meta = {"help": help, "choices": choices, **extra}
     if isinstance(default, list):
@@ -83,7 +87,9 @@ class TrainConfig:
     passage_max_len: int = option(256, help="passages are truncated to this many tokens")
     # --- groups and loss --------------------------------------------------------------------
     train_group_size: int = option(
-        8, help="passages per query per step: 1 positive + (train_group_size - 1) sampled negatives"
+        8,
+        help="passages per query per step: 1 positive + (train_group_size - 1) sampled negatives",
+        sweep={"order": 1, "label": "g", "header": "G"},
     )
     negative_fill: str = option(
         "corpus",
@@ -98,6 +104,7 @@ class TrainConfig:
         "(FlagEmbedding); cycle = walk a seeded shuffle of the row's negatives across epochs, "
         "so every negative is used before any repeats",
         choices=NEGATIVE_SAMPLING_POLICIES,
+        sweep={"order": 5, "label": "ns-", "header": "sampling"},
     )
     in_batch_negatives: bool = option(
         True, help="also score each query against every other passage in the batch"
@@ -107,12 +114,22 @@ class TrainConfig:
         help="under torchrun / accelerate launch, score each query against the passages of "
         "every process (the global batch), with gradients flowing back to each process",
     )
-    temperature: float = option(0.02, help="scores are q.p / temperature before the softmax")
+    temperature: float = option(
+        0.02,
+        help="scores are q.p / temperature before the softmax",
+        sweep={"order": 4, "label": "t", "header": "temp"},
+    )
     # --- optimisation -----------------------------------------------------------------------
-    batch_size: int = option(16, help="queries per optimizer step (per process)")
+    batch_size: int = option(
+        16,
+        help="queries per optimizer step (per process)",
+        sweep={"order": 2, "label": "b", "header": "B"},
+    )
     epochs: int = option(1, help="passes over the training rows")
     max_steps: int = option(0, help="stop after this many steps (0 = run all epochs)")
-    learning_rate: float = option(2e-5, help="peak AdamW learning rate")
+    learning_rate: float = option(
+        2e-5, help="peak AdamW learning rate", sweep={"order": 3, "label": "lr", "header": "lr"}
+    )
     weight_decay: float = option(0.01, help="AdamW weight decay (not applied to biases and norms)")
     warmup_ratio: float = option(
         0.1, help="share of steps with linear warm-up, then linear decay to 0"
@@ -128,6 +145,7 @@ class TrainConfig:
         "texts without keeping activations, then re-encode chunk by chunk with gradients; "
         "memory then depends on the chunk, not the batch (0 = off)",
         resume_may_change=True,
+        sweep={"order": 6, "label": "cc", "header": "cache chunk"},
     )
     group_by_length: bool = option(
         False,

@@ -83,10 +83,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sweep = parser.add_argument_group(
         "sweep options", "the grid (options given with several values) and the sweep folder"
     )
-    for name in AXES:
+    for name in AXES:  # the options declared sweepable (``sweep`` metadata in TrainConfig)
         f = TrainConfig.__dataclass_fields__[name]
-        kind = float if name in ("learning_rate", "temperature") else int
-        kwargs: dict = {"type": kind}
+        kwargs: dict = {"type": type(f.default)}  # every axis has a default: 8, 2e-05, ...
         if f.metadata.get("choices"):
             kwargs = {"choices": f.metadata["choices"]}
         sweep.add_argument(
