@@ -1,11 +1,19 @@
-"""Contrastive loss over a query's group and, by default, every other passage in the batch."""
+"""InfoNCE: contrastive loss over a query's group and, by default, every other passage in the
+batch (FlagEmbedding's and sentence-transformers' MultipleNegativesRankingLoss), with the
+signals that explain it (accuracy, similarities by kind, candidates, chance level).
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from embtune.data.batching import GroupLayout
+from embtune.objectives.base import ObjectiveOutput
 
 
 @dataclass
@@ -138,3 +146,50 @@ def window_signals(sums: dict[str, float]) -> dict[str, float]:
         "masked_false_negatives": sums["masked_false_negatives"],
     }
     return {k: v for k, v in signals.items() if v is not None}
+
+
+@dataclass
+class InfoNCE:
+    r"""The bi-encoder's contrastive objective: :func:`contrastive_loss` as an objective.
+
+    Inputs: representations ``queries`` [B, H] and ``passages`` [P, H] (with cross-device
+    negatives, every process's passages), and the batch layout (positives, group owners,
+    false negatives). Formula: :func:`contrastive_loss`; chance level :math:`\ln |C_b|`, the
+    mean candidate count of the window. Use it for any query/passage retrieval data with
+    positives and (hard) negatives; ``temperature`` is ``--temperature``.
+    """
+
+    temperature: float
+    in_batch_negatives: bool = True
+    name: str = "infonce"
+
+    def __call__(
+        self, representations: Mapping[str, torch.Tensor], layout: GroupLayout
+    ) -> ObjectiveOutput:
+        """The loss of this process's queries against every candidate passage."""
+        out = contrastive_loss(
+            representations["queries"],
+            representations["passages"],
+            layout.positive_index,
+            layout.passage_owner,
+            self.temperature,
+            self.in_batch_negatives,
+            layout.false_negative_mask,
+            query_index=layout.query_index,
+        )
+        return ObjectiveOutput(
+            loss=out.loss,
+            terms={self.name: out.loss},
+            signal_sums=lambda: batch_signals(out, layout.positive_index, self.temperature),
+            details=out,
+        )
+
+    def window_record(self, sums: Mapping[str, float], loss: float) -> dict[str, float | None]:
+        """Chance level ln(candidates), loss over chance, then :func:`window_signals`."""
+        means = window_signals(dict(sums))
+        candidates = means.get("candidates_per_query", 1.0)
+        return {
+            "chance_loss": math.log(candidates),
+            "loss_over_chance": loss / math.log(candidates) if candidates > 1 else None,
+            **means,
+        }

@@ -1,42 +1,44 @@
-"""One training step's forward and backward pass: plain, cached (GradCache), cross-device.
+"""Step strategies: one training step's forward and backward pass, plain or cached (GradCache),
+each optionally with cross-device negatives. They know neither the objective nor the model kind:
+they encode a batch's parts with ``model(input_ids, attention_mask)``, hand the representations
+and the layout to the objective, and back-propagate its loss.
 
-Plain: queries and passages are encoded with the autograd graph kept, the loss is computed and
+Plain: every part is encoded with the autograd graph kept, the loss is computed and
 back-propagated. Activation memory grows with batch size x group size x passage length.
 
-Cached (``--cache-chunk-size N``, GradCache, Gao et al. 2021): (1) encode the whole batch in
-chunks of N texts without a graph, remembering the random state before each chunk; (2) compute
-the loss and its gradient with respect to every embedding; (3) encode each chunk again with a
+Cached (``--cache-chunk-size N``, GradCache, Gao et al. 2021): (1) encode every part in chunks
+of N texts without a graph, remembering the random state before each chunk; (2) compute the
+loss and its gradient with respect to every representation; (3) encode each chunk again with a
 graph, replaying its random state so dropout is the same, and back-propagate the stored
-embedding gradient through it. The parameter gradient equals the plain one for the same dropout
-masks; memory holds one chunk's activations, so the batch is bound by time, not memory. Cost:
-one extra forward pass without a graph (about a third more compute).
+gradient through it. The parameter gradient equals the plain one for the same dropout masks;
+memory holds one chunk's activations, so the batch is bound by time, not memory. Cost: one
+extra forward pass without a graph (about a third more compute).
 
-Cross-device (``--negatives-cross-device``, under torchrun / accelerate launch): passage
-embeddings of all processes are gathered (:mod:`embtune.distributed`), so each query is scored
-against the whole global batch; gradients flow back to the process that encoded each passage.
+Cross-device (``--negatives-cross-device``, under torchrun / accelerate launch): the parts the
+model kind names as shared (a bi-encoder's passages) are gathered from every process
+(:mod:`embtune.distributed`) and the layout with them, so each query is scored against the
+whole global batch; gradients flow back to the process that encoded each row.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from embtune.data.batching import Batch, false_negative_mask, padded_width
-from embtune.distributed import gather, gather_sizes, gather_with_grad, is_distributed
-from embtune.objectives.infonce import ContrastiveOutput, contrastive_loss
+from embtune.data.batching import Batch, TokenBatch
+from embtune.distributed import gather_layout, gather_with_grad, is_distributed
+from embtune.objectives.base import Objective, ObjectiveOutput
 
 
 @dataclass
 class StepOutput:
-    """The loss (this process's queries) and what the logs need from the scores."""
+    """The loss (this process's queries) and the objective's output for the log."""
 
     loss: torch.Tensor  # detached
-    output: ContrastiveOutput
-    positive_index: torch.Tensor  # [B] positive columns of ``output.scores``
+    output: ObjectiveOutput
     finite: bool  # False: the loss was not finite and nothing was back-propagated
     padded_tokens: int  # token positions encoded (padding included), this process
     real_tokens: int  # of which real tokens
@@ -44,26 +46,12 @@ class StepOutput:
 
 @dataclass
 class StepSettings:
-    """The options that shape a step (taken from TrainConfig)."""
+    """The options that shape a step (taken from TrainConfig and the model kind)."""
 
-    temperature: float
-    in_batch_negatives: bool = True
-    negatives_cross_device: bool = False
     cache_chunk_size: int = 0
     pad_to_multiple_of: int = 1
-
-
-def _chunks(
-    ids: torch.Tensor, mask: torch.Tensor, size: int, multiple: int = 1
-) -> Iterator[tuple[slice, ...]]:
-    """(rows, ids, mask) per chunk of ``size`` texts, without the padding columns no text of
-    the chunk uses (a chunk of short texts is narrower than the batch); widths are rounded up
-    to ``multiple`` as the batch's were."""
-    lengths = mask.sum(1).tolist()  # one device sync for all chunks
-    for start in range(0, ids.shape[0], size):
-        rows = slice(start, start + size)
-        width = padded_width(max(lengths[rows], default=1), multiple, ids.shape[1])
-        yield rows, ids[rows, :width], mask[rows, :width]
+    negatives_cross_device: bool = False
+    shared_parts: tuple[str, ...] = ()  # parts gathered across processes (cross-device)
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -77,56 +65,39 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _loss(
-    query_emb: torch.Tensor,
-    passage_emb: torch.Tensor,
+def _encode(model: torch.nn.Module, part: TokenBatch) -> torch.Tensor:
+    return model(part.input_ids, part.attention_mask)
+
+
+def _objective(
+    objective: Objective,
+    representations: dict[str, torch.Tensor],
     batch: Batch,
     settings: StepSettings,
-    cross_device: bool,
-) -> tuple[ContrastiveOutput, torch.Tensor]:
-    """Loss of this process's queries; returns (output, positive columns)."""
-    if not cross_device:
-        out = contrastive_loss(
-            query_emb,
-            passage_emb,
-            batch.positive_index,
-            batch.passage_owner,
-            settings.temperature,
-            settings.in_batch_negatives,
-            batch.false_negative_mask,
-        )
-        return out, batch.positive_index
-    every_passage, first = gather_with_grad(passage_emb)
-    passage_ids, _ = gather(batch.passage_ids)
-    # Queries are numbered across the global batch, in rank order.
-    first_query = sum(gather_sizes(len(batch.rows), query_emb.device)[: dist.get_rank()])
-    owners, _ = gather(batch.passage_owner + first_query)
-    positive_index = batch.positive_index + first
-    out = contrastive_loss(
-        query_emb,
-        every_passage,
-        positive_index,
-        owners,
-        settings.temperature,
-        settings.in_batch_negatives,
-        torch.from_numpy(false_negative_mask(passage_ids.cpu().numpy(), batch.positive_ids)).to(
-            query_emb.device
-        ),
-        query_index=torch.arange(len(batch.rows), device=query_emb.device) + first_query,
-    )
-    return out, positive_index
+) -> ObjectiveOutput:
+    """The objective on this process's representations, or with cross-device negatives on the
+    shared parts of every process."""
+    layout = batch.layout
+    if settings.negatives_cross_device and is_distributed():
+        representations = {
+            name: gather_with_grad(rep)[0] if name in settings.shared_parts else rep
+            for name, rep in representations.items()
+        }
+        layout = gather_layout(layout)
+    return objective(representations, layout)
 
 
 def forward_backward(
     model: torch.nn.Module,
     batch: Batch,
+    objective: Objective,
     settings: StepSettings,
     backward: Callable[[torch.Tensor], None],
     finite: Callable[[torch.Tensor], bool],
     loss_weight: float = 1.0,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> StepOutput:
-    """Encode ``batch``, compute the contrastive loss and back-propagate it into ``model``.
+    """Encode ``batch``, compute ``objective``'s loss and back-propagate it into ``model``.
 
     ``backward(loss)`` is the accelerator's (it scales fp16 losses); ``finite(loss)`` decides,
     on every process alike, whether the step goes on; ``loss_weight`` rescales this process's
@@ -134,78 +105,68 @@ def forward_backward(
     processes hold different numbers of queries; ``no_sync()`` suspends DDP's gradient
     all-reduce for all but the last of several backward passes (cached loss).
     """
-    cross = settings.negatives_cross_device and is_distributed()
-    tokens = (
-        batch.query_input_ids.numel() + batch.passage_input_ids.numel(),
-        int(batch.query_attention_mask.sum() + batch.passage_attention_mask.sum()),
-    )
-    if not settings.cache_chunk_size:
-        # Passages first: their large activations then take the allocator's free memory in one
-        # piece, and peak CPU memory is ~0.4 GiB lower (docs/performance.md).
-        passage_emb = model(batch.passage_input_ids, batch.passage_attention_mask)
-        query_emb = model(batch.query_input_ids, batch.query_attention_mask)
-        out, positive_index = _loss(query_emb, passage_emb, batch, settings, cross)
-        ok = finite(out.loss)
-        if ok:
-            backward(out.loss * loss_weight)
-        return StepOutput(out.loss.detach(), out, positive_index, ok, *tokens)
-    return _cached_forward_backward(
-        model, batch, settings, backward, finite, loss_weight, no_sync, cross, tokens
-    )
+    if settings.cache_chunk_size:
+        return _cached_forward_backward(
+            model, batch, objective, settings, backward, finite, loss_weight, no_sync
+        )
+    # Parts in the batch's order: a bi-encoder's passages first, whose large activations then
+    # take the allocator's free memory in one piece (peak CPU memory ~0.4 GiB lower,
+    # docs/performance.md).
+    representations = {name: _encode(model, part) for name, part in batch.parts.items()}
+    out = _objective(objective, representations, batch, settings)
+    ok = finite(out.loss)
+    if ok:
+        backward(out.loss * loss_weight)
+    return StepOutput(out.loss.detach(), out, ok, batch.padded_tokens, batch.real_tokens)
 
 
 def _cached_forward_backward(
     model: torch.nn.Module,
     batch: Batch,
+    objective: Objective,
     settings: StepSettings,
     backward: Callable[[torch.Tensor], None],
     finite: Callable[[torch.Tensor], bool],
     loss_weight: float,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None,
-    cross: bool,
-    tokens: tuple[int, int],
 ) -> StepOutput:
-    device = batch.query_input_ids.device
-    size = settings.cache_chunk_size
-    parts = [
-        (batch.query_input_ids, batch.query_attention_mask),
-        (batch.passage_input_ids, batch.passage_attention_mask),
-    ]
-    # (1) embeddings without a graph, remembering the random state of each chunk.
-    plan: list[tuple[int, slice, torch.Tensor, torch.Tensor, tuple]] = []
-    embeddings: list[list[torch.Tensor]] = [[], []]
+    device = next(iter(batch.parts.values())).input_ids.device
+    real_tokens = batch.real_tokens
+    # (1) representations without a graph, remembering the random state of each chunk.
+    plan: list[tuple[str, slice, TokenBatch, tuple]] = []
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in batch.parts}
     padded = 0
     with torch.no_grad():
-        for which in (1, 0):  # passages first, as in the plain path (same dropout draws)
-            ids, mask = parts[which]
-            for rows, chunk_ids, chunk_mask in _chunks(
-                ids, mask, size, settings.pad_to_multiple_of
-            ):
-                padded += chunk_ids.numel()
+        for name, part in batch.parts.items():
+            for rows, chunk in part.chunks(settings.cache_chunk_size, settings.pad_to_multiple_of):
+                padded += chunk.padded_tokens
                 state = _rng_state(device)
-                embeddings[which].append(model(chunk_ids, chunk_mask))
-                plan.append((which, rows, chunk_ids, chunk_mask, state))
+                pieces[name].append(_encode(model, chunk))
+                plan.append((name, rows, chunk, state))
     after_first_pass = _rng_state(device)
-    leaves = [
-        torch.cat(e).detach().requires_grad_() if e else torch.empty(0, device=device)
-        for e in embeddings
-    ]
-    # (2) loss and its gradient with respect to every embedding (with cross-device negatives,
-    # the gather's backward adds the other processes' gradients for our passages).
-    out, positive_index = _loss(leaves[0], leaves[1], batch, settings, cross)
+    leaves = {
+        name: torch.cat(p).detach().requires_grad_() if p else torch.empty(0, device=device)
+        for name, p in pieces.items()
+    }
+    # (2) loss and its gradient with respect to every representation (with cross-device
+    # negatives, the gather's backward adds the other processes' gradients for our rows).
+    out = _objective(objective, leaves, batch, settings)
     ok = finite(out.loss)
     if not ok:
         _set_rng_state(after_first_pass, device)
-        return StepOutput(out.loss.detach(), out, positive_index, False, padded, tokens[1])
+        return StepOutput(out.loss.detach(), out, False, padded, real_tokens)
     backward(out.loss * loss_weight)
-    grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+    grads = {
+        name: leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+        for name, leaf in leaves.items()
+    }
     # (3) each chunk again, with a graph and the same dropout, back-propagating its gradient.
-    for number, (which, rows, chunk_ids, chunk_mask, state) in enumerate(plan):
+    for number, (name, rows, chunk, state) in enumerate(plan):
         _set_rng_state(state, device)
         last = number == len(plan) - 1
         sync = contextlib.nullcontext() if last or no_sync is None else no_sync()
         with sync:
-            emb = model(chunk_ids, chunk_mask)
-            torch.autograd.backward(emb, grads[which][rows].to(emb.dtype))
+            rep = _encode(model, chunk)
+            torch.autograd.backward(rep, grads[name][rows].to(rep.dtype))
     _set_rng_state(after_first_pass, device)
-    return StepOutput(out.loss.detach(), out, positive_index, True, padded, tokens[1])
+    return StepOutput(out.loss.detach(), out, True, padded, real_tokens)

@@ -1,0 +1,22 @@
+"""Model kinds: what a batch holds, how it is padded and scored, evaluated and saved.
+
+Adding one (a cross-encoder, a decoder-only LLM embedder) is one module with a class like
+:class:`~embtune.models.kinds.bi_encoder.BiEncoder` plus its line in :data:`MODEL_KINDS`;
+the training loop, the step strategies and the objectives stay as they are
+(docs/architecture.md, "Adding a model kind").
+"""
+
+from __future__ import annotations
+
+from embtune.models.kinds.bi_encoder import BiEncoder
+
+MODEL_KINDS = {BiEncoder.name: BiEncoder}
+DEFAULT_KIND = BiEncoder.name
+
+
+def model_kind(name: str = DEFAULT_KIND) -> BiEncoder:
+    """The model kind registered as ``name``."""
+    try:
+        return MODEL_KINDS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model kind {name!r}; known: {', '.join(MODEL_KINDS)}") from None

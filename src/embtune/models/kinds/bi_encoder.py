@@ -1,0 +1,195 @@
+"""The bi-encoder model kind: queries and passages embedded apart by one :class:`Encoder`.
+
+A model kind answers what the training loop must not know: which parts a batch has (here
+``passages`` and ``queries``, encoded in that order), which side they are padded on (the
+tokenizer's, as in evaluation), which parts are shared across processes for cross-device
+negatives (passages), the objective it trains by default (InfoNCE), how a model is loaded,
+made ready for training, evaluated on a dev set and saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from embtune.config import TrainConfig
+from embtune.data.batching import Batch, group_layout, pad_tokens
+from embtune.data.formats import BeirDataset, TrainingData
+from embtune.data.groups import Group, TrainingTexts
+from embtune.data.pipeline import training_texts
+from embtune.data.store import TokenTable, default_cache_dir, tokenize_store
+from embtune.models.encoder import Encoder, check_max_lengths, load_model_config
+from embtune.models.speedups.activation_recompute import (
+    recompute_feed_forward_activations,
+    recompute_norm_outputs,
+)
+from embtune.models.speedups.dropout import use_fast_cpu_dropout
+from embtune.objectives.base import Objective
+from embtune.objectives.infonce import InfoNCE
+
+
+@dataclass
+class BiEncoderTexts:
+    """Training texts with their token tables (queries and passages tokenized once)."""
+
+    texts: TrainingTexts
+    query_tokens: TokenTable
+    passage_tokens: TokenTable
+
+
+def collate(
+    groups: list[Group],
+    texts: BiEncoderTexts,
+    pad_id: int,
+    pad_to_multiple_of: int = 1,
+    max_lengths: tuple[int, int] | None = None,
+    padding_side: str = "right",
+) -> Batch:
+    """The batch of one step from its groups: every group's passages, positive first, then
+    the queries; widths rounded up to ``pad_to_multiple_of``, at most ``max_lengths``
+    (query, passage)."""
+    query_cap, passage_cap = max_lengths or (None, None)
+    queries = pad_tokens(
+        [texts.query_tokens[g.query] for g in groups],
+        pad_id,
+        pad_to_multiple_of,
+        query_cap,
+        padding_side,
+    )
+    passages = pad_tokens(
+        [texts.passage_tokens[p] for g in groups for p in g.passages],
+        pad_id,
+        pad_to_multiple_of,
+        passage_cap,
+        padding_side,
+    )
+    layout = group_layout(groups, texts.texts.rows)
+    return Batch({"passages": passages, "queries": queries}, layout, [g.row for g in groups])
+
+
+class BiEncoder:
+    """The bi-encoder kind (the default ``embtune train`` model)."""
+
+    name = "bi-encoder"
+    shared_parts = ("passages",)
+
+    def check_options(self, config: TrainConfig) -> None:
+        """Refuse options the model cannot take, from its config alone (no weights loaded)."""
+        model_config = load_model_config(config.model)
+        check_max_lengths(model_config, config.query_max_len, config.passage_max_len)
+
+    def load(self, config: TrainConfig, weights_from: Path | None = None) -> Encoder:
+        """The encoder to train; a resumed run takes its weights (and settings) from the
+        checkpoint."""
+        return Encoder.from_pretrained(
+            str(weights_from) if weights_from else config.model,
+            pooling=config.pooling,
+            normalize=config.normalize,
+            query_instruction=config.query_instruction,
+            passage_instruction=config.passage_instruction,
+            query_max_len=config.query_max_len,
+            passage_max_len=config.passage_max_len,
+            attn_implementation=config.attn_implementation,
+        )
+
+    def prepare_texts(
+        self, encoder: Encoder, data: TrainingData, config: TrainConfig, show: bool
+    ) -> BiEncoderTexts:
+        """Rows with the encoder's instructions, every text tokenized once (disk-cached)."""
+        settings = encoder.settings
+        texts = training_texts(data, settings.query_instruction, settings.passage_instruction)
+        cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        tokenizer = encoder.tokenizer
+        query_tokens, _ = tokenize_store(
+            texts.queries, tokenizer, settings.query_max_len, cache, "tokenizing queries", show
+        )
+        passage_tokens, _ = tokenize_store(
+            texts.passages,
+            tokenizer,
+            settings.passage_max_len,
+            cache,
+            "tokenizing passages",
+            show,
+        )
+        return BiEncoderTexts(texts, query_tokens, passage_tokens)
+
+    def length_key(self, texts: BiEncoderTexts) -> Callable[[Group], int]:
+        """A group's length for ``--group-by-length``: longest passage first, then query
+        (a batch is padded to its longest text)."""
+        query_lengths = texts.query_tokens.lengths()
+        passage_lengths = texts.passage_tokens.lengths()
+
+        def key(group: Group) -> int:
+            longest = max((int(passage_lengths[p]) for p in group.passages), default=0)
+            return longest * 65536 + int(query_lengths[group.query])
+
+        return key
+
+    def objective(self, config: TrainConfig) -> Objective:
+        """The objective a bi-encoder trains by default: InfoNCE."""
+        return InfoNCE(config.temperature, config.in_batch_negatives)
+
+    def batch(
+        self, encoder: Encoder, groups: list[Group], texts: BiEncoderTexts, pad_multiple: int
+    ) -> Batch:
+        """One step's batch, padded on the tokenizer's side (as evaluation pads)."""
+        settings = encoder.settings
+        return collate(
+            groups,
+            texts,
+            encoder.tokenizer.pad_token_id,
+            pad_multiple,
+            (settings.query_max_len, settings.passage_max_len),
+            encoder.tokenizer.padding_side,
+        )
+
+    def prepare_for_training(
+        self, encoder: Encoder, config: TrainConfig, device: torch.device
+    ) -> None:
+        """Memory and speed measures that keep results as they are, then the device."""
+        if config.gradient_checkpointing:
+            encoder.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if device.type == "cpu" and config.attn_implementation == "sdpa":
+            # Same dropout, drawn and applied without the unfused attention path
+            # (models/speedups/dropout.py).
+            use_fast_cpu_dropout(encoder.model)
+        if device.type == "cpu" and not (
+            config.bf16 or config.fp16 or config.gradient_checkpointing
+        ):
+            # Same results, less kept for backward: cheap activations are recomputed instead
+            # (models/speedups/activation_recompute.py).
+            recompute_feed_forward_activations(encoder.model)
+            recompute_norm_outputs(encoder.model)
+        pooler = getattr(encoder.model, "pooler", None)
+        if isinstance(pooler, torch.nn.Module):
+            # BERT's pooler head is computed but never used by our pooling: frozen, it keeps
+            # its weights (saved as they were) and DDP does not wait for gradients it will
+            # never get.
+            pooler.requires_grad_(False)
+        if config.compile:
+            # In place, so parameter names (and saved weights) stay those of the plain model.
+            encoder.model.compile(dynamic=True)
+        encoder.to(device)  # before the optimizer, which picks its kernel by device
+
+    def evaluate(self, encoder: Encoder, dev_data: BeirDataset) -> dict[str, float]:
+        """Retrieval metrics (nDCG@10, MRR@10, Recall@k, ...) on a BEIR-style dev set."""
+        from embtune.eval.retrieval import evaluate_retrieval
+
+        return evaluate_retrieval(encoder, dev_data, show_progress=False)
+
+    def save(self, encoder: Encoder, path: Path) -> None:
+        """A folder that transformers, sentence-transformers and embtune load identically."""
+        encoder.save(path)
+
+    def passage_count(self, texts: BiEncoderTexts) -> int:
+        """Passages the corpus fill may draw from."""
+        return len(texts.texts.passages)
+
+    def rows(self, texts: BiEncoderTexts) -> list:
+        """The training rows (id form)."""
+        return texts.texts.rows

@@ -1,0 +1,35 @@
+"""Dev evaluation during training: metrics logged as ``dev_*``, the best model kept."""
+
+from __future__ import annotations
+
+from tqdm.auto import tqdm
+
+from embtune.checkpoint import save_atomically
+from embtune.run_files import BEST_DIR
+from embtune.training.session import Session
+
+
+def is_dev_step(session: Session, done: int) -> bool:
+    """True when step ``done`` is followed by a dev evaluation."""
+    every = session.config.eval_steps
+    return session.dev_data is not None and (
+        done == session.total_steps or bool(every and done % every == 0)
+    )
+
+
+def evaluate_dev(session: Session, step: int) -> None:
+    """The model kind's metrics on the dev set; the main process keeps the best model."""
+    accelerator = session.accelerator
+    accelerator.wait_for_everyone()
+    if session.main:
+        unwrapped = accelerator.unwrap_model(session.model)
+        metrics = session.kind.evaluate(unwrapped, session.dev_data)
+        session.model.train()
+        session.logbook.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
+        ndcg = metrics["ndcg@10"]
+        tqdm.write(f"step {step}: dev nDCG@10 {ndcg:.4f}, MRR@10 {metrics['mrr@10']:.4f}")
+        best = session.run.best
+        if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
+            best.update(step=step, ndcg=ndcg)
+            save_atomically(session.out / BEST_DIR, lambda path: session.kind.save(unwrapped, path))
+    accelerator.wait_for_everyone()

@@ -1,0 +1,83 @@
+"""The run's log: every record goes to train_log.jsonl (main process), TensorBoard and the
+history a checkpoint carries, so a resumed run's log is the uninterrupted run's."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
+
+from embtune.atomic import atomic_write
+from embtune.config import TrainConfig
+from embtune.run_files import LOG_FILE, TENSORBOARD_DIR
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+def rewrite_log(path: Path, history: list[dict]) -> None:
+    """Make train_log.jsonl hold exactly the checkpoint's history (drops lines logged after it)."""
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def wait_for_a_later_events_file(folder: Path) -> None:
+    """Sleep until the clock is past the second in which the newest TensorBoard file was made.
+
+    TensorBoard reads a run's event files in name order, and a name starts with its creation
+    second. A resumed run's writer created within the killed run's second could sort first (the
+    process id decides) and then be read as the older file.
+    """
+    stamps = [
+        int(match.group(1))
+        for path in folder.glob("events.out.tfevents.*")
+        if (match := re.match(r"events\.out\.tfevents\.(\d+)\.", path.name))
+    ]
+    if stamps and (wait := max(stamps) + 1 - time.time()) > 0:
+        time.sleep(wait)
+
+
+def start_trackers(accelerator: Accelerator, config: TrainConfig, out: Path, start: int) -> None:
+    """TensorBoard through accelerate; a resumed run hides the events the interrupted run
+    logged after its checkpoint."""
+    options = {"tensorboard": {"purge_step": start + 1}} if start else {}
+    if start:
+        wait_for_a_later_events_file(out / TENSORBOARD_DIR)
+    accelerator.init_trackers(
+        "tensorboard",
+        config={k: str(v) for k, v in config.to_dict().items()},
+        init_kwargs=options,
+    )
+
+
+class Logbook:
+    """Writes records to the history, TensorBoard (numbers only) and train_log.jsonl."""
+
+    def __init__(self, accelerator: Accelerator, history: list[dict]) -> None:
+        self.accelerator = accelerator
+        self.history = history
+        self.file: TextIO | None = None
+
+    def open(self, out: Path, start_step: int) -> None:
+        """Open train_log.jsonl on the main process: new, or cut back to the checkpoint."""
+        if not self.accelerator.is_main_process:
+            return
+        if start_step:
+            rewrite_log(out / LOG_FILE, self.history)
+        self.file = open(out / LOG_FILE, "a" if start_step else "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        """Append one record (``step`` is its x axis in TensorBoard)."""
+        self.history.append(record)
+        numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
+        self.accelerator.log(numbers, step=record["step"])
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        """Close train_log.jsonl."""
+        if self.file:
+            self.file.close()

@@ -1,0 +1,214 @@
+"""Every refusal of a training run, before the model is loaded or anything is written.
+
+Reliability promise (docs/reliability.md): a bad option, bad data, an unusable output folder,
+a checkpoint that does not fit these options, a model that cannot take the max lengths or a
+disk too small is one clear error (exit 2) with nothing half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from embtune.checkpoint import (
+    check_disk_space,
+    check_resume_compatible,
+    checkpoint_step,
+    data_fingerprint,
+    estimate_save_bytes,
+    existing_ancestor,
+    latest_checkpoint,
+    read_trainer_state,
+    recover_interrupted,
+)
+from embtune.config import TrainConfig
+from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus
+from embtune.data.formats import BeirDataset, Record, TrainingData, load_beir, load_training_data
+from embtune.errors import UsageError
+from embtune.run_files import (
+    BEST_DIR,
+    CONFIG_FILE,
+    DEV_SPLIT_FILE,
+    TENSORBOARD_DIR,
+    TRAINER_STATE_FILE,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class Inputs:
+    """The run's validated data, its dev set and output folder."""
+
+    data: TrainingData
+    dev_data: BeirDataset | None
+    dev_rows: list[Record]  # rows --dev-fraction held out (saved as dev_split.json)
+    out: Path
+
+
+@dataclass
+class ResumePoint:
+    """Where a run starts: a checkpoint and its trainer state, or (None, None) = fresh."""
+
+    checkpoint: Path | None
+    state: dict | None
+    fingerprint: str  # of the training data (checked against a resumed checkpoint's)
+
+
+def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
+    """Options, data and the dev set checked; ``dev_data`` (a caller's, e.g. the demo's)
+    replaces --eval-data / --dev-fraction."""
+    config.validate()
+    if config.fp16 and not torch.cuda.is_available():
+        raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
+    data = load_training_data(config.train_data, config.train_split)
+    dev_rows: list[Record] = []
+    if config.dev_fraction and dev_data is None:
+        data.records, dev_rows = carve_dev_split(data.records, config.dev_fraction, config.seed)
+        dev_data = dev_dataset(dev_rows, data.corpus or passage_corpus(data.records + dev_rows))
+    elif config.eval_data and dev_data is None:
+        dev_data = load_beir(Path(config.eval_data), config.eval_split)
+    if config.save_best and dev_data is None:
+        raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
+    return Inputs(data, dev_data, dev_rows, check_output_dir(config))
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    """Refuse a folder that cannot be written or holds another run; creates nothing.
+
+    A non-empty folder is accepted with --overwrite-output-dir (a new run replaces the old) or
+    --resume (the run continues there).
+    """
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resuming):
+        raise UsageError(
+            f"--output-dir: {out} is not empty (a previous run?); pass --overwrite-output-dir "
+            "to replace it, --resume to continue it, or choose another folder"
+        )
+    # The folder is only created once every check has passed; here we ask the nearest existing
+    # parent whether it could be.
+    where = out if out.is_dir() else existing_ancestor(out)
+    if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir: cannot write to {out} ({where} is not writable)")
+    return out
+
+
+def create_output_dir(out: Path) -> None:
+    """Create ``out`` and prove a file can be written there."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".embtune-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--output-dir: cannot write to {out}: {exc.strerror or exc}") from exc
+
+
+def _resume_checkpoint(config: TrainConfig, out: Path) -> tuple[Path | None, dict | None]:
+    """The checkpoint to continue from and its trainer state, or (None, None) to start fresh."""
+    if config.resume_from:
+        checkpoint = Path(config.resume_from)
+        state = read_trainer_state(checkpoint, "--resume-from")
+        if state.get("finished"):
+            raise UsageError(
+                f"--resume-from: {checkpoint} is a finished run ({state['step']} steps), not a "
+                "checkpoint; use it as --model to train further"
+            )
+        return checkpoint, state
+    if not config.resume:
+        return None, None
+    final = out / TRAINER_STATE_FILE
+    if final.is_file():
+        state = read_trainer_state(out, "--resume")
+        if state.get("finished"):
+            raise UsageError(
+                f"--resume: {out} holds a finished run ({state['step']} steps); nothing to "
+                "resume (--overwrite-output-dir trains it again)"
+            )
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+            raise UsageError(
+                f"--resume: {out} holds files but no embtune run (no {CONFIG_FILE}); "
+                "choose the run's folder"
+            )
+        return None, None
+    return checkpoint, read_trainer_state(checkpoint, "--resume")
+
+
+def check_resume(
+    config: TrainConfig, inputs: Inputs, accelerator: Accelerator, global_batch: int
+) -> ResumePoint:
+    """The run's starting point; a checkpoint is refused when these options or this launch
+    would not continue it exactly. Leftovers of an interrupted save are put right first."""
+    out = inputs.out
+    if config.resuming and accelerator.is_main_process:
+        for line in recover_interrupted(out):
+            print(f"embtune train: {out}: {line} (left by an interrupted save)")
+    accelerator.wait_for_everyone()
+    checkpoint, state = _resume_checkpoint(config, out)
+    fingerprint = data_fingerprint(inputs.data.records, inputs.data.corpus.values())
+    if state is not None and checkpoint is not None:
+        check_resume_compatible(state, config, checkpoint, fingerprint)
+        if state["global_batch"] != global_batch:
+            raise UsageError(
+                f"--resume: {checkpoint} was trained with {state['global_batch']} queries per "
+                f"step; this launch gives {global_batch} ({accelerator.num_processes} "
+                f"processes x --batch-size {config.batch_size}). Launch as many processes as "
+                "the run had"
+            )
+    return ResumePoint(checkpoint, state, fingerprint)
+
+
+def check_disk(config: TrainConfig, out: Path) -> None:
+    """Refuse a disk without room for what the run will save."""
+    check_disk_space(
+        out,
+        estimate_save_bytes(config.model, with_optimizer=config.save_steps > 0),
+        "a checkpoint (model + optimizer state)" if config.save_steps else "the model",
+    )
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """Remove a previous run's checkpoints, best model, events and state from ``out``.
+
+    Left in place they would mix with the new run's: an old checkpoint-900 would be "the newest"
+    to --resume, and TensorBoard would draw two runs as one.
+    """
+    removed = []
+    for path in sorted(out.iterdir()):
+        name = path.name
+        is_ours = (
+            checkpoint_step(path) is not None
+            or name in (BEST_DIR, TENSORBOARD_DIR, TRAINER_STATE_FILE, DEV_SPLIT_FILE)
+            or (name.startswith(".") and name.endswith((".tmp", ".old", ".deleting")))
+        )
+        if not is_ours:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+    return removed
+
+
+def prepare_output_dir(
+    config: TrainConfig, out: Path, resume: ResumePoint, accelerator: Accelerator
+) -> None:
+    """Create the folder (main process) and, for a new run, clear a previous run from it."""
+    if accelerator.is_main_process:
+        create_output_dir(out)
+        if resume.state is None and (config.overwrite_output_dir or config.resuming):
+            removed = clear_previous_run(out)
+            if removed:
+                print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
+    accelerator.wait_for_everyone()

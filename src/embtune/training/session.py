@@ -1,0 +1,57 @@
+"""Everything one training run holds once it is prepared: the phases of training/run.py fill
+it in order, the step loop (training/loop.py) reads and updates it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from embtune.config import TrainConfig
+from embtune.data.epoch_plan import EpochPlan
+from embtune.data.formats import BeirDataset
+from embtune.data.groups import NegativeCoverage, NegativesBudget
+from embtune.objectives.base import Objective
+from embtune.training.logbook import Logbook
+from embtune.training.state import RunState
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+
+@dataclass
+class Session:
+    """One prepared run."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    out: Path
+    kind: Any  # a model kind (embtune.models.kinds)
+    encoder: Any  # the kind's model, unwrapped (what is evaluated and saved)
+    texts: Any  # the kind's prepared texts (rows + token tables)
+    plan: EpochPlan
+    total_steps: int
+    run: RunState
+    objective: Objective
+    pad_multiple: int
+    fingerprint: str
+    budget: NegativesBudget
+    dev_data: BeirDataset | None = None
+    show: bool = True
+    model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    logbook: Logbook | None = None
+    coverage: NegativeCoverage | None = None
+
+    @property
+    def main(self) -> bool:
+        """True on the process that writes files."""
+        return self.accelerator.is_main_process
+
+    @property
+    def world(self) -> int:
+        """Processes of the launch."""
+        return self.accelerator.num_processes
