@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from embtune.data.batching import collate, pad_tokens, padded_width
+from embtune.data.batching import pad_tokens, padded_width
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
+from embtune.models.kinds.bi_encoder import collate
 from embtune.objectives.infonce import contrastive_loss
 
 # B = 2 queries, groups of 2 passages (positive first), H = 2.
@@ -102,9 +103,34 @@ def test_gradients_are_finite_despite_masked_scores() -> None:
 
 
 def test_pad_tokens_pads_right_with_a_mask() -> None:
-    ids, mask = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    part = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0)
+    assert part.input_ids.tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert part.attention_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert part.padding_side == "right"
+
+
+def test_pad_tokens_pads_left_when_asked() -> None:
+    part = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0, padding_side="left")
+    assert part.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert part.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="padding_side"):
+        pad_tokens([np.array([5])], pad_id=0, padding_side="middle")
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_chunks_trim_padding_columns_never_real_tokens(side: str) -> None:
+    """A chunk of short texts is narrower than its batch: the cut falls on the padded side."""
+    sequences = [np.array([5, 6, 7, 8, 9]), np.array([1, 2]), np.array([3])]
+    part = pad_tokens(sequences, pad_id=0, padding_side=side)
+    chunks = list(part.chunks(2))
+    assert [(rows.start, chunk.width) for rows, chunk in chunks] == [(0, 5), (2, 1)]
+    last = chunks[-1][1]
+    assert last.input_ids.tolist() == [[3]] and last.attention_mask.tolist() == [[1]]
+    assert last.padding_side == side
+    rounded = list(part.chunks(2, multiple=4))[-1][1]
+    assert rounded.width == 4 and rounded.attention_mask.sum() == 1
+    real = rounded.input_ids[rounded.attention_mask.bool()]
+    assert real.tolist() == [3]
 
 
 @pytest.mark.parametrize(
@@ -127,7 +153,8 @@ def test_padded_width_rounds_up_to_the_multiple_within_the_max_length(
 
 
 def test_pad_tokens_to_a_multiple_adds_masked_padding() -> None:
-    ids, mask = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0, multiple=4)
+    part = pad_tokens([np.array([5, 6, 7]), np.array([8])], pad_id=0, multiple=4)
+    ids, mask = part.input_ids, part.attention_mask
     assert ids.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
 
@@ -146,40 +173,42 @@ def test_collate_lays_out_groups_and_marks_false_negatives() -> None:
     )
     batch = collate(groups, rows, query_tokens, passage_tokens, pad_id=0)
 
-    assert batch.positive_index.tolist() == [0, 3]
-    assert batch.passage_owner.tolist() == [0, 0, 0, 1, 1]
-    assert batch.false_negative_mask.tolist() == [
+    assert batch.layout.positive_index.tolist() == [0, 3]
+    assert batch.layout.passage_owner.tolist() == [0, 0, 0, 1, 1]
+    assert batch.layout.false_negative_mask.tolist() == [
         [False, False, False, False, True],  # the second copy of passage 0
         [False, True, False, False, False],  # passage 1, row 1's other positive
     ]
     assert batch.rows == [0, 1]
     wide = collate(groups, rows, query_tokens, passage_tokens, 0, 8, (6, 64))
-    assert wide.query_input_ids.shape[1] == 6  # 4 rounded to 8, capped at the query max
-    assert wide.passage_input_ids.shape[1] == 8
-    assert torch.equal(wide.passage_attention_mask[:, :4], batch.passage_attention_mask)
-    assert wide.passage_attention_mask[:, 4:].sum() == 0
-    assert batch.query_input_ids.tolist() == [[101, 11, 102, 0], [101, 12, 13, 102]]
-    assert batch.query_attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
-    assert batch.passage_input_ids.tolist() == [
+    assert wide.parts["queries"].input_ids.shape[1] == 6  # 4 rounded to 8, capped at the query max
+    assert wide.parts["passages"].input_ids.shape[1] == 8
+    assert torch.equal(
+        wide.parts["passages"].attention_mask[:, :4], batch.parts["passages"].attention_mask
+    )
+    assert wide.parts["passages"].attention_mask[:, 4:].sum() == 0
+    assert batch.parts["queries"].input_ids.tolist() == [[101, 11, 102, 0], [101, 12, 13, 102]]
+    assert batch.parts["queries"].attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert batch.parts["passages"].input_ids.tolist() == [
         [101, 20, 102, 0],
         [101, 21, 21, 102],
         [101, 102, 0, 0],
         [101, 23, 102, 0],
         [101, 20, 102, 0],
     ]
-    assert batch.passage_attention_mask.sum(1).tolist() == [3, 4, 2, 3, 3]
+    assert batch.parts["passages"].attention_mask.sum(1).tolist() == [3, 4, 2, 3, 3]
     assert batch.num_texts == 7
-    assert batch.to(torch.device("cpu")).positive_index.tolist() == [0, 3]
+    assert batch.to(torch.device("cpu")).layout.positive_index.tolist() == [0, 3]
 
     # The layout feeds the loss directly: each query loses exactly its one false negative.
     emb_q, emb_p = torch.randn(2, 8), torch.randn(5, 8)
     out = contrastive_loss(
         emb_q,
         emb_p,
-        batch.positive_index,
-        batch.passage_owner,
+        batch.layout.positive_index,
+        batch.layout.passage_owner,
         0.05,
-        false_negative_mask=batch.false_negative_mask,
+        false_negative_mask=batch.layout.false_negative_mask,
     )
     assert out.candidates.tolist() == [4, 4]
 

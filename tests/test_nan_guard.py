@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import embtune.training.step as train_step_module
+import embtune.objectives.infonce as infonce_module
 from embtune.cli import main
 from embtune.objectives.infonce import contrastive_loss
 from embtune.training.run import LOG_FILE
@@ -37,7 +37,7 @@ def poison(
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_step_module, "contrastive_loss", loss)
+    monkeypatch.setattr(infonce_module, "contrastive_loss", loss)
 
 
 def argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:

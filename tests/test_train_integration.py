@@ -11,11 +11,11 @@ import yaml
 
 from embtune.cli import main
 from embtune.config import TrainConfig
-from embtune.data.batching import collate
 from embtune.data.formats import load_training_data
 from embtune.data.groups import GroupSampler, build_rows
 from embtune.data.store import tokenize_store
 from embtune.models.encoder import Encoder
+from embtune.models.kinds.bi_encoder import collate
 from embtune.objectives.infonce import contrastive_loss
 from embtune.training.run import LOG_FILE, pad_multiple_for, train
 from tests.conftest import NQ_FILE
@@ -33,16 +33,16 @@ def _fixed_batch_loss(model_path: Path, temperature: float) -> float:
     batch = collate(groups, texts.rows, q_tok, p_tok, enc.tokenizer.pad_token_id)
     enc.eval()
     with torch.no_grad():
-        q = enc(batch.query_input_ids, batch.query_attention_mask)
-        p = enc(batch.passage_input_ids, batch.passage_attention_mask)
+        q = enc(batch.parts["queries"].input_ids, batch.parts["queries"].attention_mask)
+        p = enc(batch.parts["passages"].input_ids, batch.parts["passages"].attention_mask)
         out = contrastive_loss(
             q,
             p,
-            batch.positive_index,
-            batch.passage_owner,
+            batch.layout.positive_index,
+            batch.layout.passage_owner,
             temperature,
             True,
-            batch.false_negative_mask,
+            batch.layout.false_negative_mask,
         )
     return out.loss.item()
 

@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from embtune.data.batching import Batch, collate
+from embtune.data.batching import Batch
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
 from embtune.models.encoder import Encoder
+from embtune.models.kinds.bi_encoder import collate
 from embtune.models.speedups.dropout import use_fast_cpu_dropout
-from embtune.objectives.infonce import contrastive_loss
+from embtune.objectives.infonce import InfoNCE, contrastive_loss
 from embtune.training.step import StepSettings, forward_backward
 from tests.conftest import single_thread, subprocess_env
 
@@ -69,16 +70,18 @@ def reference_step(encoder: Encoder, batch: Batch, chunk: int) -> tuple[float, t
             parts.append(encoder(ids[start : start + chunk, :width], rows_mask[:, :width]))
         return torch.cat(parts)
 
-    passages = encode(batch.passage_input_ids, batch.passage_attention_mask)  # first, as ours
-    queries = encode(batch.query_input_ids, batch.query_attention_mask)
+    passages = encode(
+        batch.parts["passages"].input_ids, batch.parts["passages"].attention_mask
+    )  # first, as ours
+    queries = encode(batch.parts["queries"].input_ids, batch.parts["queries"].attention_mask)
     out = contrastive_loss(
         queries,
         passages,
-        batch.positive_index,
-        batch.passage_owner,
+        batch.layout.positive_index,
+        batch.layout.passage_owner,
         TEMPERATURE,
         in_batch_negatives=True,
-        false_negative_mask=batch.false_negative_mask,
+        false_negative_mask=batch.layout.false_negative_mask,
     )
     out.loss.backward()
     return out.loss.item(), gradients(encoder)
@@ -88,7 +91,8 @@ def cached_step(encoder: Encoder, batch: Batch, chunk: int) -> tuple[float, torc
     result = forward_backward(
         encoder,
         batch,
-        StepSettings(TEMPERATURE, cache_chunk_size=chunk),
+        InfoNCE(TEMPERATURE),
+        StepSettings(cache_chunk_size=chunk),
         lambda loss: loss.backward(),
         lambda loss: bool(torch.isfinite(loss)),
     )
@@ -124,7 +128,8 @@ def test_cached_loss_with_one_chunk_equals_the_plain_step(tiny_model) -> None:
         plain = forward_backward(
             encoder,
             batch,
-            StepSettings(TEMPERATURE),
+            InfoNCE(TEMPERATURE),
+            StepSettings(),
             lambda loss: loss.backward(),
             lambda loss: True,
         )
@@ -134,7 +139,7 @@ def test_cached_loss_with_one_chunk_equals_the_plain_step(tiny_model) -> None:
         loss, grad = cached_step(encoder, batch, 10_000)
     assert loss == pytest.approx(plain.loss.item(), abs=1e-6)
     assert (grad - grad_plain).abs().max().item() < 1e-5
-    assert plain.output.masked.sum().item() == 1  # the false negative was masked
+    assert plain.output.details.masked.sum().item() == 1  # the false negative was masked
 
 
 @pytest.mark.parametrize("chunk", [0, 4])
@@ -142,12 +147,10 @@ def test_padding_to_a_multiple_changes_neither_loss_nor_gradients(tiny_model, ch
     """Extra padding is masked out; widths seen by the encoder are multiples of 8."""
     batch, _ = make_batch()
     wide_batch, _ = make_batch()
-    for name in ("query", "passage"):
-        for part in ("input_ids", "attention_mask"):
-            key = f"{name}_{part}"
-            tensor = getattr(wide_batch, key)
-            extra = -tensor.shape[1] % 8
-            setattr(wide_batch, key, torch.nn.functional.pad(tensor, (0, extra)))
+    for part in wide_batch.parts.values():
+        extra = -part.width % 8
+        part.input_ids = torch.nn.functional.pad(part.input_ids, (0, extra))
+        part.attention_mask = torch.nn.functional.pad(part.attention_mask, (0, extra))
     widths: list[int] = []
     with single_thread():
         encoder = load(tiny_model, dropout=False)
@@ -161,7 +164,8 @@ def test_padding_to_a_multiple_changes_neither_loss_nor_gradients(tiny_model, ch
             result = forward_backward(
                 encoder,
                 b,
-                StepSettings(TEMPERATURE, cache_chunk_size=chunk, pad_to_multiple_of=multiple),
+                InfoNCE(TEMPERATURE),
+                StepSettings(cache_chunk_size=chunk, pad_to_multiple_of=multiple),
                 lambda loss: loss.backward(),
                 lambda loss: True,
             )
@@ -181,7 +185,8 @@ def test_a_non_finite_loss_back_propagates_nothing(tiny_model) -> None:
         result = forward_backward(
             encoder,
             batch,
-            StepSettings(TEMPERATURE, cache_chunk_size=chunk),
+            InfoNCE(TEMPERATURE),
+            StepSettings(cache_chunk_size=chunk),
             lambda loss: pytest.fail("backward called"),
             lambda loss: False,
         )
@@ -223,7 +228,10 @@ def _worker(rank: int, world: int, port: int, model_dir: str, chunk: int, out: s
         result = forward_backward(
             encoder,
             local,
-            StepSettings(TEMPERATURE, negatives_cross_device=True, cache_chunk_size=chunk),
+            InfoNCE(TEMPERATURE),
+            StepSettings(
+                cache_chunk_size=chunk, negatives_cross_device=True, shared_parts=("passages",)
+            ),
             lambda loss: loss.backward(),
             lambda loss: True,
             loss_weight=len(share) * world / 6,
@@ -237,7 +245,7 @@ def _worker(rank: int, world: int, port: int, model_dir: str, chunk: int, out: s
                 {
                     "loss": loss.item(),
                     "grad": grad / world,
-                    "candidates": result.output.candidates.tolist(),
+                    "candidates": result.output.details.candidates.tolist(),
                 },
                 out,
             )
@@ -261,7 +269,8 @@ def test_cross_device_negatives_equal_one_process_on_the_union_batch(
         single = forward_backward(
             encoder,
             union,
-            StepSettings(TEMPERATURE),
+            InfoNCE(TEMPERATURE),
+            StepSettings(),
             lambda loss: loss.backward(),
             lambda loss: True,
         )

@@ -18,7 +18,7 @@ import torch
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch, group_layout, pad_tokens
 from embtune.data.formats import BeirDataset, TrainingData
-from embtune.data.groups import Group, TrainingTexts
+from embtune.data.groups import Group, TrainingTexts, TrainRow
 from embtune.data.pipeline import training_texts
 from embtune.data.store import TokenTable, default_cache_dir, tokenize_store
 from embtune.models.encoder import Encoder, check_max_lengths, load_model_config
@@ -42,7 +42,9 @@ class BiEncoderTexts:
 
 def collate(
     groups: list[Group],
-    texts: BiEncoderTexts,
+    rows: list[TrainRow],
+    query_tokens: TokenTable,
+    passage_tokens: TokenTable,
     pad_id: int,
     pad_to_multiple_of: int = 1,
     max_lengths: tuple[int, int] | None = None,
@@ -53,20 +55,16 @@ def collate(
     (query, passage)."""
     query_cap, passage_cap = max_lengths or (None, None)
     queries = pad_tokens(
-        [texts.query_tokens[g.query] for g in groups],
-        pad_id,
-        pad_to_multiple_of,
-        query_cap,
-        padding_side,
+        [query_tokens[g.query] for g in groups], pad_id, pad_to_multiple_of, query_cap, padding_side
     )
     passages = pad_tokens(
-        [texts.passage_tokens[p] for g in groups for p in g.passages],
+        [passage_tokens[p] for g in groups for p in g.passages],
         pad_id,
         pad_to_multiple_of,
         passage_cap,
         padding_side,
     )
-    layout = group_layout(groups, texts.texts.rows)
+    layout = group_layout(groups, rows)
     return Batch({"passages": passages, "queries": queries}, layout, [g.row for g in groups])
 
 
@@ -139,7 +137,9 @@ class BiEncoder:
         settings = encoder.settings
         return collate(
             groups,
-            texts,
+            texts.texts.rows,
+            texts.query_tokens,
+            texts.passage_tokens,
             encoder.tokenizer.pad_token_id,
             pad_multiple,
             (settings.query_max_len, settings.passage_max_len),
