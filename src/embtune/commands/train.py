@@ -40,11 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Resolve options (defaults < YAML < flags), train, and print where the model went."""
+    from embtune import api
     from embtune.config import resolve_config
-    from embtune.training.run import train
 
-    config = resolve_config(args)
-    result = train(config)
+    result = api.train(resolve_config(args))
     last = next((h for h in reversed(result.history) if "loss" in h), {})
     if result.resumed_from_step:
         print(f"embtune train: resumed at step {result.resumed_from_step}")
