@@ -30,7 +30,7 @@ from embtune.data.formats import BeirDataset
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
 from embtune.distributed import end_distributed
-from embtune.models.kinds import model_kind
+from embtune.models.kinds import DEFAULT_KIND, model_kind
 from embtune.objectives.base import Objective
 from embtune.run_files import (
     BUDGET_FILE,
@@ -97,17 +97,19 @@ def train(
     dev_data: BeirDataset | None = None,
     *,
     objective: Objective | None = None,
+    kind_name: str = DEFAULT_KIND,
 ) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.train_data``; the model is saved to output_dir.
 
     ``dev_data`` (a caller-made dev set, e.g. the demo's) replaces --eval-data/--dev-fraction;
-    ``objective`` replaces the model kind's default (InfoNCE for a bi-encoder). With --resume /
+    ``objective`` replaces the model kind's default (InfoNCE for a bi-encoder); ``kind_name``
+    names the model kind (embtune.models.kinds.MODEL_KINDS). With --resume /
     --resume-from the run continues from a checkpoint and ends exactly as the uninterrupted run
     would have (same seed: same batches, dropout, updates and log).
     """
     inputs = load_inputs(config, dev_data)
     accelerator = start_accelerator(config, inputs.out)
-    kind = model_kind()
+    kind = model_kind(kind_name)
     resume = refuse_before_work(config, inputs, accelerator, kind)
     session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
     announce(session, inputs, resume)
