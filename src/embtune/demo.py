@@ -228,14 +228,14 @@ def run_demo(
 
     t = time.perf_counter()
     before = evaluate_retrieval(
-        base, test_set, corpus_embeddings=mined.corpus_embeddings, show_progress=show_progress
+        base, test_set, corpus_vectors=mined.corpus_embeddings, show_progress=show_progress
     )
     dev_full = dev_dataset(dev_rows, train_set.corpus)
     dev_queries = base.encode_queries(list(dev_full.split_queries().values()))
     dev = _dev_pool(dev_full, dev_queries, mined.corpus_embeddings, recipe.dev_pool)
     keep = [i for i, d in enumerate(corpus_ids) if d in dev.corpus]
     dev_before = evaluate_retrieval(
-        base, dev, corpus_embeddings=mined.corpus_embeddings[keep], show_progress=False
+        base, dev, corpus_vectors=mined.corpus_embeddings[keep], show_progress=False
     )
     stages["eval_before_seconds"] = time.perf_counter() - t
     log(format_metrics(before, title="base model on SciFact test"))

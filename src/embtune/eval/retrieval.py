@@ -374,17 +374,13 @@ def corpus_embeddings(
     return embeddings
 
 
-# The parameter of evaluate_retrieval shadows the function's name inside it.
-_embed_corpus = corpus_embeddings
-
-
 def evaluate_retrieval(
     encoder: Encoder,
     data: BeirDataset,
     k_values: Iterable[int] = (10, 100),
     batch_size: int = 64,
     show_progress: bool = True,
-    corpus_embeddings: torch.Tensor | None = None,
+    corpus_vectors: torch.Tensor | None = None,
     cache_dir: str | Path | None = None,
     use_faiss: bool = False,
     ignore_identical_ids: bool = True,
@@ -393,14 +389,14 @@ def evaluate_retrieval(
 
     Every metric of :data:`METRICS` is reported at every cut-off in ``k_values``. Queries are
     those with judgements in ``data.qrels``; the whole corpus is searched. Pass
-    ``corpus_embeddings`` (rows in ``data.corpus`` order, e.g. from :func:`corpus_embeddings`
+    ``corpus_vectors`` (rows in ``data.corpus`` order, e.g. from :func:`corpus_embeddings`
     with the same encoder) to skip encoding the corpus. Like BEIR, a hit whose document id
     equals the query id is dropped unless ``ignore_identical_ids`` is False.
     """
     ks = check_k_values(k_values)
     doc_ids = list(data.corpus)
-    if corpus_embeddings is None:
-        corpus_embeddings = _embed_corpus(
+    if corpus_vectors is None:
+        corpus_vectors = corpus_embeddings(
             encoder,
             list(data.corpus.values()),
             doc_ids,
@@ -408,23 +404,23 @@ def evaluate_retrieval(
             batch_size=batch_size,
             show_progress=show_progress,
         )
-    elif corpus_embeddings.ndim != 2 or corpus_embeddings.shape[0] != len(doc_ids):
+    elif corpus_vectors.ndim != 2 or corpus_vectors.shape[0] != len(doc_ids):
         raise UsageError(
-            f"corpus embeddings have shape {tuple(corpus_embeddings.shape)}, "
+            f"corpus embeddings have shape {tuple(corpus_vectors.shape)}, "
             f"but the corpus has {len(doc_ids)} documents"
         )
     queries = data.split_queries()
     query_embeddings = encoder.encode_queries(
         list(queries.values()), batch_size=batch_size, show_progress=show_progress
     )
-    if query_embeddings.shape[1] != corpus_embeddings.shape[1]:
+    if query_embeddings.shape[1] != corpus_vectors.shape[1]:
         raise UsageError(
             f"query embeddings have {query_embeddings.shape[1]} dimensions but corpus "
-            f"embeddings {corpus_embeddings.shape[1]}: were they made by another model?"
+            f"embeddings {corpus_vectors.shape[1]}: were they made by another model?"
         )
     run = retrieve(
         query_embeddings,
-        corpus_embeddings,
+        corpus_vectors,
         list(queries),
         doc_ids,
         max(ks),
