@@ -244,118 +244,52 @@ def mine_negatives(
     check_margins(margin, relative_margin)
     if negatives < 1:
         raise UsageError(f"--negatives: must be at least 1, got {negatives}")
-    if len(positives) != len(queries):
-        raise ValueError(f"{len(queries)} queries but {len(positives)} positive lists")
-    for name, values in (
-        ("query_ids", query_ids),
-        ("positive_ids", positive_ids),
-        ("prompts", prompts),
-    ):
-        if values is not None and len(values) != len(queries):
-            raise ValueError(f"{len(queries)} queries but {len(values)} {name}")
-    if corpus_ids is not None and len(corpus_ids) != len(corpus_texts):
-        raise ValueError(f"{len(corpus_texts)} corpus texts but {len(corpus_ids)} corpus ids")
-    if not corpus_texts:
-        raise UsageError("the candidate pool is empty: nothing to mine from")
+    per_query = {"query_ids": query_ids, "positive_ids": positive_ids, "prompts": prompts}
+    _check_lengths(queries, positives, per_query, corpus_texts, corpus_ids)
 
-    if corpus_embeddings is None:
-        corpus_embeddings = encoder.encode_passages(
-            list(corpus_texts), batch_size=batch_size, show_progress=show_progress
-        )
-    elif corpus_embeddings.shape[0] != len(corpus_texts):
-        raise ValueError(
-            f"corpus_embeddings has {corpus_embeddings.shape[0]} rows for {len(corpus_texts)} texts"
-        )
-    corpus_embeddings = corpus_embeddings.float().cpu()
-    query_emb = (
+    corpus_vectors = _corpus_vectors(
+        encoder, corpus_texts, corpus_embeddings, batch_size, show_progress
+    )
+    query_vectors = (
         encoder.encode_queries(list(queries), batch_size=batch_size, show_progress=show_progress)
         .float()
         .cpu()
     )
-
-    start, end = rank_range
-    scores, indices = exact_search(query_emb, corpus_embeddings, end)
-    scores_l, indices_l = scores.tolist(), indices.tolist()
-
-    norm_corpus = [_norm(t) for t in corpus_texts]
-    index_by_text: dict[str, int] = {}
-    for i, t in enumerate(norm_corpus):
-        index_by_text.setdefault(t, i)
-    index_by_id = {d: i for i, d in enumerate(corpus_ids)} if corpus_ids is not None else {}
-
-    # Positives that are not in the pool (jsonl with --candidates) need their own embeddings.
-    pos_index: list[list[int | None]] = []
-    missing: dict[str, int] = {}
-    for qi, pos_texts in enumerate(positives):
-        ids = positive_ids[qi] if positive_ids is not None else [None] * len(pos_texts)
-        row: list[int | None] = []
-        for text, pid in zip(pos_texts, ids, strict=True):
-            found = index_by_id.get(pid) if pid is not None else None
-            if found is None:
-                found = index_by_text.get(_norm(text))
-            if found is None:
-                missing.setdefault(text, len(missing))
-            row.append(found)
-        pos_index.append(row)
-    extra = (
-        encoder.encode_passages(list(missing), batch_size=batch_size, show_progress=False)
-        .float()
-        .cpu()
-        if missing
-        else torch.empty(0, corpus_embeddings.shape[1])
+    scores, indices = exact_search(query_vectors, corpus_vectors, rank_range[1])
+    pool = _Pool.of(corpus_texts, corpus_ids)
+    places = _locate_positives(positives, positive_ids, pool)
+    positive_vectors = _positive_vectors(
+        encoder, positives, places, corpus_vectors, batch_size=batch_size
     )
 
     report = MiningReport(
         queries=len(queries),
         negatives_wanted=negatives,
-        rank_range=(start, end),
+        rank_range=tuple(rank_range),
         margin=margin,
         relative_margin=relative_margin,
     )
     rows: list[MinedRow] = []
-    for qi, query in enumerate(queries):
-        q = query_emb[qi]
-        pos_texts = list(positives[qi])
-        pos_vecs = [
-            corpus_embeddings[ix] if ix is not None else extra[missing[text]]
-            for ix, text in zip(pos_index[qi], pos_texts, strict=True)
-        ]
-        pos_scores = [float(q @ v) for v in pos_vecs]
-        limit = _threshold(min(pos_scores), margin, relative_margin)
-
-        pos_ids = list(positive_ids[qi]) if positive_ids is not None else None
-        retrieved = indices_l[qi]
-        # By id (when given) or, failing that, by text: see the lookup above.
-        pos_corpus = {ix for ix in pos_index[qi] if ix is not None}
+    for qi, (query, retrieved, retrieved_scores) in enumerate(
+        zip(queries, indices.tolist(), scores.tolist(), strict=True)
+    ):
+        pos_scores = [float(query_vectors[qi] @ v) for v in positive_vectors[qi]]
         in_search = set(retrieved)
         report.positives_outside_search += sum(
-            1 for ix in pos_index[qi] if ix is None or ix not in in_search
+            1 for ix in places[qi] if ix is None or ix not in in_search
         )
-        pos_norm = {_norm(t) for t in pos_texts}
-        query_norm = _norm(query)
-
-        kept: list[tuple[int, int, float]] = []  # (rank, corpus index, score)
-        seen: set[str] = set()
-        for rank in range(start, min(end, len(retrieved)) + 1):
-            ix, score = retrieved[rank - 1], scores_l[qi][rank - 1]
-            text = norm_corpus[ix]
-            report.candidates_considered += 1
-            if ix in pos_corpus or text in pos_norm:
-                report.removed_as_positive += 1
-            elif text == query_norm:
-                report.removed_same_as_query += 1
-            elif text in seen:
-                report.removed_duplicate_text += 1
-            elif score > limit:
-                report.removed_by_margin += 1
-            else:
-                kept.append((rank, ix, score))
-            seen.add(text)
-        report.kept += len(kept)
-
-        # A per-row generator: the same row gets the same negatives however many rows are mined.
-        rng = random.Random(f"{seed}:{qi}")
-        chosen = sorted(rng.sample(kept, negatives)) if len(kept) > negatives else kept
+        candidates = _window_candidates(
+            query,
+            positives[qi],
+            places[qi],
+            retrieved,
+            retrieved_scores,
+            pool,
+            rank_range,
+            _threshold(min(pos_scores), margin, relative_margin),
+            report,
+        )
+        chosen = _sample(candidates, negatives, seed, qi)
         report.negatives_written += len(chosen)
         if len(chosen) < negatives:
             report.rows_short += 1
@@ -364,18 +298,176 @@ def mine_negatives(
         rows.append(
             MinedRow(
                 query=query,
-                pos=pos_texts,
+                pos=list(positives[qi]),
                 neg=[corpus_texts[ix] for _, ix, _ in chosen],
                 pos_scores=pos_scores,
                 neg_scores=[s for _, _, s in chosen],
                 neg_ranks=[r for r, _, _ in chosen],
                 query_id=query_ids[qi] if query_ids is not None else None,
-                pos_ids=pos_ids,
+                pos_ids=list(positive_ids[qi]) if positive_ids is not None else None,
                 neg_ids=[corpus_ids[ix] for _, ix, _ in chosen] if corpus_ids is not None else None,
                 prompt=prompts[qi] if prompts is not None else None,
             )
         )
-    return MiningResult(rows, report, corpus_embeddings, query_emb)
+    return MiningResult(rows, report, corpus_vectors, query_vectors)
+
+
+def _check_lengths(
+    queries: Sequence[str],
+    positives: Sequence[Sequence[str]],
+    per_query: dict[str, Sequence | None],
+    corpus_texts: Sequence[str],
+    corpus_ids: Sequence[str] | None,
+) -> None:
+    """ValueError when the per-query or per-text inputs do not line up; UsageError for no pool."""
+    if len(positives) != len(queries):
+        raise ValueError(f"{len(queries)} queries but {len(positives)} positive lists")
+    for name, values in per_query.items():
+        if values is not None and len(values) != len(queries):
+            raise ValueError(f"{len(queries)} queries but {len(values)} {name}")
+    if corpus_ids is not None and len(corpus_ids) != len(corpus_texts):
+        raise ValueError(f"{len(corpus_texts)} corpus texts but {len(corpus_ids)} corpus ids")
+    if not corpus_texts:
+        raise UsageError("the candidate pool is empty: nothing to mine from")
+
+
+def _corpus_vectors(
+    encoder: TextEncoder,
+    corpus_texts: Sequence[str],
+    given: torch.Tensor | None,
+    batch_size: int,
+    show_progress: bool,
+) -> torch.Tensor:
+    """The pool's embeddings (float32, CPU): ``given`` when the caller has them, else encoded."""
+    if given is None:
+        given = encoder.encode_passages(
+            list(corpus_texts), batch_size=batch_size, show_progress=show_progress
+        )
+    elif given.shape[0] != len(corpus_texts):
+        raise ValueError(
+            f"corpus_embeddings has {given.shape[0]} rows for {len(corpus_texts)} texts"
+        )
+    return given.float().cpu()
+
+
+@dataclass
+class _Pool:
+    """The candidate pool with its texts whitespace-normalized and indexed by text and by id."""
+
+    normalized: list[str]
+    by_text: dict[str, int]  # first index of each normalized text
+    by_id: dict[str, int]
+
+    @classmethod
+    def of(cls, texts: Sequence[str], ids: Sequence[str] | None) -> _Pool:
+        normalized = [_norm(t) for t in texts]
+        by_text: dict[str, int] = {}
+        for i, t in enumerate(normalized):
+            by_text.setdefault(t, i)
+        by_id = {d: i for i, d in enumerate(ids)} if ids is not None else {}
+        return cls(normalized, by_text, by_id)
+
+    def find(self, text: str, doc_id: str | None) -> int | None:
+        """Pool index of a text: by id when given and known, else by text; None when absent."""
+        found = self.by_id.get(doc_id) if doc_id is not None else None
+        return found if found is not None else self.by_text.get(_norm(text))
+
+
+def _locate_positives(
+    positives: Sequence[Sequence[str]],
+    positive_ids: Sequence[Sequence[str]] | None,
+    pool: _Pool,
+) -> list[list[int | None]]:
+    """Each query's positives as pool indices, None for a positive the pool does not hold."""
+    places = []
+    for qi, texts in enumerate(positives):
+        ids = positive_ids[qi] if positive_ids is not None else [None] * len(texts)
+        places.append([pool.find(text, pid) for text, pid in zip(texts, ids, strict=True)])
+    return places
+
+
+def _positive_vectors(
+    encoder: TextEncoder,
+    positives: Sequence[Sequence[str]],
+    places: list[list[int | None]],
+    corpus_vectors: torch.Tensor,
+    batch_size: int,
+) -> list[list[torch.Tensor]]:
+    """Each query's positive embeddings, so the guard can score positives the search missed.
+
+    Positives outside the pool (jsonl with --candidates) are encoded here, each distinct text
+    once, in one batch.
+    """
+    missing: dict[str, int] = {}
+    for texts, row in zip(positives, places, strict=True):
+        for text, ix in zip(texts, row, strict=True):
+            if ix is None:
+                missing.setdefault(text, len(missing))
+    extra = (
+        encoder.encode_passages(list(missing), batch_size=batch_size, show_progress=False)
+        .float()
+        .cpu()
+        if missing
+        else torch.empty(0, corpus_vectors.shape[1])
+    )
+    return [
+        [
+            corpus_vectors[ix] if ix is not None else extra[missing[text]]
+            for text, ix in zip(texts, row, strict=True)
+        ]
+        for texts, row in zip(positives, places, strict=True)
+    ]
+
+
+def _window_candidates(
+    query: str,
+    positives: Sequence[str],
+    places: list[int | None],
+    retrieved: list[int],
+    retrieved_scores: list[float],
+    pool: _Pool,
+    rank_range: tuple[int, int],
+    limit: float,
+    report: MiningReport,
+) -> list[tuple[int, int, float]]:
+    """The (rank, pool index, score) of each usable candidate in the rank window.
+
+    Each candidate in the window is counted in ``report``: kept, or removed for the first of the
+    module doc's reasons that applies.
+    """
+    start, end = rank_range
+    # By id (when given) or, failing that, by text: see _Pool.find.
+    pos_places = {ix for ix in places if ix is not None}
+    pos_texts = {_norm(t) for t in positives}
+    query_text = _norm(query)
+    kept: list[tuple[int, int, float]] = []
+    seen: set[str] = set()
+    for rank in range(start, min(end, len(retrieved)) + 1):
+        ix, score = retrieved[rank - 1], retrieved_scores[rank - 1]
+        text = pool.normalized[ix]
+        report.candidates_considered += 1
+        if ix in pos_places or text in pos_texts:
+            report.removed_as_positive += 1
+        elif text == query_text:
+            report.removed_same_as_query += 1
+        elif text in seen:
+            report.removed_duplicate_text += 1
+        elif score > limit:
+            report.removed_by_margin += 1
+        else:
+            kept.append((rank, ix, score))
+        seen.add(text)
+    report.kept += len(kept)
+    return kept
+
+
+def _sample(
+    candidates: list[tuple[int, int, float]], negatives: int, seed: int, row: int
+) -> list[tuple[int, int, float]]:
+    """``negatives`` of the candidates in rank order, or all of them when there are no more."""
+    # A per-row generator: the same row gets the same negatives however many rows are mined.
+    rng = random.Random(f"{seed}:{row}")
+    return sorted(rng.sample(candidates, negatives)) if len(candidates) > negatives else candidates
 
 
 # --- input and output ----------------------------------------------------------------------
