@@ -11,7 +11,7 @@ import torch
 from embtune.data.batching import pad_tokens, padded_width
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
-from embtune.models.kinds.bi_encoder import collate
+from embtune.kinds.bi_encoder import collate
 from embtune.objectives.infonce import contrastive_loss
 
 # B = 2 queries, groups of 2 passages (positive first), H = 2.

@@ -23,9 +23,9 @@ from embtune.config import TrainConfig
 from embtune.data.batching import GroupLayout
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
+from embtune.kinds import MODEL_KINDS
+from embtune.kinds.bi_encoder import BiEncoder, collate
 from embtune.models.encoder import Encoder
-from embtune.models.kinds import MODEL_KINDS
-from embtune.models.kinds.bi_encoder import BiEncoder, collate
 from embtune.objectives import InfoNCE, ObjectiveOutput, WeightedSum
 from embtune.run_files import LOG_FILE
 from embtune.training.run import train
@@ -189,7 +189,7 @@ def test_a_registered_model_kind_is_trained_by_name(
 
 
 def test_an_unknown_model_kind_is_refused() -> None:
-    from embtune.models.kinds import model_kind
+    from embtune.kinds import model_kind
 
     with pytest.raises(ValueError, match="unknown model kind 'reranker'"):
         model_kind("reranker")

@@ -14,8 +14,8 @@ from embtune.config import TrainConfig
 from embtune.data.formats import load_training_data
 from embtune.data.groups import GroupSampler, build_rows
 from embtune.data.store import tokenize_store
+from embtune.kinds.bi_encoder import collate
 from embtune.models.encoder import Encoder
-from embtune.models.kinds.bi_encoder import collate
 from embtune.objectives.infonce import contrastive_loss
 from embtune.training.run import LOG_FILE, pad_multiple_for, train
 from tests.conftest import NQ_FILE

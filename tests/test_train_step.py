@@ -15,8 +15,8 @@ import torch
 from embtune.data.batching import Batch
 from embtune.data.groups import Group, TrainRow
 from embtune.data.store import TokenTable
+from embtune.kinds.bi_encoder import collate
 from embtune.models.encoder import Encoder
-from embtune.models.kinds.bi_encoder import collate
 from embtune.models.speedups.dropout import use_fast_cpu_dropout
 from embtune.objectives.infonce import InfoNCE, contrastive_loss
 from embtune.training.step import StepSettings, forward_backward

@@ -30,7 +30,7 @@ from embtune.data.formats import BeirDataset
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
 from embtune.distributed import end_distributed
-from embtune.models.kinds import DEFAULT_KIND, model_kind
+from embtune.kinds import DEFAULT_KIND, model_kind
 from embtune.objectives.base import Objective
 from embtune.run_files import (
     BUDGET_FILE,
@@ -103,7 +103,7 @@ def train(
 
     ``dev_data`` (a caller-made dev set, e.g. the demo's) replaces --eval-data/--dev-fraction;
     ``objective`` replaces the model kind's default (InfoNCE for a bi-encoder); ``kind_name``
-    names the model kind (embtune.models.kinds.MODEL_KINDS). With --resume /
+    names the model kind (embtune.kinds.MODEL_KINDS). With --resume /
     --resume-from the run continues from a checkpoint and ends exactly as the uninterrupted run
     would have (same seed: same batches, dropout, updates and log).
     """

@@ -28,7 +28,7 @@ class Session:
     config: TrainConfig
     accelerator: Accelerator
     out: Path
-    kind: Any  # a model kind (embtune.models.kinds)
+    kind: Any  # a model kind (embtune.kinds)
     encoder: Any  # the kind's model, unwrapped (what is evaluated and saved)
     texts: Any  # the kind's prepared texts (rows + token tables)
     plan: EpochPlan

@@ -1,14 +1,14 @@
 """Model kinds: what a batch holds, how it is padded and scored, evaluated and saved.
 
 Adding one (a cross-encoder, a decoder-only LLM embedder) is one module with a class like
-:class:`~embtune.models.kinds.bi_encoder.BiEncoder` plus its line in :data:`MODEL_KINDS`;
+:class:`~embtune.kinds.bi_encoder.BiEncoder` plus its line in :data:`MODEL_KINDS`;
 the training loop, the step strategies and the objectives stay as they are
 (docs/architecture.md, "Adding a model kind").
 """
 
 from __future__ import annotations
 
-from embtune.models.kinds.bi_encoder import BiEncoder
+from embtune.kinds.bi_encoder import BiEncoder
 
 MODEL_KINDS = {BiEncoder.name: BiEncoder}
 DEFAULT_KIND = BiEncoder.name
