@@ -8,13 +8,14 @@ the training loop, the step strategies and the objectives stay as they are
 
 from __future__ import annotations
 
+from embtune.kinds.base import ModelKind
 from embtune.kinds.bi_encoder import BiEncoder
 
-MODEL_KINDS = {BiEncoder.name: BiEncoder}
+MODEL_KINDS: dict[str, type[ModelKind]] = {BiEncoder.name: BiEncoder}
 DEFAULT_KIND = BiEncoder.name
 
 
-def model_kind(name: str = DEFAULT_KIND) -> BiEncoder:
+def model_kind(name: str = DEFAULT_KIND) -> ModelKind:
     """The model kind registered as ``name``."""
     try:
         return MODEL_KINDS[name]()

@@ -30,7 +30,7 @@ from embtune.data.formats import BeirDataset
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
 from embtune.distributed import end_distributed
-from embtune.kinds import DEFAULT_KIND, model_kind
+from embtune.kinds import DEFAULT_KIND, ModelKind, model_kind
 from embtune.objectives.base import Objective
 from embtune.run_files import (
     BUDGET_FILE,
@@ -141,7 +141,7 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
 
 
 def refuse_before_work(
-    config: TrainConfig, inputs: Inputs, accelerator: Accelerator, kind: object
+    config: TrainConfig, inputs: Inputs, accelerator: Accelerator, kind: ModelKind
 ) -> ResumePoint:
     """The resume point, model limits and disk checked; then the output folder is made."""
     global_batch = config.batch_size * accelerator.num_processes
@@ -156,7 +156,7 @@ def prepare_run(
     config: TrainConfig,
     inputs: Inputs,
     accelerator: Accelerator,
-    kind: object,
+    kind: ModelKind,
     resume: ResumePoint,
     show_progress: bool,
     objective: Objective | None,

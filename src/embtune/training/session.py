@@ -13,6 +13,7 @@ from embtune.config import TrainConfig
 from embtune.data.epoch_plan import EpochPlan
 from embtune.data.formats import BeirDataset
 from embtune.data.groups import NegativeCoverage, NegativesBudget
+from embtune.kinds.base import Model, ModelKind, Texts
 from embtune.objectives.base import Objective
 from embtune.training.logbook import Logbook
 from embtune.training.state import RunState
@@ -28,9 +29,9 @@ class Session:
     config: TrainConfig
     accelerator: Accelerator
     out: Path
-    kind: Any  # a model kind (embtune.kinds)
-    encoder: Any  # the kind's model, unwrapped (what is evaluated and saved)
-    texts: Any  # the kind's prepared texts (rows + token tables)
+    kind: ModelKind
+    encoder: Model  # the kind's model, unwrapped (what is evaluated and saved)
+    texts: Texts  # the kind's prepared texts (rows + token tables)
     plan: EpochPlan
     total_steps: int
     run: RunState
