@@ -21,14 +21,22 @@ import tempfile
 import time
 import urllib.request
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from embtune.data.formats import BeirDataset, Record, is_beir_dir, load_beir
 from embtune.errors import UsageError
+
+if TYPE_CHECKING:  # the real imports pull in transformers and accelerate; run_demo loads them
+    from embtune.mining.negatives import MiningResult
+    from embtune.models.encoder import Encoder
+    from embtune.training.run import TrainResult
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -164,13 +172,8 @@ def run_demo(
     log=print,
 ) -> DemoResult:
     """Mine, fine-tune and evaluate; returns metrics before/after and writes the report."""
-    from embtune.config import TrainConfig
-    from embtune.data.dev_split import carve_dev_split, dev_dataset, save_dev_split
-    from embtune.eval.retrieval import evaluate_retrieval, format_metrics
-    from embtune.mining.negatives import mine_negatives, write_mined_jsonl
-    from embtune.models.encoder import Encoder
+    from embtune.eval.retrieval import evaluate_retrieval
     from embtune.report import write_demo_report
-    from embtune.training.run import train
 
     started = time.perf_counter()
     recipe = recipe or DemoRecipe()
@@ -186,7 +189,62 @@ def run_demo(
     log(f"embtune demo: base model {model}\nembtune demo: data {folder}")
     stages: dict[str, float] = {}
 
-    # Dev queries come out of train before mining, so nothing about them leaks into training.
+    train_rows, dev_rows = _split_off_dev(train_set, folder, recipe, out)
+    baseline = _mine_and_score_base_model(
+        model, train_set, test_set, train_rows, dev_rows, recipe, out, show_progress, stages, log
+    )
+    with _stage(stages, "train_seconds"):
+        result = _fine_tune(model, out, len(train_rows), baseline.dev, recipe, show_progress)
+    stages["train_texts_per_second"] = result.texts_per_second
+    with _stage(stages, "eval_after_seconds"):
+        tuned = _load_encoder(out / "model" / "best")
+        after = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
+    wall = time.perf_counter() - started
+
+    history = [
+        {"step": 0, **{f"dev_{k}": v for k, v in baseline.dev_before.items()}},
+        *result.history,
+    ]
+    payload = {
+        "before": baseline.before,
+        "after": after,
+        "wall_seconds": wall,
+        "stages": stages,
+        "best_dev_step": result.best_step,
+        "model": model,
+        "data": str(folder),
+        "limit": limit,
+        "recipe": asdict(recipe),
+        "train_queries": len(train_rows),
+        "dev_queries": len(dev_rows),
+        "dev_corpus": len(baseline.dev.corpus),
+        "test_queries": len(test_set.qrels),
+        "corpus": len(test_set.corpus),
+    }
+    (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    write_demo_report(out, payload, history)
+    return DemoResult(
+        before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out
+    )
+
+
+@contextmanager
+def _stage(stages: dict[str, float], name: str) -> Iterator[None]:
+    """Record the wall time of the block as ``stages[name]`` (seconds; only when it succeeds)."""
+    started = time.perf_counter()
+    yield
+    stages[name] = time.perf_counter() - started
+
+
+def _split_off_dev(
+    train_set: BeirDataset, folder: Path, recipe: DemoRecipe, out: Path
+) -> tuple[list[Record], list[Record]]:
+    """The train queries as rows, split into (train, dev); the dev split is saved in ``out``.
+
+    Dev queries come out of train before mining, so nothing about them leaks into training.
+    """
+    from embtune.data.dev_split import carve_dev_split, save_dev_split
+
     rows = [
         Record(query=train_set.queries[qid], pos=[train_set.corpus[d] for d in rel], query_id=qid,
                pos_ids=list(rel), source=f"{folder}/qrels/train.tsv query {qid}")
@@ -195,20 +253,94 @@ def run_demo(
     ]  # fmt: skip
     train_rows, dev_rows = carve_dev_split(rows, recipe.dev_fraction, recipe.seed)
     save_dev_split(out / "dev_split.json", dev_rows, recipe.dev_fraction, recipe.seed)
+    return train_rows, dev_rows
 
-    t = time.perf_counter()
-    base = Encoder.from_pretrained(
-        model, query_max_len=recipe.query_max_len, passage_max_len=recipe.passage_max_len
+
+@dataclass
+class _BaseModelScores:
+    """What the base model's runs leave for fine-tuning and the report."""
+
+    before: dict[str, float]  # on test
+    dev: BeirDataset  # the dev set fine-tuning selects on (a pool of the corpus)
+    dev_before: dict[str, float]  # on that dev set
+
+
+def _mine_and_score_base_model(
+    model: str,
+    train_set: BeirDataset,
+    test_set: BeirDataset,
+    train_rows: list[Record],
+    dev_rows: list[Record],
+    recipe: DemoRecipe,
+    out: Path,
+    show_progress: bool,
+    stages: dict[str, float],
+    log,
+) -> _BaseModelScores:
+    """Everything the base model does: mine ``out/train.jsonl``, then score test and dev.
+
+    In one function so the base model is freed (it goes out of scope) before training loads
+    another copy.
+    """
+    from embtune.data.dev_split import dev_dataset
+    from embtune.eval.retrieval import evaluate_retrieval, format_metrics
+
+    with _stage(stages, "mine_seconds"):
+        base = _load_encoder(
+            model, query_max_len=recipe.query_max_len, passage_max_len=recipe.passage_max_len
+        )
+        mined = _mine(base, train_set, train_rows, recipe, out, show_progress)
+    report = mined.report
+    log(
+        f"embtune demo: mined {report.negatives_written} negatives for {len(train_rows)} "
+        f"queries (ranks {recipe.rank_range[0]}-{recipe.rank_range[1]}), "
+        f"{report.removed_as_positive} positives and {report.removed_by_margin} "
+        f"likely false negatives removed"
     )
+    with _stage(stages, "eval_before_seconds"):
+        # Train and test share one corpus.jsonl, so the mining pool's vectors serve test too.
+        vectors = mined.corpus_embeddings
+        before = evaluate_retrieval(
+            base, test_set, corpus_vectors=vectors, show_progress=show_progress
+        )
+        dev_full = dev_dataset(dev_rows, train_set.corpus)
+        dev_queries = base.encode_queries(list(dev_full.split_queries().values()))
+        dev = _dev_pool(dev_full, dev_queries, vectors, recipe.dev_pool)
+        keep = [i for i, d in enumerate(train_set.corpus) if d in dev.corpus]
+        dev_before = evaluate_retrieval(
+            base, dev, corpus_vectors=vectors[keep], show_progress=False
+        )
+    log(format_metrics(before, title="base model on SciFact test"))
+    return _BaseModelScores(before=before, dev=dev, dev_before=dev_before)
+
+
+def _load_encoder(path: str | Path, **settings: int) -> Encoder:
+    """An Encoder from ``path``, on the GPU when there is one."""
+    from embtune.models.encoder import Encoder
+
+    encoder = Encoder.from_pretrained(path, **settings)
     if torch.cuda.is_available():
-        base.to("cuda")
-    corpus_ids = list(train_set.corpus)
+        encoder.to("cuda")
+    return encoder
+
+
+def _mine(
+    encoder: Encoder,
+    train_set: BeirDataset,
+    train_rows: list[Record],
+    recipe: DemoRecipe,
+    out: Path,
+    show_progress: bool,
+) -> MiningResult:
+    """Mine the recipe's hard negatives for ``train_rows`` and write them to out/train.jsonl."""
+    from embtune.mining.negatives import mine_negatives, write_mined_jsonl
+
     mined = mine_negatives(
-        base,
+        encoder,
         [r.query for r in train_rows],
         [r.pos for r in train_rows],
         list(train_set.corpus.values()),
-        corpus_ids,
+        list(train_set.corpus),
         query_ids=[r.query_id or "" for r in train_rows],
         positive_ids=[r.pos_ids or [] for r in train_rows],
         rank_range=recipe.rank_range,
@@ -218,30 +350,22 @@ def run_demo(
         show_progress=show_progress,
     )
     write_mined_jsonl(mined.rows, out / "train.jsonl", include_scores=False)
-    stages["mine_seconds"] = time.perf_counter() - t
-    log(
-        f"embtune demo: mined {mined.report.negatives_written} negatives for {len(train_rows)} "
-        f"queries (ranks {recipe.rank_range[0]}-{recipe.rank_range[1]}), "
-        f"{mined.report.removed_as_positive} positives and {mined.report.removed_by_margin} "
-        f"likely false negatives removed"
-    )
+    return mined
 
-    t = time.perf_counter()
-    before = evaluate_retrieval(
-        base, test_set, corpus_vectors=mined.corpus_embeddings, show_progress=show_progress
-    )
-    dev_full = dev_dataset(dev_rows, train_set.corpus)
-    dev_queries = base.encode_queries(list(dev_full.split_queries().values()))
-    dev = _dev_pool(dev_full, dev_queries, mined.corpus_embeddings, recipe.dev_pool)
-    keep = [i for i, d in enumerate(corpus_ids) if d in dev.corpus]
-    dev_before = evaluate_retrieval(
-        base, dev, corpus_vectors=mined.corpus_embeddings[keep], show_progress=False
-    )
-    stages["eval_before_seconds"] = time.perf_counter() - t
-    log(format_metrics(before, title="base model on SciFact test"))
-    del base
 
-    steps = -(-len(train_rows) // recipe.batch_size) * recipe.epochs
+def _fine_tune(
+    model: str,
+    out: Path,
+    train_queries: int,
+    dev: BeirDataset,
+    recipe: DemoRecipe,
+    show_progress: bool,
+) -> TrainResult:
+    """Train the recipe on out/train.jsonl, keeping the best dev checkpoint in out/model/best."""
+    from embtune.config import TrainConfig
+    from embtune.training.run import train
+
+    steps = -(-train_queries // recipe.batch_size) * recipe.epochs
     config = TrainConfig(
         model=model,
         train_data=[str(out / "train.jsonl")],
@@ -260,36 +384,4 @@ def run_demo(
         save_steps=0,
         save_best=True,
     )
-    t = time.perf_counter()
-    result = train(config, show_progress=show_progress, dev_data=dev)
-    stages["train_seconds"] = time.perf_counter() - t
-    stages["train_texts_per_second"] = result.texts_per_second
-
-    t = time.perf_counter()
-    tuned = Encoder.from_pretrained(out / "model" / "best")
-    if torch.cuda.is_available():
-        tuned.to("cuda")
-    after = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
-    stages["eval_after_seconds"] = time.perf_counter() - t
-    wall = time.perf_counter() - started
-
-    history = [{"step": 0, **{f"dev_{k}": v for k, v in dev_before.items()}}, *result.history]
-    payload = {
-        "before": before,
-        "after": after,
-        "wall_seconds": wall,
-        "stages": stages,
-        "best_dev_step": result.best_step,
-        "model": model,
-        "data": str(folder),
-        "limit": limit,
-        "recipe": asdict(recipe),
-        "train_queries": len(train_rows),
-        "dev_queries": len(dev_rows),
-        "dev_corpus": len(dev.corpus),
-        "test_queries": len(test_set.qrels),
-        "corpus": len(test_set.corpus),
-    }
-    (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    write_demo_report(out, payload, history)
-    return DemoResult(before=before, after=after, wall_seconds=wall, stages=stages, output_dir=out)
+    return train(config, show_progress=show_progress, dev_data=dev)
