@@ -234,3 +234,19 @@ def test_batch_signals_by_hand() -> None:
     assert means["hard_negative_similarity"] == 0.75
     assert means["in_batch_negatives_per_query"] == 1.5
     assert means["candidates_per_query"] == 3.5
+
+
+def test_the_layout_carries_teacher_scores_in_passage_order() -> None:
+    rows = [
+        TrainRow(query=0, pos=np.array([0]), neg=np.array([1, 2])),
+        TrainRow(query=1, pos=np.array([3]), neg=np.array([4])),
+    ]
+    tokens = TokenTable.from_lists([[101, 102]] * 5)
+    scored = Group(row=0, query=0, passages=[0, 2, 1], scores=[0.9, 0.1, float("nan")])
+    plain = Group(row=1, query=1, passages=[3, 4])
+    layout = collate([scored, plain], rows, tokens, tokens, pad_id=0).layout
+    assert layout.teacher_scores.dtype == torch.float32
+    values = layout.teacher_scores.tolist()
+    assert values[:2] == pytest.approx([0.9, 0.1])
+    assert all(math.isnan(v) for v in values[2:])  # the corpus-filled passage, the unscored row
+    assert collate([plain], rows, tokens, tokens, pad_id=0).layout.teacher_scores is None

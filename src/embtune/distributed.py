@@ -93,6 +93,12 @@ def gather_layout(layout: GroupLayout) -> GroupLayout:
     first_query = sum(gather_sizes(layout.queries, device)[: dist.get_rank()])
     owners, _ = gather(layout.passage_owner + first_query)
     mask = false_negative_mask(passage_ids.cpu().numpy(), layout.positive_ids)
+    # Every process joins the gather, also one whose groups have no scores (NaN, as a single
+    # process lays out a group without scores).
+    scores = layout.teacher_scores
+    if scores is None:
+        scores = torch.full(layout.passage_ids.shape, float("nan"), device=device)
+    scores, _ = gather(scores.to(device))
     return GroupLayout(
         positive_index=layout.positive_index + first_passage,
         passage_owner=owners,
@@ -100,6 +106,7 @@ def gather_layout(layout: GroupLayout) -> GroupLayout:
         passage_ids=passage_ids,
         positive_ids=layout.positive_ids,
         query_index=torch.arange(layout.queries, device=device) + first_query,
+        teacher_scores=None if torch.isnan(scores).all() else scores,
     )
 
 

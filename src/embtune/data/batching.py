@@ -16,6 +16,7 @@ through :class:`TokenBatch`, so no code path cuts real tokens of a left-padded r
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -133,6 +134,9 @@ class GroupLayout:
     # [B] the number passage_owner uses for each query: None = 0..B-1; with cross-device
     # negatives, the query's place in the global batch (embtune.distributed.gather_layout).
     query_index: torch.Tensor | None = None
+    # [P] float32 teacher score of each passage (the rows' pos_scores / neg_scores), NaN where
+    # the data has none (corpus fill, a row without scores); None when no group has scores.
+    teacher_scores: torch.Tensor | None = None
 
     @property
     def queries(self) -> int:
@@ -162,7 +166,20 @@ def group_layout(groups: list[Group], rows: list[TrainRow]) -> GroupLayout:
         false_negative_mask=torch.from_numpy(false_neg),
         passage_ids=torch.from_numpy(passage_ids),
         positive_ids=positive_ids,
+        teacher_scores=_teacher_scores(groups),
     )
+
+
+def _teacher_scores(groups: list[Group]) -> torch.Tensor | None:
+    """Every passage's teacher score in layout order; None when no group carries scores."""
+    if all(g.scores is None for g in groups):
+        return None
+    scores = [
+        score
+        for g in groups
+        for score in (g.scores if g.scores is not None else [math.nan] * len(g.passages))
+    ]
+    return torch.tensor(scores, dtype=torch.float32)
 
 
 @dataclass
