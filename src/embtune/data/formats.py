@@ -155,6 +155,7 @@ def _surrogate_problem(value: str) -> str | None:
 
 
 def check_text_list(value: object, allow_empty: bool) -> str | None:
+    """The reason a value is not a list of usable texts (naming the first bad item), or None."""
     if not isinstance(value, list):
         return f"must be a list of strings, got {type(value).__name__}"
     if not value and not allow_empty:

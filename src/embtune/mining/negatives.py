@@ -71,11 +71,13 @@ class TextEncoder(Protocol):
 
     def encode_queries(
         self, queries: Sequence[str], batch_size: int = ..., show_progress: bool = ...
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Query embeddings [len(queries), H], in input order."""
 
     def encode_passages(
         self, passages: Sequence[str], batch_size: int = ..., show_progress: bool = ...
-    ) -> torch.Tensor: ...
+    ) -> torch.Tensor:
+        """Passage embeddings [len(passages), H], in input order."""
 
 
 @dataclass
@@ -436,7 +438,7 @@ def _window_candidates(
     module doc's reasons that applies.
     """
     start, end = rank_range
-    # By id (when given) or, failing that, by text: see _Pool.find.
+    # Both checks: a positive found by id may have a copy under another id, caught by its text.
     pos_places = {ix for ix in places if ix is not None}
     pos_texts = {_norm(t) for t in positives}
     query_text = _norm(query)

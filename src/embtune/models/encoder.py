@@ -241,6 +241,7 @@ class Encoder(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Where the model's weights are (inputs are moved there before a forward pass)."""
         return next(self.model.parameters()).device
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
