@@ -159,18 +159,11 @@ class LeftPaddedBiEncoder(BiEncoder):
     name = "left-padded-bi-encoder"
     seen_sides: list[str] = []
 
+    def padding_side(self, encoder: Encoder) -> str:
+        return "left"
+
     def batch(self, encoder, groups, texts, pad_multiple):  # noqa: ANN001, ANN201
-        settings = encoder.settings
-        batch = collate(
-            groups,
-            texts.texts.rows,
-            texts.query_tokens,
-            texts.passage_tokens,
-            encoder.tokenizer.pad_token_id,
-            pad_multiple,
-            (settings.query_max_len, settings.passage_max_len),
-            padding_side="left",
-        )
+        batch = super().batch(encoder, groups, texts, pad_multiple)
         self.seen_sides.extend(part.padding_side for part in batch.parts.values())
         return batch
 

@@ -130,10 +130,14 @@ class BiEncoder:
         """The objective a bi-encoder trains by default: InfoNCE."""
         return InfoNCE(config.temperature, config.in_batch_negatives)
 
+    def padding_side(self, encoder: Encoder) -> str:
+        """The side batches are padded on: the tokenizer's, as evaluation pads."""
+        return encoder.tokenizer.padding_side
+
     def batch(
         self, encoder: Encoder, groups: list[Group], texts: BiEncoderTexts, pad_multiple: int
     ) -> Batch:
-        """One step's batch, padded on the tokenizer's side (as evaluation pads)."""
+        """One step's batch, padded on :meth:`padding_side`."""
         settings = encoder.settings
         return collate(
             groups,
@@ -143,7 +147,7 @@ class BiEncoder:
             encoder.tokenizer.pad_token_id,
             pad_multiple,
             (settings.query_max_len, settings.passage_max_len),
-            encoder.tokenizer.padding_side,
+            self.padding_side(encoder),
         )
 
     def prepare_for_training(
