@@ -282,12 +282,10 @@ def test_given_corpus_embeddings_skip_encoding(encoder, beir, monkeypatch) -> No
         raise AssertionError("corpus encoded twice")
 
     monkeypatch.setattr(Encoder, "encode_passages", no_encoding)
-    given = evaluate_retrieval(
-        encoder, data, (3,), show_progress=False, corpus_embeddings=embeddings
-    )
+    given = evaluate_retrieval(encoder, data, (3,), show_progress=False, corpus_vectors=embeddings)
     assert given == expected
     with pytest.raises(UsageError, match="corpus has 6 documents"):
-        evaluate_retrieval(encoder, data, corpus_embeddings=embeddings[:4], show_progress=False)
+        evaluate_retrieval(encoder, data, corpus_vectors=embeddings[:4], show_progress=False)
 
 
 def test_cache_key_follows_weights_settings_and_text(tiny_model, tmp_path) -> None:
