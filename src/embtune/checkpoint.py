@@ -40,16 +40,15 @@ from typing import TYPE_CHECKING
 
 from embtune.config import TrainConfig, flag
 from embtune.errors import TrainingStopped, UsageError, shorten
+from embtune.run_files import TRAINER_STATE_FILE
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
     from embtune.data.formats import Record
-    from embtune.models.encoder import Encoder
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
-TRAINER_STATE_FILE = "trainer_state.json"
 STATE_FORMAT = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
@@ -237,7 +236,7 @@ def exclude_model_from_state(accelerator: Accelerator) -> None:
 
 def save_checkpoint(
     accelerator: Accelerator,
-    encoder: Encoder,
+    save_model: Callable[[Path], None],
     out: Path,
     step: int,
     trainer_state: dict,
@@ -245,7 +244,8 @@ def save_checkpoint(
 ) -> Path:
     """Write ``out/checkpoint-<step>`` atomically, then rotate; every process must call this.
 
-    The model goes first, the accelerate state (optimizer, scheduler, scaler, RNG of every
+    ``save_model(folder)`` writes the model (the model kind's save, main process only) and goes
+    first, the accelerate state (optimizer, scheduler, scaler, RNG of every
     process) second, ``trainer_state.json`` last, and only then is the folder renamed into place.
     A full disk removes the partial folder and stops the run with TrainingStopped.
     """
@@ -257,7 +257,7 @@ def save_checkpoint(
         if main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            encoder.save(tmp)
+            save_model(tmp)
             kill_if_requested(KILL_DURING_SAVE_ENV, step)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp / STATE_DIR))

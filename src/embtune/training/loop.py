@@ -40,9 +40,10 @@ def checkpoint_at(session: Session, done: int) -> Path:
     state = trainer_state(
         done, session.run, session.plan, session.total_steps, session.config, session.fingerprint
     )
+    model = session.accelerator.unwrap_model(session.model)
     return save_checkpoint(
         session.accelerator,
-        session.accelerator.unwrap_model(session.model),
+        lambda folder: session.kind.save(model, folder),
         session.out,
         done,
         state,
