@@ -790,7 +790,7 @@ def inspect(
             texts.passages, tokenizer, config.passage_max_len, cache, "tokenizing passages",
             show_progress,
         )  # fmt: skip
-    budget = negatives_budget_for(config, texts, world)
+    budget = negatives_budget_for(config, texts.rows, world)
     measured_by = None if tokenizer is None else name
     text = format_inspect_report(paths, measured_by, audit, budget, config, world)
     result = InspectResult(audit, budget, text, measured_by)

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING
 
 from embtune.data.epoch_plan import epochs_of_run, steps_per_epoch, total_steps
 from embtune.data.formats import TrainingData
-from embtune.data.groups import NegativesBudget, TrainingTexts, build_rows, negatives_budget
+from embtune.data.groups import (
+    NegativesBudget,
+    TrainingTexts,
+    TrainRow,
+    build_rows,
+    negatives_budget,
+)
 
 if TYPE_CHECKING:
     from embtune.config import TrainConfig
@@ -35,16 +41,16 @@ def run_epochs(config: TrainConfig, rows: int, world: int = 1) -> float:
 
 
 def negatives_budget_for(
-    config: TrainConfig, texts: TrainingTexts, world: int = 1
+    config: TrainConfig, rows: list[TrainRow], world: int = 1
 ) -> NegativesBudget:
-    """The negatives budget of ``config`` on ``texts`` launched with ``world`` processes."""
+    """The negatives budget of ``config`` on ``rows`` launched with ``world`` processes."""
     return negatives_budget(
-        texts.rows,
+        rows,
         config.train_group_size,
         config.batch_size,
         config.in_batch_negatives,
         config.negative_fill,
-        epochs=run_epochs(config, len(texts.rows), world),
+        epochs=run_epochs(config, len(rows), world),
         sampling=config.negative_sampling,
         world_size=world,
         cross_device=config.negatives_cross_device,

@@ -193,7 +193,7 @@ def prepare_run(
         objective=objective or kind.objective(config),
         pad_multiple=pad_multiple_for(config.pad_to_multiple_of, accelerator.device),
         fingerprint=resume.fingerprint,
-        budget=negatives_budget_for(config, texts.texts, world),
+        budget=negatives_budget_for(config, kind.rows(texts), world),
         dev_data=inputs.dev_data,
         show=show,
     )
