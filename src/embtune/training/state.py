@@ -5,6 +5,7 @@ window in progress, the best dev score, the log so far; and the trainer state fi
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from embtune.checkpoint import STATE_FORMAT
 from embtune.config import TrainConfig
@@ -82,7 +83,7 @@ class RunState:
 
 
 def restore_state(
-    state: dict | None, checkpoint: object, plan: EpochPlan, total_steps: int
+    state: dict | None, checkpoint: Path | None, plan: EpochPlan, total_steps: int
 ) -> RunState:
     """The run state of a checkpoint's trainer state (a fresh one for None); refused when
     these options would put the run elsewhere (another step count or data position)."""
