@@ -1,0 +1,46 @@
+"""The Python API: the jobs of the `embtune` command line, as functions::
+
+    from embtune import api
+
+    result = api.train(model="BAAI/bge-small-en-v1.5", train_data=["train.jsonl"],
+                       output_dir="out", train_group_size=4, max_steps=100)
+    metrics = api.evaluate(result.output_dir, "data/scifact", split="test")
+    print(metrics["ndcg@10"])
+    print(api.inspect("train.jsonl", train_group_size=16).text)
+
+Each function takes the options of its command under the same names (``--train-group-size`` is
+``train_group_size``) with the same defaults, checks them the same way, and raises
+:class:`embtune.errors.UsageError` with the one-line message the command prints (exit 2).
+Numbers may also be given as text, as the command line passes them: they are checked alike.
+The commands (``embtune/commands/``) only parse arguments, call these functions and print, so
+the command line and Python cannot drift apart.
+
+Importing this module is light (no torch, no transformers): they load when a function runs,
+which keeps `embtune --help` instant.
+"""
+
+from embtune.api.inspection import (
+    InspectResult,
+    Metrics,
+    MineResult,
+    PathLike,
+    evaluate,
+    format_inspect_report,
+    format_mining_report,
+    inspect,
+    mine,
+    train,
+)
+
+__all__ = [
+    "InspectResult",
+    "Metrics",
+    "MineResult",
+    "PathLike",
+    "evaluate",
+    "format_inspect_report",
+    "format_mining_report",
+    "inspect",
+    "mine",
+    "train",
+]
