@@ -19,18 +19,11 @@ Importing this module is light (no torch, no transformers): they load when a fun
 which keeps `embtune --help` instant.
 """
 
-from embtune.api.inspection import (
-    InspectResult,
-    Metrics,
-    MineResult,
-    PathLike,
-    evaluate,
-    format_inspect_report,
-    format_mining_report,
-    inspect,
-    mine,
-    train,
-)
+from embtune.api.evaluation import Metrics, evaluate
+from embtune.api.inspection import InspectResult, format_inspect_report, inspect
+from embtune.api.mining import MineResult, format_mining_report, mine
+from embtune.api.options import PathLike
+from embtune.api.training import train
 
 __all__ = [
     "InspectResult",

@@ -1,0 +1,203 @@
+"""embtune.api.evaluate: retrieval metrics of a model, as `embtune eval`; Metrics, the device."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from embtune.api.options import PathLike, choice, int_option, optional_int, precision
+from embtune.choices import POOLING_MODES
+from embtune.errors import UsageError
+
+if TYPE_CHECKING:  # the real imports pull in torch / transformers
+    import torch
+
+    from embtune.models.encoder import EncoderSettings
+
+
+class Metrics(dict):
+    """The metrics of one evaluation: a plain dict ``{"ndcg@10": 0.61, "mrr@10": ...}``.
+
+    It also carries what was evaluated, for reports: ``model``, ``data``, ``split``,
+    ``queries`` (judged queries evaluated), ``corpus_size``, ``seconds`` and ``settings`` (the
+    :class:`~embtune.models.encoder.EncoderSettings` used).
+    """
+
+    def __init__(
+        self,
+        metrics: dict[str, float] | None = None,
+        *,
+        model: str = "",
+        data: str = "",
+        split: str = "",
+        queries: int = 0,
+        corpus_size: int = 0,
+        seconds: float = 0.0,
+        settings: EncoderSettings | None = None,
+    ) -> None:
+        # Every argument has a default so that copy and pickle, which call cls(), work.
+        super().__init__(metrics or {})
+        self.model, self.data, self.split = model, data, split
+        self.queries, self.corpus_size = queries, corpus_size
+        self.seconds, self.settings = seconds, settings
+
+    def summary(self) -> str:
+        """One line: model, data, counts, the encoder settings and the time taken."""
+        s = self.settings
+        assert s is not None, "summary() of metrics made by evaluate()"
+        return (
+            f"model {self.model} | data {self.data} ({self.split}) | {self.queries} queries, "
+            f"{self.corpus_size} documents | {s.pooling} pooling, "
+            f"{'normalized' if s.normalize else 'not normalized'}, max len "
+            f"{s.query_max_len}/{s.passage_max_len} | {self.seconds:.1f} s"
+        )
+
+    def table(self) -> str:
+        """The metrics as a table: one row per metric, one column per cut-off."""
+        from embtune.eval.retrieval import format_metrics
+
+        return format_metrics(self)
+
+    def to_json(self) -> dict:
+        """The record `embtune eval --json` writes: the metrics, then what was evaluated."""
+        return {
+            **self,
+            "model": self.model,
+            "data": self.data,
+            "split": self.split,
+            "queries": self.queries,
+            "corpus_size": self.corpus_size,
+            "seconds": round(self.seconds, 3),
+            "settings": dataclasses.asdict(self.settings) if self.settings else None,
+        }
+
+
+def _device(name: str | None) -> torch.device:
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {name!r} is not a torch device ({exc})") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device: {name} requested but CUDA is not available here")
+    return device
+
+
+def evaluate(
+    model: PathLike,
+    data: PathLike,
+    split: str = "test",
+    *,
+    k: Sequence[int] = (10, 100),
+    batch_size: int = 64,
+    json: PathLike | None = None,
+    cache_dir: PathLike | None = None,
+    faiss: bool = False,
+    query_max_len: int | None = None,
+    passage_max_len: int | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    query_instruction: str | None = None,
+    passage_instruction: str | None = None,
+    limit_queries: int | None = None,
+    device: str | None = None,
+    bf16: bool = False,
+    show_progress: bool = True,
+) -> Metrics:
+    """Retrieval metrics of a model on one split of a BEIR folder, as `embtune eval` computes.
+
+    Args:
+        model: model folder or Hugging Face hub name.
+        data: BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv).
+        split: which qrels/<split>.tsv to evaluate.
+        k: cut-offs; every metric (nDCG, MRR, Recall, MAP) is reported at each.
+        batch_size: texts per forward pass when encoding.
+        json: also write the metrics with model, data, split, counts and seconds to this file.
+        cache_dir: reuse corpus embeddings cached here (keyed by weights, settings and text).
+        faiss: search with a faiss IndexFlatIP (needs faiss-cpu) instead of torch.
+        query_max_len, passage_max_len, pooling, normalize, query_instruction,
+            passage_instruction: override the model's saved settings for this run (None: keep).
+        limit_queries: evaluate only the first N judged queries (the whole corpus is searched).
+        device: torch device, e.g. "cpu", "cuda:1" (None: cuda when available, else cpu).
+        bf16: encode in bfloat16 autocast (faster, embeddings within ~1e-2 of fp32).
+        show_progress: show encoding progress bars.
+
+    Returns:
+        :class:`Metrics`, a dict ``{"ndcg@10": ..., "mrr@10": ..., "recall@100": ...}`` that
+        also carries ``queries``, ``corpus_size``, ``seconds`` and ``settings``.
+
+    Raises:
+        UsageError: a bad option, data or model, with the command's one-line message.
+
+    Example:
+        ::
+
+            from embtune import api
+
+            metrics = api.evaluate("BAAI/bge-small-en-v1.5", "data/scifact", k=[10])
+            print(metrics["ndcg@10"], metrics.seconds)
+    """
+    import time
+
+    from embtune.atomic import write_json_atomically
+    from embtune.data.formats import BeirDataset, load_beir
+    from embtune.eval.retrieval import check_k_values, evaluate_retrieval
+    from embtune.models.encoder import Encoder
+
+    started = time.perf_counter()
+    k_values = check_k_values([k] if isinstance(k, int) else k)
+    batch_size = int_option(batch_size, "--batch-size", 1)
+    limit_queries = optional_int(limit_queries, "--limit-queries", 1)
+    query_max_len = optional_int(query_max_len, "--query-max-len", 1)
+    passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
+    choice(pooling, "--pooling", POOLING_MODES)
+    torch_device = _device(device)
+
+    # Data first: a typo in the data path should fail before a model download or load.
+    dataset = load_beir(Path(data), split)
+    if limit_queries:
+        qrels = dict(list(dataset.qrels.items())[:limit_queries])
+        dataset = BeirDataset(corpus=dataset.corpus, queries=dataset.queries, qrels=qrels)
+
+    encoder = Encoder.from_pretrained(
+        os.fspath(model),
+        pooling=pooling,
+        normalize=normalize,
+        query_instruction=query_instruction,
+        passage_instruction=passage_instruction,
+        query_max_len=query_max_len,
+        passage_max_len=passage_max_len,
+        encode_precision=precision(bf16),
+    ).to(torch_device)
+    scores = evaluate_retrieval(
+        encoder,
+        dataset,
+        k_values=k_values,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        cache_dir=cache_dir,
+        use_faiss=faiss,
+    )
+    metrics = Metrics(
+        scores,
+        model=os.fspath(model),
+        data=os.fspath(data),
+        split=split,
+        queries=len(dataset.qrels),
+        corpus_size=len(dataset.corpus),
+        seconds=time.perf_counter() - started,
+        settings=encoder.settings,
+    )
+    if json is not None:
+        # Written after the work, into a folder made if need be (results/<name>.json).
+        try:
+            write_json_atomically(json, metrics.to_json())
+        except OSError as exc:
+            raise UsageError(f"--json: cannot write {json}: {exc.strerror or exc}") from exc
+    return metrics

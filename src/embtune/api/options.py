@@ -1,0 +1,80 @@
+"""Checks of option values shared by the jobs of embtune.api.
+
+The command line passes its text, Python callers pass numbers: both are checked here alike, and a
+bad value is a :class:`~embtune.errors.UsageError` with the message the command prints.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from embtune.errors import UsageError
+
+PathLike = str | os.PathLike[str]
+
+
+def int_option(value: int | str, option: str, minimum: int, sep: str = ": ") -> int:
+    """``value`` as a whole number >= ``minimum``, else a UsageError naming ``option``.
+
+    ``sep`` follows each command's existing wording: inspect's options, shared with train,
+    read like train's (``--batch-size must be ...``), mine's and eval's put a colon.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise UsageError(f"{option}: expected a whole number, got {value!r}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{option}: expected a whole number, got {value!r}") from None
+    if number < minimum:
+        raise UsageError(f"{option}{sep}must be at least {minimum}, got {number}")
+    return number
+
+
+def optional_int(value: int | str | None, option: str, minimum: int) -> int | None:
+    return None if value is None else int_option(value, option, minimum)
+
+
+def optional_float(value: float | str | None, option: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        number = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{option}: expected a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise UsageError(f"{option}: expected a finite number, got {value!r}")
+    return number
+
+
+def choice(value: str | None, option: str, choices: tuple[str, ...]) -> str | None:
+    # argparse checks choices on the command line; Python callers get the same check here.
+    if value is not None and value not in choices:
+        raise UsageError(f"{option}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def output_file(path: PathLike, option: str) -> Path:
+    """``path`` as a Path whose folder exists; refused before any work is done."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise UsageError(f"{option}: folder {path.parent} does not exist")
+    return path
+
+
+def path_list(value: PathLike | Sequence[PathLike]) -> list[str]:
+    """One path or several, as the list of strings the readers and TrainConfig take."""
+    if isinstance(value, str | os.PathLike):
+        return [os.fspath(value)]
+    return [os.fspath(v) for v in value]
+
+
+def precision(bf16: bool) -> str:
+    """The encode precision of ``--bf16`` (one of embtune.choices.ENCODE_PRECISIONS)."""
+    return "bf16" if bf16 else "fp32"

@@ -1,0 +1,104 @@
+"""embtune.api.train: fine-tune a model, as `embtune train`, with its options checked."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import TYPE_CHECKING
+
+from embtune.api.options import PathLike, path_list
+from embtune.config import TrainConfig, flag, resolve_config
+from embtune.errors import UsageError
+
+if TYPE_CHECKING:  # the real imports pull in torch / transformers
+    from embtune.data.formats import BeirDataset
+    from embtune.training.run import TrainResult
+
+
+def _train_options(options: dict[str, object]) -> dict[str, object]:
+    """Keyword options as TrainConfig values: names checked, paths made strings, types checked.
+
+    On the command line argparse does the type check; without it a wrong type would surface as
+    a TypeError deep inside validation.
+    """
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict[str, object] = {}
+    for name, value in options.items():
+        if name not in hints:
+            close = difflib.get_close_matches(name, hints, n=1)
+            advice = f"; did you mean {close[0]!r}?" if close else " (see `embtune train --help`)"
+            raise UsageError(f"unknown option {name!r}{advice}")
+        if name == "train_data" and value is not None:
+            value = path_list(value)  # type: ignore[arg-type]
+        elif isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        hint = hints[name]
+        optional = type(None) in typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | None
+            kind = next(k for k in typing.get_args(hint) if k is not type(None))
+        else:
+            kind = typing.get_origin(hint) or hint  # list[str] -> list
+        ok = (
+            (value is None and optional)
+            or (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
+            or (kind is int and isinstance(value, int) and not isinstance(value, bool))
+            or (kind not in (int, float) and isinstance(value, kind))
+        )
+        if not ok:
+            raise UsageError(f"{flag(name)}: expected {kind.__name__}, got {value!r}")
+        out[name] = float(value) if kind is float else value  # type: ignore[arg-type]
+    return out
+
+
+def train(
+    config: TrainConfig | PathLike | None = None,
+    *,
+    show_progress: bool = True,
+    dev_data: BeirDataset | None = None,
+    **options: object,
+) -> TrainResult:
+    """Fine-tune an embedding model, as `embtune train` does; the model is saved to output_dir.
+
+    Args:
+        config: a :class:`~embtune.config.TrainConfig`, or the path of a YAML file of options
+            (as ``--config``), or None for the defaults.
+        show_progress: show the progress bar of the steps.
+        dev_data: a dev set (a :class:`~embtune.data.formats.BeirDataset`) evaluated during
+            training; replaces ``eval_data`` / ``dev_fraction``.
+        **options: any :class:`~embtune.config.TrainConfig` field (the command's option without
+            ``--``, dashes as underscores: ``train_group_size=4``); they override ``config``.
+            ``model``, ``train_data`` and ``output_dir`` are required (here or in ``config``).
+
+    Returns:
+        The :class:`~embtune.training.run.TrainResult`: ``output_dir``, ``steps``, ``history``
+        (the logged records), ``budget``, ``best_step`` / ``best_ndcg`` with a dev set, ...
+
+    Raises:
+        UsageError: an unknown or bad option or input, with the command's one-line message.
+
+    Example:
+        ::
+
+            from embtune import api
+
+            result = api.train(model="BAAI/bge-small-en-v1.5", train_data=["train.jsonl"],
+                               output_dir="out", train_group_size=4, max_steps=100)
+            print(result.steps, result.history[-1]["loss"])
+    """
+    given = _train_options(options)
+    if isinstance(config, TrainConfig):
+        config = dataclasses.replace(config, **given)  # type: ignore[arg-type]
+        config.validate()
+    else:
+        # Defaults < YAML file < options, validated: the same merge as the command line.
+        if config is not None:
+            given["config"] = os.fspath(config)
+        config = resolve_config(argparse.Namespace(**given))
+
+    from embtune.training.run import train as run_training
+
+    return run_training(config, show_progress=show_progress, dev_data=dev_data)
