@@ -302,3 +302,50 @@ def test_a_resumed_run_writes_tensorboard_events_that_sort_after_the_killed_runs
     (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
     _wait_for_a_later_events_file(tmp_path)
     assert int(time.time()) > now  # a file made now has a later name, whatever its pid
+
+
+def _scored_rows(path: Path, score: float = 0.5) -> Path:
+    with open(path, "w") as fh:
+        for i in range(12):
+            row = {
+                "query": f"which document is about topic {i % 5}",
+                "pos": [f"document number {i} about topic {i % 5}"],
+                "neg": [f"unrelated text {i} {j}" for j in range(3)],
+                "pos_scores": [0.9],
+                "neg_scores": [score, 0.2, 0.1],
+            }
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def test_a_checkpoint_from_before_scores_counted_resumes_on_scored_data(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Checkpoints written before teacher scores were carried hashed the data without them;
+    they trained on the same rows (scores were unused), so they continue exactly."""
+    from embtune.checkpoint import FINGERPRINT_HAS_SCORES, data_fingerprint
+    from embtune.data.formats import load_training_data
+
+    rows = _scored_rows(tmp_path / "scored.jsonl")
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert run_in_process(train_argv(tiny_model, rows, reference)) == 0
+    run_until_killed(train_argv(tiny_model, rows, out), KILL_AT_STEP_ENV, 5)
+    checkpoint = list_checkpoints(out)[-1]
+    state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    assert state.pop(FINGERPRINT_HAS_SCORES) is True
+    state["data_fingerprint"] = data_fingerprint(load_training_data([rows]).records, scores=False)
+    (checkpoint / TRAINER_STATE_FILE).write_text(json.dumps(state))  # as the old code wrote it
+    assert run_in_process(train_argv(tiny_model, rows, out, "--resume")) == 0
+    assert_same_as_reference(out, reference)
+
+
+def test_a_changed_teacher_score_refuses_the_resume(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    run_until_killed(
+        train_argv(tiny_model, _scored_rows(tmp_path / "a.jsonl"), out), KILL_AT_STEP_ENV, 3
+    )
+    changed = _scored_rows(tmp_path / "a.jsonl", score=0.6)
+    assert run_in_process(train_argv(tiny_model, changed, out, "--resume")) == 2
+    assert "the training data differs" in capsys.readouterr().err

@@ -50,6 +50,10 @@ if TYPE_CHECKING:
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_DIR = "training_state"
 STATE_FORMAT = 1
+# Trainer-state key: True when "data_fingerprint" includes teacher scores. Checkpoints written
+# before scores were carried lack it; their fingerprint is the scoreless one, and the data they
+# trained on was the same (scores were not used), so they keep resuming.
+FINGERPRINT_HAS_SCORES = "data_fingerprint_has_scores"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
@@ -292,16 +296,20 @@ def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:
 # --- resuming safely ---------------------------------------------------------------------------
 
 
-def data_fingerprint(records: Iterable[Record], corpus: Iterable[str] = ()) -> str:
+def data_fingerprint(
+    records: Iterable[Record], corpus: Iterable[str] = (), scores: bool = True
+) -> str:
     """A hash of the training rows and extra corpus: resuming on other data would be silent.
 
     Teacher scores count when a record has them; a record without them hashes as it did before
-    scores were part of the hash, so checkpoints of such data still resume.
+    scores were part of the hash, so checkpoints of such data still resume. ``scores=False``
+    gives the hash checkpoints recorded before scores counted (trainer states without
+    :data:`FINGERPRINT_HAS_SCORES`), so those resume on scored data too.
     """
     digest = hashlib.sha256()
     for rec in records:
         fields_ = [rec.query, rec.prompt or "", *rec.pos, "\x1d", *rec.neg]
-        if rec.pos_scores is not None or rec.neg_scores is not None:
+        if scores and (rec.pos_scores is not None or rec.neg_scores is not None):
             fields_ += ["\x1d", _scores_text(rec.pos_scores), _scores_text(rec.neg_scores)]
         digest.update("\x1f".join(fields_).encode("utf-8", "surrogatepass") + b"\x1e")
     digest.update(b"\x1c")

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from embtune.checkpoint import (
+    FINGERPRINT_HAS_SCORES,
     check_disk_space,
     check_resume_compatible,
     checkpoint_step,
@@ -155,9 +156,13 @@ def check_resume(
             print(f"embtune train: {out}: {line} (left by an interrupted save)")
     accelerator.wait_for_everyone()
     checkpoint, state = _resume_checkpoint(config, out)
-    fingerprint = data_fingerprint(inputs.data.records, inputs.data.corpus.values())
+    records, corpus = inputs.data.records, inputs.data.corpus.values()
+    fingerprint = data_fingerprint(records, corpus)
     if state is not None and checkpoint is not None:
-        check_resume_compatible(state, config, checkpoint, fingerprint)
+        recorded = fingerprint
+        if not state.get(FINGERPRINT_HAS_SCORES):
+            recorded = data_fingerprint(records, corpus, scores=False)
+        check_resume_compatible(state, config, checkpoint, recorded)
         if state["global_batch"] != global_batch:
             raise UsageError(
                 f"--resume: {checkpoint} was trained with {state['global_batch']} queries per "

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from embtune.checkpoint import STATE_FORMAT
+from embtune.checkpoint import FINGERPRINT_HAS_SCORES, STATE_FORMAT
 from embtune.config import TrainConfig
 from embtune.data.batching import Batch
 from embtune.data.epoch_plan import EpochPlan
@@ -134,6 +134,7 @@ def trainer_state(
         "position": {"epoch": epoch, "batch": batch_index},  # the next batch to train
         "sampler": plan.sampler.state_dict(),
         "data_fingerprint": fingerprint,
+        FINGERPRINT_HAS_SCORES: True,
         "config": config.to_dict(),
         "progress": asdict(run.progress),
         "best": dict(run.best),
