@@ -24,8 +24,8 @@ from embtune.choices import (
     NEGATIVE_SAMPLING_POLICIES,
     POOLING_MODES,
 )
-from embtune.data.formats import foreign_encoding
 from embtune.errors import UsageError, shorten
+from embtune.text_files import foreign_encoding
 
 
 def option(

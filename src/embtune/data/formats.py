@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embtune.errors import InputError, ProblemCollector, shorten
+from embtune.text_files import foreign_encoding
 
 TRAIN_SUFFIXES = (".json", ".jsonl")
 
@@ -60,18 +61,6 @@ class BeirDataset:
 def is_beir_dir(path: Path) -> bool:
     """True when ``path`` is a folder in BEIR layout."""
     return path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "qrels").is_dir()
-
-
-def foreign_encoding(raw: bytes) -> str | None:
-    """'UTF-16' or 'UTF-32' when ``raw`` starts with that encoding's byte-order mark, else None.
-
-    Windows tools save "Unicode" text as UTF-16; named, the fix is obvious to the user.
-    """
-    if raw.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
-        return "UTF-32"
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "UTF-16"
-    return None
 
 
 def _read_raw(path: Path, problems: ProblemCollector) -> bytes | None:
