@@ -296,11 +296,11 @@ def test_resume_from_something_that_is_not_a_checkpoint(
 def test_a_resumed_run_writes_tensorboard_events_that_sort_after_the_killed_runs(
     tmp_path: Path,
 ) -> None:
-    from embtune.training.run import _wait_for_a_later_events_file
+    from embtune.training.logbook import wait_for_a_later_events_file
 
     now = int(time.time())
     (tmp_path / f"events.out.tfevents.{now}.host.99999.0").write_bytes(b"")
-    _wait_for_a_later_events_file(tmp_path)
+    wait_for_a_later_events_file(tmp_path)
     assert int(time.time()) > now  # a file made now has a later name, whatever its pid
 
 
