@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from embtune import api
 from embtune.config import TrainConfig
 from embtune.data.batching import GroupLayout
 from embtune.data.groups import Group, TrainRow
@@ -93,8 +94,8 @@ def _log(out: Path) -> list[dict]:
 def test_a_new_objective_trains_combined_with_infonce(tiny_model: Path, tmp_path: Path) -> None:
     config = _config(tiny_model, tmp_path, "combined", temperature=0.05)
     objective = WeightedSum([(1.0, InfoNCE(0.05)), (0.5, Alignment())])
-    with single_thread():
-        result = train(config, show_progress=False, objective=objective)
+    with single_thread():  # through the documented API, as a notebook would
+        result = api.train(config, show_progress=False, objective=objective)
     records = [r for r in _log(result.output_dir) if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3]
     for record in records:
@@ -181,11 +182,16 @@ def test_a_registered_model_kind_is_trained_by_name(
     assert all(math.isfinite(r["loss"]) for r in _log(result.output_dir) if "loss" in r)
 
 
-def test_an_unknown_model_kind_is_refused() -> None:
+def test_an_unknown_model_kind_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    from embtune.errors import UsageError
     from embtune.kinds import model_kind
 
     with pytest.raises(ValueError, match="unknown model kind 'reranker'"):
         model_kind("reranker")
+    config = _config(tiny_model, tmp_path, "never")
+    with pytest.raises(UsageError, match="unknown model kind 'reranker'; known: bi-encoder"):
+        api.train(config, kind_name="reranker")
+    assert not (tmp_path / "never").exists()
 
 
 def test_no_function_in_the_package_is_over_120_lines() -> None:

@@ -16,6 +16,7 @@ from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
     from embtune.data.formats import BeirDataset
+    from embtune.objectives.base import Objective
     from embtune.training.run import TrainResult
 
 
@@ -59,6 +60,8 @@ def train(
     *,
     show_progress: bool = True,
     dev_data: BeirDataset | None = None,
+    objective: Objective | None = None,
+    kind_name: str | None = None,
     **options: object,
 ) -> TrainResult:
     """Fine-tune an embedding model, as `embtune train` does; the model is saved to output_dir.
@@ -69,6 +72,11 @@ def train(
         show_progress: show the progress bar of the steps.
         dev_data: a dev set (a :class:`~embtune.data.formats.BeirDataset`) evaluated during
             training; replaces ``eval_data`` / ``dev_fraction``.
+        objective: the objective to train (an :class:`~embtune.objectives.base.Objective`, e.g.
+            ``WeightedSum([(1.0, InfoNCE(0.02)), (0.5, mine)])``); default: the model kind's
+            (InfoNCE for a bi-encoder). docs/architecture.md, "Adding an objective".
+        kind_name: a name registered in ``embtune.kinds.MODEL_KINDS``; default: the
+            bi-encoder.
         **options: any :class:`~embtune.config.TrainConfig` field (the command's option without
             ``--``, dashes as underscores: ``train_group_size=4``); they override ``config``.
             ``model``, ``train_data`` and ``output_dir`` are required (here or in ``config``).
@@ -99,6 +107,16 @@ def train(
             given["config"] = os.fspath(config)
         config = resolve_config(argparse.Namespace(**given))
 
+    from embtune.kinds import DEFAULT_KIND, MODEL_KINDS
     from embtune.training.run import train as run_training
 
-    return run_training(config, show_progress=show_progress, dev_data=dev_data)
+    kind_name = kind_name or DEFAULT_KIND
+    if kind_name not in MODEL_KINDS:
+        raise UsageError(f"unknown model kind {kind_name!r}; known: {', '.join(MODEL_KINDS)}")
+    return run_training(
+        config,
+        show_progress=show_progress,
+        dev_data=dev_data,
+        objective=objective,
+        kind_name=kind_name,
+    )
