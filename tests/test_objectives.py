@@ -203,3 +203,28 @@ def test_no_function_in_the_package_is_over_120_lines() -> None:
                 if lines > 120:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines})")
     assert not long, long
+
+
+def test_the_bi_encoder_pads_training_batches_on_the_tokenizers_side(tiny_model: Path) -> None:
+    """Training pads as evaluation does (Encoder.pad uses the tokenizer), on either side."""
+    from embtune.data.groups import TrainingTexts
+    from embtune.data.store import TextStore
+    from embtune.kinds.bi_encoder import BiEncoderTexts
+
+    encoder = Encoder.from_pretrained(tiny_model, pooling="mean")
+    rows = [TrainRow(query=0, pos=np.array([0]), neg=np.array([1]))]
+    texts = BiEncoderTexts(
+        TrainingTexts(TextStore(["q"]), TextStore(["p", "n"]), rows),
+        TokenTable.from_lists([[101, 7, 102]]),
+        TokenTable.from_lists([[101, 102], [101, 8, 9, 102]]),
+    )
+    group = [Group(row=0, query=0, passages=[0, 1])]
+    for side in ("right", "left"):
+        encoder.tokenizer.padding_side = side
+        batch = BiEncoder().batch(encoder, group, texts, pad_multiple=1)
+        passages = batch.parts["passages"]
+        assert passages.padding_side == side
+        short = passages.attention_mask[0].tolist()
+        assert short == ([1, 1, 0, 0] if side == "right" else [0, 0, 1, 1])
+        evaluated = encoder.pad([[101, 102], [101, 8, 9, 102]])["attention_mask"][0].tolist()
+        assert evaluated == short
