@@ -196,6 +196,8 @@ def test_a_missing_config_file(tmp_path: Path) -> None:
         (["--learning-rate", "0"], "--learning-rate must be a positive number, got 0.0"),
         (["--warmup-ratio", "1"], "--warmup-ratio must be in [0, 1), got 1.0"),
         (["--max-steps", "-1"], "--max-steps must not be negative, got -1"),
+        (["--seed", "-1"], "--seed must be in [0, 2**32 - 1], got -1"),
+        (["--seed", str(2**32)], f"--seed must be in [0, 2**32 - 1], got {2**32}"),
         (["--bf16", "--fp16"], "--bf16 and --fp16 exclude each other; pick one"),
         (
             ["--train-group-size", "1", "--no-in-batch-negatives"],
@@ -207,6 +209,27 @@ def test_a_missing_config_file(tmp_path: Path) -> None:
 )
 def test_validation_errors_are_one_line_naming_the_option(argv: list[str], expected: str) -> None:
     assert usage_error(*REQUIRED, *argv) == expected
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_numpy_cannot_take_is_refused_before_the_output_folder_exists(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: str
+) -> None:
+    out = tmp_path / "out"
+    argv = ["train", "--model", "m", "--train-data", "t.jsonl", "-o", str(out), "--seed", seed]
+    assert main(argv) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line == f"embtune train: error: --seed must be in [0, 2**32 - 1], got {seed}"
+    assert not out.exists()
+    path = yaml_file(tmp_path, f"seed: {seed}\n")
+    assert usage_error("--config", str(path), *REQUIRED) == (
+        f"{path}:1: field 'seed': must be in [0, 2**32 - 1], got {seed}"
+    )
+
+
+def test_the_extreme_seeds_are_accepted() -> None:
+    assert resolve(*REQUIRED, "--seed", "0").seed == 0
+    assert resolve(*REQUIRED, "--seed", str(2**32 - 1)).seed == 2**32 - 1
 
 
 @pytest.mark.parametrize("missing", ["--model", "--train-data", "-o"])

@@ -277,6 +277,9 @@ class TrainConfig:
             # `not >=` also refuses NaN, which every comparison calls False.
             if not getattr(self, name) >= 0:
                 raise OptionError(name, f"must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**32:
+            # numpy and torch take 32-bit seeds; outside that they fail after the output exists.
+            raise OptionError("seed", f"must be in [0, 2**32 - 1], got {self.seed}")
         if self.logging_steps < 1:
             raise OptionError("logging_steps", f"must be at least 1, got {self.logging_steps}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
