@@ -211,6 +211,47 @@ def test_validation_errors_are_one_line_naming_the_option(argv: list[str], expec
     assert usage_error(*REQUIRED, *argv) == expected
 
 
+FLOAT_OPTIONS = [f.name for f in fields(TrainConfig) if f.type in (float, "float")]
+
+
+def test_the_float_options_are_the_ones_checked_below() -> None:
+    assert set(FLOAT_OPTIONS) == {
+        "temperature", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
+        "dev_fraction",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", FLOAT_OPTIONS)
+def test_non_finite_float_options_are_refused_from_flags_and_yaml(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    message = usage_error(*REQUIRED, f"{flag(name)}={value}")  # = keeps -inf a value
+    assert message.startswith(f"{flag(name)} must be ") and message.endswith(f"got {value}")
+    # YAML spells them .nan / .inf / -.inf; the line is named, as for any bad value.
+    path = yaml_file(
+        tmp_path, f"model: m\n{name}: {value.replace('nan', '.nan').replace('inf', '.inf')}\n"
+    )
+    message = usage_error("--config", str(path), *REQUIRED)
+    assert message.startswith(f"{path}:2: field '{name}': must be "), message
+    assert message.endswith(f"got {value}")
+
+
+def test_an_infinite_weight_decay_is_refused_by_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    path = yaml_file(
+        tmp_path, f"model: m\ntrain_data: t.jsonl\noutput_dir: {out}\nweight_decay: .inf\n"
+    )
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"embtune train: error: {path}:4: field 'weight_decay': must be a finite number >= 0, "
+        "got inf"
+    ]
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("seed", ["-1", str(2**32)])
 def test_a_seed_numpy_cannot_take_is_refused_before_the_output_folder_exists(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], seed: str

@@ -265,10 +265,9 @@ class TrainConfig:
         for name in (*positive_ints, "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise OptionError(name, f"must be at least 1, got {getattr(self, name)}")
-        non_negative = ("max_steps", "save_steps", "logging_steps", "max_grad_norm")
+        non_negative = ("max_steps", "save_steps", "logging_steps")
         for name in (
             *non_negative,
-            "weight_decay",
             "eval_steps",
             "save_total_limit",
             "cache_chunk_size",
@@ -280,6 +279,11 @@ class TrainConfig:
         if not 0 <= self.seed < 2**32:
             # numpy and torch take 32-bit seeds; outside that they fail after the output exists.
             raise OptionError("seed", f"must be in [0, 2**32 - 1], got {self.seed}")
+        for name in ("weight_decay", "max_grad_norm"):
+            # inf passes `>= 0` and would train a non-finite model; `not >=` also catches NaN.
+            value = getattr(self, name)
+            if not (value >= 0 and math.isfinite(value)):
+                raise OptionError(name, f"must be a finite number >= 0, got {value}")
         if self.logging_steps < 1:
             raise OptionError("logging_steps", f"must be at least 1, got {self.logging_steps}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
@@ -292,6 +296,10 @@ class TrainConfig:
             raise OptionError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.dev_fraction < 1:
             raise OptionError("dev_fraction", f"must be in [0, 1), got {self.dev_fraction}")
+        for name in _FLOAT_FIELDS:
+            # The checks above refuse NaN and inf already; this keeps a new float option safe.
+            if not math.isfinite(getattr(self, name)):
+                raise OptionError(name, f"must be a finite number, got {getattr(self, name)}")
         if self.dev_fraction and self.eval_data:
             raise UsageError("--dev-fraction and --eval-data exclude each other; pick one dev set")
         if self.bf16 and self.fp16:
@@ -351,6 +359,12 @@ ALIASES = {
     "resume_from_checkpoint": "resume_from",
     "save_total_limit": "save_total_limit",
 }
+
+
+# Options read as floats; none may be NaN or infinite (validate refuses them).
+_FLOAT_FIELDS = tuple(
+    name for name, hint in typing.get_type_hints(TrainConfig).items() if hint is float
+)
 
 
 def _optional(f) -> bool:
