@@ -109,6 +109,37 @@ def test_flagembedding_alias_keys(tmp_path: Path) -> None:
     assert (config.query_instruction, config.normalize) == ("Represent this query: ", False)
 
 
+def test_yaml_floats_written_without_a_dot_are_floats(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-5 and 5E-2 as strings; users write exactly that.
+    path = yaml_file(
+        tmp_path,
+        "learning_rate: 1e-5\ntemperature: 5E-2\nweight_decay: '0.1'\nwarmup_ratio: 0\n",
+    )
+    config = resolve("--config", str(path), *REQUIRED)
+    assert (config.learning_rate, config.temperature) == (1e-5, 0.05)
+    assert (config.weight_decay, config.warmup_ratio) == (0.1, 0.0)
+    assert all(
+        isinstance(getattr(config, name), float)
+        for name in ("learning_rate", "temperature", "weight_decay", "warmup_ratio")
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("learning_rate: 1e-5x\n", "1: field 'learning_rate': expected float, got str"),
+        ("learning_rate: ''\n", "1: field 'learning_rate': expected float, got str"),
+        ("batch_size: 1e1\n", "1: field 'batch_size': expected int, got str"),
+        ("model: 1.0e-5\n", "1: field 'model': expected str, got float"),
+        ("learning_rate: 'nan'\n", "1: field 'learning_rate': must be a positive number, got nan"),
+    ],
+    ids=["not-a-number", "empty", "int-field", "number-for-a-str-field", "nan-text"],
+)
+def test_only_float_options_read_text_as_a_number(tmp_path: Path, text: str, expected: str) -> None:
+    path = yaml_file(tmp_path, text)
+    assert usage_error("--config", str(path), *REQUIRED) == f"{path}:{expected}"
+
+
 def test_an_empty_yaml_file_changes_nothing(tmp_path: Path) -> None:
     path = yaml_file(tmp_path, "# nothing yet\n")
     assert resolve("--config", str(path), *REQUIRED).batch_size == 16

@@ -12,6 +12,7 @@ things are accepted too (``per_device_train_batch_size``, ``num_train_epochs``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import types
 import typing
@@ -457,7 +458,8 @@ def _yaml_values(path: Path) -> dict[str, tuple[object, int]]:
 
 
 def _coerce(name: str, value: object, kind: type, where: str, optional: bool = False) -> object:
-    """Check a YAML value's type against the field's, with int->float widening only."""
+    """Check a YAML value's type against the field's: int->float widening, and text that
+    reads as a float for a float field (YAML 1.1 takes ``1e-5`` for a string); nothing else."""
     if value is None:
         if optional:
             return None
@@ -468,6 +470,10 @@ def _coerce(name: str, value: object, kind: type, where: str, optional: bool = F
     elif kind is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `1e-5` (no dot) as a string, yet that is how people write it.
+            with contextlib.suppress(ValueError):
+                return float(value)
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
