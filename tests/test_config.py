@@ -140,6 +140,29 @@ def test_only_float_options_read_text_as_a_number(tmp_path: Path, text: str, exp
     assert usage_error("--config", str(path), *REQUIRED) == f"{path}:{expected}"
 
 
+@pytest.mark.parametrize(
+    ("text", "first", "second"),
+    [
+        (
+            "batch_size: 8\nseed: 1\nper_device_train_batch_size: 4\n",
+            "batch_size",
+            "per_device_train_batch_size",
+        ),
+        ("num_train_epochs: 2\nepochs: 3\n", "num_train_epochs", "epochs"),
+        ("overwrite: true\noverwrite_output_dir: false\n", "overwrite", "overwrite_output_dir"),
+    ],
+    ids=["alias-after-name", "name-after-alias", "two-aliases"],
+)
+def test_two_keys_for_one_option_are_refused_at_the_second(
+    tmp_path: Path, text: str, first: str, second: str
+) -> None:
+    path = yaml_file(tmp_path, text)
+    line = text.count("\n")  # the second key is on the last line
+    assert usage_error("--config", str(path), *REQUIRED) == (
+        f"{path}:{line}: field '{second}': names the same option as '{first}' (line 1); keep one"
+    )
+
+
 def test_an_empty_yaml_file_changes_nothing(tmp_path: Path) -> None:
     path = yaml_file(tmp_path, "# nothing yet\n")
     assert resolve("--config", str(path), *REQUIRED).batch_size == 16

@@ -504,13 +504,23 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if given.get("config"):
         path = Path(str(given["config"]))
         known = {f.name: f for f in fields(TrainConfig)}
-        for key, (value, line) in _yaml_values(path).items():
+        keys: dict[str, tuple[str, int]] = {}  # field -> (the key that set it, its line)
+        entries = sorted(_yaml_values(path).items(), key=lambda item: item[1][1])
+        for key, (value, line) in entries:
             name = ALIASES.get(key, key)
             where = f"{path}:{line}"
             if name not in known or name == "config":
                 raise UsageError(
                     f"{where}: unknown option {shorten(key)} (see `embtune train --help`)"
                 )
+            if name in keys:
+                # batch_size and its alias per_device_train_batch_size: the last would win.
+                first, first_line = keys[name]
+                raise UsageError(
+                    f"{where}: field {shorten(key)}: names the same option as {shorten(first)} "
+                    f"(line {first_line}); keep one"
+                )
+            keys[name] = (key, line)
             coerced = _coerce(key, value, _field_type(known[name]), where, _optional(known[name]))
             choices = known[name].metadata.get("choices")
             if choices and coerced is not None and coerced not in choices:
