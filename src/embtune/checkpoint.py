@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 
 from embtune.config import TrainConfig, flag
 from embtune.errors import TrainingStopped, UsageError, shorten
+from embtune.manifest import MANIFEST_KEY, file_manifest, legacy_problem, manifest_problem
 from embtune.run_files import TRAINER_STATE_FILE
 
 if TYPE_CHECKING:
@@ -119,7 +120,45 @@ def read_trainer_state(folder: Path, option: str = "--resume-from") -> dict:
         )
     if not state.get("finished") and not (folder / STATE_DIR).is_dir():
         raise UsageError(f"{option}: {folder} has no {STATE_DIR}/ (optimizer, RNG states)")
+    for key, kind in _STATE_KEYS.items():
+        value = state.get(key)
+        if key not in state:
+            raise UsageError(f"{option}: {path}: key '{key}' is missing (a damaged checkpoint)")
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 0)):
+            what = "a whole number >= 0" if kind is int else f"a {kind.__name__}"
+            raise UsageError(f"{option}: {path}: '{key}' must be {what}, got {shorten(value)}")
     return state
+
+
+# The keys a resume reads, with their types: a state without one is refused in one line, not
+# with a KeyError halfway through restoring.
+_STATE_KEYS: dict[str, type] = {
+    "step": int,
+    "total_steps": int,
+    "steps_per_epoch": int,
+    "global_batch": int,
+    "sampler": dict,
+    "data_fingerprint": str,
+    "config": dict,
+    "progress": dict,
+    "best": dict,
+    "history": list,
+}
+
+
+def checkpoint_problem(checkpoint: Path, state: dict, processes: int) -> str | None:
+    """What makes ``checkpoint`` unfit to resume from (a file missing, truncated or changed
+    since it was saved, an RNG state missing for a process of this launch), or None."""
+    required = [f"{STATE_DIR}/random_states_{rank}.pkl" for rank in range(processes)]
+    missing = next((name for name in required if not (checkpoint / name).is_file()), None)
+    if missing:
+        return f"{missing}: missing (the resume would not be exact)"
+    if MANIFEST_KEY in state:
+        return manifest_problem(checkpoint, state[MANIFEST_KEY])
+    weights = [p.name for p in checkpoint.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    model = weights[0] if weights else "model.safetensors"
+    state_files = [f"{STATE_DIR}/{name}" for name in ("optimizer.bin", "scheduler.bin")]
+    return legacy_problem(checkpoint, [model, *state_files, *required])
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -267,8 +306,10 @@ def save_checkpoint(
         accelerator.save_state(str(tmp / STATE_DIR))
         accelerator.wait_for_everyone()
         if main:
+            # Last, with every other file's size and checksum: a resume verifies them.
+            listed = {**trainer_state, MANIFEST_KEY: file_manifest(tmp)}
             with open(tmp / TRAINER_STATE_FILE, "w", encoding="utf-8") as fh:
-                json.dump(trainer_state, fh, indent=1)
+                json.dump(listed, fh, indent=1)
             fsync_tree(tmp)
             _replace_dir(tmp, target)
             rotate_checkpoints(out, keep, step)

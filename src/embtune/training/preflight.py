@@ -19,11 +19,12 @@ from embtune.checkpoint import (
     FINGERPRINT_HAS_SCORES,
     check_disk_space,
     check_resume_compatible,
+    checkpoint_problem,
     checkpoint_step,
     data_fingerprint,
     estimate_save_bytes,
     existing_ancestor,
-    latest_checkpoint,
+    list_checkpoints,
     read_trainer_state,
     recover_interrupted,
 )
@@ -113,8 +114,13 @@ def create_output_dir(out: Path) -> None:
         raise UsageError(f"--output-dir: cannot write to {out}: {exc.strerror or exc}") from exc
 
 
-def _resume_checkpoint(config: TrainConfig, out: Path) -> tuple[Path | None, dict | None]:
-    """The checkpoint to continue from and its trainer state, or (None, None) to start fresh."""
+def _resume_checkpoint(
+    config: TrainConfig, out: Path, processes: int
+) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint to continue from, its trainer state and notes to print; (None, None, [])
+    to start fresh. Every candidate is verified (its files against the sizes and checksums it
+    was saved with): --resume takes the newest intact one, --resume-from refuses a damaged one.
+    """
     if config.resume_from:
         checkpoint = Path(config.resume_from)
         state = read_trainer_state(checkpoint, "--resume-from")
@@ -123,9 +129,14 @@ def _resume_checkpoint(config: TrainConfig, out: Path) -> tuple[Path | None, dic
                 f"--resume-from: {checkpoint} is a finished run ({state['step']} steps), not a "
                 "checkpoint; use it as --model to train further"
             )
-        return checkpoint, state
+        problem = checkpoint_problem(checkpoint, state, processes)
+        if problem:
+            intact = _newest_intact(checkpoint.parent, processes, [])
+            other = f"; {intact[0]} is intact" if intact and intact[0] != checkpoint else ""
+            raise UsageError(f"--resume-from: {checkpoint} is damaged: {problem}{other}")
+        return checkpoint, state, []
     if not config.resume:
-        return None, None
+        return None, None, []
     final = out / TRAINER_STATE_FILE
     if final.is_file():
         state = read_trainer_state(out, "--resume")
@@ -134,15 +145,33 @@ def _resume_checkpoint(config: TrainConfig, out: Path) -> tuple[Path | None, dic
                 f"--resume: {out} holds a finished run ({state['step']} steps); nothing to "
                 "resume (--overwrite-output-dir trains it again)"
             )
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
+    notes: list[str] = []
+    found = _newest_intact(out, processes, notes)
+    if found is None:
+        if notes:
+            raise UsageError(f"--resume: {out} has no intact checkpoint; {notes[0]}")
         if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
             raise UsageError(
                 f"--resume: {out} holds files but no embtune run (no {CONFIG_FILE}); "
                 "choose the run's folder"
             )
-        return None, None
-    return checkpoint, read_trainer_state(checkpoint, "--resume")
+        return None, None, []
+    return found[0], found[1], notes
+
+
+def _newest_intact(out: Path, processes: int, notes: list[str]) -> tuple[Path, dict] | None:
+    """The newest checkpoint of ``out`` whose files are intact, with its trainer state; a note
+    per damaged one passed over."""
+    for checkpoint in reversed(list_checkpoints(out)):
+        try:
+            state = read_trainer_state(checkpoint, "--resume")
+            problem = checkpoint_problem(checkpoint, state, processes)
+        except UsageError as exc:
+            problem = str(exc).removeprefix("--resume: ")
+        if not problem:
+            return checkpoint, state
+        notes.append(f"{checkpoint.name} is damaged ({problem})")
+    return None
 
 
 def check_resume(
@@ -155,7 +184,10 @@ def check_resume(
         for line in recover_interrupted(out):
             print(f"embtune train: {out}: {line} (left by an interrupted save)")
     accelerator.wait_for_everyone()
-    checkpoint, state = _resume_checkpoint(config, out)
+    checkpoint, state, notes = _resume_checkpoint(config, out, accelerator.num_processes)
+    if accelerator.is_main_process:
+        for note in notes:
+            print(f"embtune train: {note}; passed over for {checkpoint.name}")
     records, corpus = inputs.data.records, inputs.data.corpus.values()
     fingerprint = data_fingerprint(records, corpus)
     if state is not None and checkpoint is not None:
