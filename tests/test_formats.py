@@ -450,3 +450,21 @@ def test_beir_whitespace_id_is_named_not_a_crash(tmp_path: Path) -> None:
     assert info.value.lines() == [
         f"{folder / 'queries.jsonl'}:2: field '_id': must not be empty or whitespace"
     ]
+
+
+@pytest.mark.parametrize("score", ["0.7", "1.5", "-0.25", "2e-1"])
+def test_beir_fractional_grade_is_refused_not_truncated(tmp_path: Path, score: str) -> None:
+    # int(float("0.7")) == 0 once made every such judgement "not relevant" without a word.
+    folder = beir_folder(tmp_path, f"query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td2\t{score}\n")
+    qrels = folder / "qrels" / "train.tsv"
+    (line,) = problems(folder)
+    assert line.startswith(f"{qrels}:3: field 'score': must be an integer, got '{score}' (")
+    with pytest.raises(InputError):
+        load_beir(folder, "train")
+
+
+def test_beir_whole_number_grades_written_as_floats_are_read(tmp_path: Path) -> None:
+    folder = beir_folder(
+        tmp_path, "query-id\tcorpus-id\tscore\nq1\td1\t1.0\nq1\td2\t0.0\n2\td3\t2\n"
+    )
+    assert load_beir(folder, "train").qrels == {"q1": {"d1": 1, "d2": 0}, "2": {"d3": 2}}

@@ -296,6 +296,39 @@ def _read_id_texts(
     return texts, lines
 
 
+def relevance_grade(score: str) -> int | None:
+    """A qrels score as an integer grade, or None when it is not a whole number.
+
+    BEIR and pytrec_eval take integer grades. ``1.0`` is the grade 1 written as a float and is
+    accepted; ``0.7`` is refused rather than truncated to 0, which silently made every such
+    judgement "not relevant" (eval printed zeros, train found no rows).
+    """
+    try:
+        return int(score)
+    except ValueError:
+        pass
+    try:
+        value = float(score)
+    except ValueError:
+        return None
+    # inf/nan are not whole numbers either (and int() of them would raise something else).
+    if not math.isfinite(value) or not value.is_integer():
+        return None
+    return int(value)
+
+
+def _grade_problem(score: str) -> str:
+    """Why a qrels score is refused; a fraction gets the reason it is not rounded."""
+    reason = f"must be an integer, got {shorten(score)}"
+    try:
+        fraction = math.isfinite(float(score))
+    except ValueError:
+        fraction = False
+    if fraction:
+        reason += " (relevance grades are whole numbers: 0, 1, 2, ...; fractions are not rounded)"
+    return reason
+
+
 def _read_qrels(
     path: Path,
     corpus: dict[str, str],
@@ -330,13 +363,9 @@ def _read_qrels(
             problems.add(str(path), number, None, "expected 'query-id<TAB>corpus-id<TAB>score'")
             continue
         qid, did, score = parts[0].strip(), parts[-2].strip(), parts[-1].strip()
-        try:
-            value = float(score)
-            if not math.isfinite(value):  # int() of inf/nan would raise something else
-                raise ValueError
-            relevance = int(value)
-        except ValueError:
-            problems.add(str(path), number, "score", f"must be an integer, got {shorten(score)}")
+        relevance = relevance_grade(score)
+        if relevance is None:
+            problems.add(str(path), number, "score", _grade_problem(score))
             continue
         if qid not in queries:
             problems.add(
