@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 
 from embtune import api
+from embtune.api.options import output_file
 from embtune.cli import build_parser, main
 from embtune.config import TrainConfig
 from embtune.errors import UsageError
 from tests.conftest import single_thread
+from tests.test_atomic import read_only_folder
 from tests.test_eval_cli import DOCS, write_beir
 from tests.test_inspect import ROWS, write_rows
 
@@ -229,3 +231,53 @@ def test_bad_inspect_options_raise_the_commands_message(
         assert str(raised.value) == cli_error(capsys, [*base, *argv])
     with pytest.raises(UsageError, match="--batch-size: expected a whole number, got 2.5"):
         api.inspect(data, batch_size=2.5)
+
+
+# --- output files: checked before any work ---------------------------------------------------
+
+
+def test_an_output_file_in_a_folder_that_cannot_be_written_is_refused(tmp_path: Path) -> None:
+    with read_only_folder(tmp_path) as folder:
+        with pytest.raises(UsageError) as raised:
+            output_file(folder / "out.jsonl", "--output")
+        assert str(raised.value) == f"--output: cannot write to folder {folder}: permission denied"
+        # Folders the writer would make: the nearest existing one above must be writable.
+        with pytest.raises(UsageError, match=f"^--json: cannot write to folder {folder}: "):
+            output_file(folder / "results" / "deeper" / "r.json", "--json", make_folders=True)
+    assert output_file(tmp_path / "a" / "b" / "r.json", "--json", make_folders=True)
+    assert not (tmp_path / "a").exists()  # checked, not made
+    assert list(tmp_path.iterdir()) == [tmp_path / "read-only"]  # the check leaves no file
+
+
+def test_an_output_file_under_a_file_or_in_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with pytest.raises(UsageError, match=rf"^--json: {plain} is not a folder$"):
+        output_file(plain / "r.json", "--json", make_folders=True)
+    with pytest.raises(UsageError, match=rf"^--output: folder {tmp_path / 'no'} does not exist$"):
+        output_file(tmp_path / "no" / "x.jsonl", "--output")
+    with pytest.raises(UsageError, match=rf"^--output: {tmp_path} is a folder; give a file name$"):
+        output_file(tmp_path, "--output")
+
+
+def test_root_is_checked_by_creating_a_file_not_by_access(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import embtune.api.options as options
+
+    def refused(*args: object, **kwargs: object) -> tuple[int, str]:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(options.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(options.os, "access", lambda *args: True)  # what access() tells root
+    assert output_file(tmp_path / "ok.json", "--json") == tmp_path / "ok.json"
+    assert list(tmp_path.iterdir()) == []  # the probe file is removed
+    monkeypatch.setattr(options.tempfile, "mkstemp", refused)
+    with pytest.raises(UsageError) as raised:
+        output_file(tmp_path / "r.json", "--json")
+    assert str(raised.value) == f"--json: cannot write to folder {tmp_path}: read-only file system"
+    # Anyone else: access() answers.
+    monkeypatch.setattr(options.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(options.os, "access", lambda *args: False)
+    with pytest.raises(UsageError, match="permission denied$"):
+        output_file(tmp_path / "r.json", "--json")

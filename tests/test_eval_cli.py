@@ -137,6 +137,24 @@ def test_faiss_missing_exit_2(tiny_model, beir, capsys, monkeypatch) -> None:
     assert len(err) == 1 and "pip install faiss-cpu" in err[0]
 
 
+def test_a_json_file_that_cannot_be_written_is_refused_before_the_work(
+    beir, tmp_path, capsys
+) -> None:
+    from tests.test_atomic import read_only_folder
+
+    with read_only_folder(tmp_path) as folder:
+        out = folder / "results" / "eval.json"  # results/ would be made: its parent is checked
+        # The model does not exist: the refusal comes before it would load.
+        assert (
+            run_eval("--model", str(tmp_path / "no-model"), "--data", str(beir), "--json", str(out))
+            == 2
+        )
+        assert capsys.readouterr().err.splitlines() == [
+            f"embtune eval: error: --json: cannot write to folder {folder}: permission denied"
+        ]
+        assert not out.parent.exists()
+
+
 def test_bad_split_names_the_file(tiny_model, beir, capsys) -> None:
     rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--split", "dev")
     assert rc == 2

@@ -14,6 +14,7 @@ from embtune.cli import build_parser, main
 from embtune.config import TrainConfig
 from embtune.data.audit import count_summary, length_summary
 from tests.conftest import NQ_FILE
+from tests.test_atomic import read_only_folder
 
 CELL = "A cell is the basic structural unit of all living organisms, and it has a membrane."
 CELLS = "Cells are small."
@@ -174,6 +175,21 @@ def test_a_bad_option_is_one_line_and_exit_2(
     assert captured.out == ""
     [line] = captured.err.splitlines()
     assert line.startswith(f"embtune inspect: error: {message}")
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_a_json_report_into_a_folder_that_cannot_be_written_is_refused_first(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with read_only_folder(tmp_path) as folder:
+        report = folder / "r.json"
+        assert inspect(tmp_path, "--train-data", str(small), "--json", str(report)) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.splitlines() == [
+            f"embtune inspect: error: --json: cannot write to folder {folder}: permission denied"
+        ]
+        assert not report.exists()
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 

@@ -20,6 +20,7 @@ from embtune.mining.negatives import (
     write_mined_jsonl,
 )
 from tests.conftest import FLAG_DIR
+from tests.test_atomic import read_only_folder
 
 
 class StubEncoder:
@@ -459,3 +460,19 @@ def test_cli_both_margins_and_bad_data_exit_2(
     assert not out.exists()
     assert main([*base, "--data", str(bad), "-o", str(tmp_path / "nope" / "x.jsonl")]) == 2
     assert "--output: folder" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_output_folder_it_cannot_write_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    beir = write_beir(tmp_path / "beir")
+    with read_only_folder(tmp_path) as folder:
+        out = folder / "mined.jsonl"
+        # The model does not exist: the refusal must come before it would load.
+        argv = ["mine", "--model", str(tmp_path / "no-model"), "--data", str(beir), "-o", str(out)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [
+            f"embtune mine: error: --output: cannot write to folder {folder}: permission denied"
+        ]
+        assert not out.exists()

@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embtune.api.options import PathLike, choice, int_option, optional_int, precision
+from embtune.api.options import (
+    PathLike,
+    choice,
+    int_option,
+    optional_int,
+    output_file,
+    precision,
+)
 from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
 
@@ -157,6 +164,9 @@ def evaluate(
     query_max_len = optional_int(query_max_len, "--query-max-len", 1)
     passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
     choice(pooling, "--pooling", POOLING_MODES)
+    # Missing folders are made when it is written (results/<name>.json); one that cannot be
+    # written is refused now, not after the whole evaluation.
+    json_path = None if json is None else output_file(json, "--json", make_folders=True)
     torch_device = _device(device)
 
     # Data first: a typo in the data path should fail before a model download or load.
@@ -194,10 +204,9 @@ def evaluate(
         seconds=time.perf_counter() - started,
         settings=encoder.settings,
     )
-    if json is not None:
-        # Written after the work, into a folder made if need be (results/<name>.json).
+    if json_path is not None:
         try:
-            write_json_atomically(json, metrics.to_json())
+            write_json_atomically(json_path, metrics.to_json())
         except OSError as exc:
             raise UsageError(f"--json: cannot write {json}: {exc.strerror or exc}") from exc
     return metrics

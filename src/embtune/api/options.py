@@ -6,8 +6,10 @@ bad value is a :class:`~embtune.errors.UsageError` with the message the command 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,14 +60,44 @@ def choice(value: str | None, option: str, choices: tuple[str, ...]) -> str | No
     return value
 
 
-def output_file(path: PathLike, option: str) -> Path:
-    """``path`` as a Path whose folder exists; refused before any work is done."""
+def output_file(path: PathLike, option: str, *, make_folders: bool = False) -> Path:
+    """``path`` as a Path that can be written, checked before any work is done.
+
+    Its folder must exist and be writable; with ``make_folders`` (the writer creates missing
+    folders) the nearest existing folder above it must be writable instead.
+    """
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{option}: {path} is a folder; give a file name")
-    if not path.parent.is_dir():
-        raise UsageError(f"{option}: folder {path.parent} does not exist")
+    folder = path.parent
+    if make_folders:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    if not folder.exists():
+        raise UsageError(f"{option}: folder {folder} does not exist")
+    if not folder.is_dir():
+        raise UsageError(f"{option}: {folder} is not a folder")
+    if reason := unwritable(folder):
+        raise UsageError(f"{option}: cannot write to folder {folder}: {reason}")
     return path
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why a file cannot be created in ``folder``, or None when it can."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # access() says yes to root everywhere, yet root is refused on read-only mounts, sysfs,
+        # immutable folders or NFS with root squashing: only creating a file tells.
+        try:
+            fd, name = tempfile.mkstemp(dir=folder, prefix=".embtune-write-check.", suffix=".tmp")
+        except OSError as exc:
+            return (exc.strerror or str(exc)).lower()
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        return None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "permission denied"
+    return None
 
 
 def path_list(value: PathLike | Sequence[PathLike]) -> list[str]:
