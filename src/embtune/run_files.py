@@ -15,3 +15,4 @@ DEV_SPLIT_FILE = "dev_split.json"  # the rows --dev-fraction held out
 BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
 TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished
+LOCK_FILE = ".embtune.lock"  # held by the run writing the folder (embtune/run_lock.py)

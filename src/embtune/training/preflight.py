@@ -36,9 +36,11 @@ from embtune.run_files import (
     BEST_DIR,
     CONFIG_FILE,
     DEV_SPLIT_FILE,
+    LOCK_FILE,
     TENSORBOARD_DIR,
     TRAINER_STATE_FILE,
 )
+from embtune.run_lock import FolderBusy, RunLock
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -90,7 +92,7 @@ def check_output_dir(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not (config.overwrite_output_dir or config.resuming):
+    if _holds_files(out) and not (config.overwrite_output_dir or config.resuming):
         raise UsageError(
             f"--output-dir: {out} is not empty (a previous run?); pass --overwrite-output-dir "
             "to replace it, --resume to continue it, or choose another folder"
@@ -101,6 +103,34 @@ def check_output_dir(config: TrainConfig) -> Path:
     if not where.is_dir() or not os.access(where, os.W_OK | os.X_OK):
         raise UsageError(f"--output-dir: cannot write to {out} ({where} is not writable)")
     return out
+
+
+def _holds_files(out: Path) -> bool:
+    """True when ``out`` is a folder with anything in it besides the run lock."""
+    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+
+
+def lock_output_dir(out: Path, lock: RunLock, accelerator: Accelerator) -> None:
+    """Take the folder's lock (main process) once the folder exists; every process refuses
+    together when another run holds it. A no-op before the folder exists or once held."""
+    refused = None
+    if accelerator.is_main_process and out.is_dir() and not lock.held:
+        try:
+            note = lock.acquire()
+        except FolderBusy as exc:
+            refused = (
+                f"--output-dir: {exc}; wait for it to finish, or choose another folder "
+                "(a second run would mix its checkpoints and logs with the first's)"
+            )
+        else:
+            if note:
+                print(f"embtune train: {out}: {note}")
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([1.0 if refused else 0.0], device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() and refused is None:
+            refused = f"--output-dir: {out} is in use by another embtune run"
+    if refused:
+        raise UsageError(refused)
 
 
 def create_output_dir(out: Path) -> None:
@@ -150,7 +180,7 @@ def _resume_checkpoint(
     if found is None:
         if notes:
             raise UsageError(f"--resume: {out} has no intact checkpoint; {notes[0]}")
-        if out.is_dir() and any(out.iterdir()) and not (out / CONFIG_FILE).is_file():
+        if _holds_files(out) and not (out / CONFIG_FILE).is_file():
             raise UsageError(
                 f"--resume: {out} holds files but no embtune run (no {CONFIG_FILE}); "
                 "choose the run's folder"
@@ -239,11 +269,14 @@ def clear_previous_run(out: Path) -> list[str]:
 
 
 def prepare_output_dir(
-    config: TrainConfig, out: Path, resume: ResumePoint, accelerator: Accelerator
+    config: TrainConfig, out: Path, resume: ResumePoint, accelerator: Accelerator, lock: RunLock
 ) -> None:
-    """Create the folder (main process) and, for a new run, clear a previous run from it."""
+    """Create the folder (main process), take its lock if that was not possible before, and
+    for a new run clear a previous run from it."""
     if accelerator.is_main_process:
         create_output_dir(out)
+    lock_output_dir(out, lock, accelerator)
+    if accelerator.is_main_process:
         if resume.state is None and (config.overwrite_output_dir or config.resuming):
             removed = clear_previous_run(out)
             if removed:

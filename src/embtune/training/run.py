@@ -40,6 +40,7 @@ from embtune.run_files import (
     SUMMARY_FILE,
     TRAINER_STATE_FILE,
 )
+from embtune.run_lock import RunLock
 from embtune.training.logbook import Logbook, start_trackers
 from embtune.training.loop import peak_memory_bytes, run_steps
 from embtune.training.optim import build_optimizer, linear_schedule
@@ -49,6 +50,7 @@ from embtune.training.preflight import (
     check_disk,
     check_resume,
     load_inputs,
+    lock_output_dir,
     prepare_output_dir,
 )
 from embtune.training.session import Session
@@ -110,13 +112,17 @@ def train(
     inputs = load_inputs(config, dev_data)
     accelerator = start_accelerator(config, inputs.out)
     kind = model_kind(kind_name)
-    resume = refuse_before_work(config, inputs, accelerator, kind)
-    session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
-    announce(session, inputs, resume)
-    prepare_model(session)
-    restore_training_state(session, resume)
-    run_steps(session)
-    return finish(session)
+    lock = RunLock(inputs.out)  # one run per folder, held until the run ends
+    try:
+        resume = refuse_before_work(config, inputs, accelerator, kind, lock)
+        session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
+        announce(session, inputs, resume)
+        prepare_model(session)
+        restore_training_state(session, resume)
+        run_steps(session)
+        return finish(session)
+    finally:
+        lock.release()
 
 
 def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
@@ -141,14 +147,16 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
 
 
 def refuse_before_work(
-    config: TrainConfig, inputs: Inputs, accelerator: Accelerator, kind: ModelKind
+    config: TrainConfig, inputs: Inputs, accelerator: Accelerator, kind: ModelKind, lock: RunLock
 ) -> ResumePoint:
-    """The resume point, model limits and disk checked; then the output folder is made."""
+    """The folder's lock (another run there is refused), the resume point, model limits and
+    disk checked; then the output folder is made."""
+    lock_output_dir(inputs.out, lock, accelerator)
     global_batch = config.batch_size * accelerator.num_processes
     resume = check_resume(config, inputs, accelerator, global_batch)
     kind.check_options(config)
     check_disk(config, inputs.out)
-    prepare_output_dir(config, inputs.out, resume, accelerator)
+    prepare_output_dir(config, inputs.out, resume, accelerator, lock)
     return resume
 
 
