@@ -152,6 +152,48 @@ def test_empty_or_whitespace_texts(tmp_path: Path, row: dict, expected: str) -> 
     assert only_problem(tmp_path, row) == f"1: {expected}"
 
 
+INVISIBLE = {
+    "zero-width-space": "\u200b",
+    "byte-order-mark": "\ufeff",
+    "zero-width-non-joiner": "\u200c",
+    "zero-width-joiner": "\u200d",
+    "word-joiner": "\u2060",
+    "mixed-with-whitespace": " \u200b\t\u3000\u00a0\u2060 ",
+    "hangul-filler": "\u3164",
+    "variation-selector": "\ufe0f",
+}
+
+
+@pytest.mark.parametrize("text", INVISIBLE.values(), ids=INVISIBLE.keys())
+def test_a_text_of_invisible_characters_is_refused_like_an_empty_one(
+    tmp_path: Path, text: str
+) -> None:
+    found = only_problem(tmp_path, {"query": "q", "pos": ["p", text]})
+    shown = sorted(f"U+{ord(c):04X}" for c in set(text) if not c.isspace())
+    assert found == (
+        "1: field 'pos': item 1 must not be empty or whitespace "
+        f"(it holds only invisible characters: {', '.join(shown)})"
+    )
+
+
+def test_invisible_characters_around_a_visible_one_are_fine(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "train.jsonl", {"query": "\u200bq\u200d", "pos": ["\ufeffp"]})
+    assert load_training_data([path]).records[0].query == "\u200bq\u200d"
+
+
+def test_a_beir_text_of_invisible_characters_is_refused(tmp_path: Path) -> None:
+    folder = beir_folder(tmp_path, "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    write_lines(
+        folder / "corpus.jsonl",
+        {"_id": "d1", "title": "T1", "text": "one"},
+        {"_id": "d2", "title": "\u200b", "text": "\u2060"},
+    )
+    assert problems(folder) == [
+        f"{folder / 'corpus.jsonl'}:2: field 'text': must not be empty or whitespace "
+        "(it holds only invisible characters: U+200B, U+2060)"
+    ]
+
+
 def test_empty_pos_list(tmp_path: Path) -> None:
     row = {"query": "q", "pos": []}
     assert only_problem(tmp_path, row) == "1: field 'pos': must not be an empty list"

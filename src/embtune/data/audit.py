@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from embtune.data.formats import Record
+from embtune.data.formats import Record, is_blank
 from embtune.data.groups import TrainingTexts
 from embtune.data.store import TextStore, tokenize_store
 from embtune.errors import shorten
@@ -150,7 +150,7 @@ class DataAudit:
     corpus_only_passages: int  # BEIR corpus texts that are no row's pos/neg (fill pool only)
     positives: CountSummary
     negatives: CountSummary  # after build_rows: distinct, none equal to a positive of the row
-    empty_texts: int  # empty or whitespace-only texts (the readers refuse them: expect 0)
+    empty_texts: int  # empty, whitespace or invisible-only texts (readers refuse them: expect 0)
     duplicate_queries: int  # distinct query texts that head more than one row
     rows_with_duplicate_query: int
     pos_neg_conflicts: int  # (row, text) pairs listed as both positive and negative: dropped
@@ -282,7 +282,7 @@ def audit_data(records: list[Record], texts: TrainingTexts) -> DataAudit:
         1
         for r in records
         for t in (r.query, *r.pos, *r.neg)
-        if not isinstance(t, str) or not t.strip()
+        if not isinstance(t, str) or is_blank(t)
     )
     return DataAudit(
         rows=len(rows),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,49 @@ def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, ob
         yield number, value
 
 
+# What a reader sees as nothing. By Unicode category rather than a hand list, so every
+# separator (Zs: spaces of all widths, Zl, Zp), control (Cc) and format character (Cf: zero-width
+# space U+200B, joiners U+200C/D, word joiner U+2060, byte-order mark U+FEFF, soft hyphen, bidi
+# marks, ...) is covered, including ones added in later Unicode versions. Tokenizers drop most of
+# these (BERT's normalizer removes Cc/Cf), so such a text trains as an empty one.
+INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+# Default-ignorable characters filed under other categories: the Hangul fillers (Lo), the
+# combining grapheme joiner and variation selectors (Mn), plus the blank Braille pattern, which
+# renders as nothing and is a common stand-in for "empty".
+INVISIBLE_EXTRA = frozenset(
+    "\u034f\u115f\u1160\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
+
+def _invisible(char: str) -> bool:
+    return char in INVISIBLE_EXTRA or unicodedata.category(char) in INVISIBLE_CATEGORIES
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` is empty or holds only whitespace and invisible characters."""
+    # any() stops at the first visible character, so ordinary texts cost one lookup.
+    return not any(not _invisible(char) for char in text)
+
+
+def blank_problem(text: str) -> str | None:
+    """The reason ``text`` is refused as empty (naming invisible characters), or None."""
+    if not text.strip():
+        return "must not be empty or whitespace"
+    if not is_blank(text):
+        return None
+    shown = [f"U+{ord(c):04X}" for c in sorted({c for c in text if not c.isspace()})]
+    listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+    return f"must not be empty or whitespace (it holds only invisible characters: {listed})"
+
+
 def check_text(value: object) -> str | None:
     """The reason a value is not a usable text, or None when it is."""
     if not isinstance(value, str):
         return f"must be a string, got {type(value).__name__}"
-    if not value.strip():
-        return "must not be empty or whitespace"
+    if reason := blank_problem(value):
+        return reason
     return _surrogate_problem(value)
 
 
@@ -284,8 +322,8 @@ def _read_id_texts(
             continue
         # BEIR's convention (and the MTEB figures we reproduce): title + " " + text.
         text = f"{title} {body}".strip() if title else body.strip()
-        if not text:
-            problems.add(str(path), number, "text", "must not be empty or whitespace")
+        if reason := blank_problem(text):
+            problems.add(str(path), number, "text", reason)
             continue
         if reason := _surrogate_problem(text):
             where = "title" if _surrogate_problem(title) else "text"
