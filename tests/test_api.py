@@ -194,6 +194,12 @@ def test_bad_mine_options_are_refused_before_the_model_loads(
     with pytest.raises(UsageError, match="--output: folder"):
         api.mine(missing, beir, tmp_path / "nope" / "x.jsonl")
     assert not out.exists()
+    out.write_text("old\n")
+    with pytest.raises(UsageError, match=r"exists; pass --overwrite to replace it$"):
+        api.mine(missing, beir, out)
+    with pytest.raises(UsageError, match=r"is one of the input files"):
+        api.mine(missing, beir, beir / "queries.jsonl", overwrite=True)
+    assert out.read_text() == "old\n"
 
 
 def test_inspect_returns_audit_budget_and_the_commands_report(

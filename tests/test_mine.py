@@ -391,9 +391,12 @@ def test_cli_mines_a_beir_folder(
         assert len(row["neg"]) == len(row["neg_scores"]) == len(row["neg_ranks"]) <= 3
         assert all(s <= min(row["pos_scores"]) for s in row["neg_scores"])  # relative 0 guard
 
-    # Same command, same file: the seeded run is reproducible.
+    # Same command, same file: refused without --overwrite; with it, the seeded run repeats.
     first = out.read_text()
-    assert main([*args, "--negatives", "3", "--relative-margin", "0.0", "-o", str(out)]) == 0
+    again = [*args, "--negatives", "3", "--relative-margin", "0.0", "-o", str(out)]
+    assert main(again) == 2
+    assert f"--output: {out} exists; pass --overwrite" in capsys.readouterr().err
+    assert main([*again, "--overwrite"]) == 0
     assert out.read_text() == first
 
 
@@ -476,3 +479,45 @@ def test_cli_refuses_an_output_folder_it_cannot_write_before_any_work(
             f"embtune mine: error: --output: cannot write to folder {folder}: permission denied"
         ]
         assert not out.exists()
+
+
+def test_cli_refuses_to_write_over_an_input_or_an_existing_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n")
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text('{"text": "p"}\n')
+    linked = tmp_path / "linked.jsonl"
+    linked.hardlink_to(src)
+    beir = write_beir(tmp_path / "beir")
+    # The model does not exist: every refusal comes before it would load.
+    base = ["mine", "--model", str(tmp_path / "no-model"), "--overwrite"]
+    for data, out, extra, named in (
+        (src, src, [], src),
+        (src, linked, [], src),  # the same file under another name
+        (tmp_path, src, [], linked),  # a folder of jsonl files: the first one that is it
+        (src, pool, ["--candidates", str(pool)], pool),
+        (beir, beir / "corpus.jsonl", [], beir / "corpus.jsonl"),
+        (beir, beir / "qrels" / "train.tsv", [], beir / "qrels" / "train.tsv"),
+    ):
+        before = out.read_bytes()
+        assert main([*base, "--data", str(data), "-o", str(out), *extra]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"embtune mine: error: --output: {out} is one of the input files ({named}); write "
+            "the mined rows to another file"
+        ]
+        assert out.read_bytes() == before
+    # Any other existing file needs --overwrite.
+    other = tmp_path / "old-mined.jsonl"
+    other.write_text("keep me\n")
+    argv = ["mine", "--model", str(tmp_path / "no-model"), "--data", str(src), "-o", str(other)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"embtune mine: error: --output: {other} exists; pass --overwrite to replace it"
+    ]
+    assert other.read_text() == "keep me\n"
+    # A BEIR folder's other splits are not inputs of this one.
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    assert main([*base, "--data", str(beir), "-o", str(beir / "qrels" / "test.tsv")]) == 2
+    assert "no-model" in capsys.readouterr().err  # got as far as loading the model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -107,6 +108,39 @@ def _mining_options(
     return options
 
 
+def _input_files(data: Path, split: str, candidates: Path | None) -> list[Path]:
+    """The files mining reads: a BEIR folder's corpus, queries and qrels, or the jsonl files."""
+    from embtune.data.formats import is_beir_dir, training_files
+
+    files = [] if candidates is None else [candidates]
+    if is_beir_dir(data):
+        return [
+            *files,
+            data / "corpus.jsonl",
+            data / "queries.jsonl",
+            data / "qrels" / f"{split}.tsv",
+        ]
+    if data.is_file() or data.is_dir():
+        files += training_files(data)
+    return files
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse to write over one of the inputs (ever), or over any file without ``overwrite``."""
+    if not out.exists():
+        return
+    for path in inputs:
+        # The same file by another path (a symlink, a hard link) is the same file too.
+        with contextlib.suppress(OSError):
+            if os.path.samefile(out, path):
+                raise UsageError(
+                    f"--output: {out} is one of the input files ({path}); write the mined rows "
+                    "to another file"
+                )
+    if not overwrite:
+        raise UsageError(f"--output: {out} exists; pass --overwrite to replace it")
+
+
 def _mine_source(
     encoder: Encoder, source: MiningInput, show_progress: bool, **options: object
 ) -> MiningResult:
@@ -152,6 +186,7 @@ def mine(
     candidates: PathLike | None = None,
     limit: int | None = None,
     no_scores: bool = False,
+    overwrite: bool = False,
     bf16: bool = False,
     show_progress: bool = True,
 ) -> MineResult:
@@ -179,6 +214,8 @@ def mine(
         candidates: jsonl pool for jsonl ``data`` (default: every pos/neg text of ``data``).
         limit: mine only the first N queries.
         no_scores: leave pos_scores/neg_scores out of the file.
+        overwrite: replace ``output`` when it exists (else refused); never when it is one of
+            the input files.
         bf16: encode in bfloat16 autocast.
         show_progress: print what is mined and show encoding progress bars.
 
@@ -210,6 +247,7 @@ def mine(
     pool = None if candidates is None else Path(candidates)
     if pool is not None and not pool.is_file():
         raise UsageError(f"--candidates: file {pool} does not exist")
+    _check_output(out, _input_files(Path(data), split, pool), overwrite)
 
     import torch
 

@@ -46,7 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--split", default="train", help="BEIR qrels split to mine for (default: train)")
     p.add_argument(
-        "-o", "--output", required=True, type=Path, help="output jsonl file (written atomically)"
+        "-o",
+        "--output",
+        required=True,
+        type=Path,
+        help="output jsonl file (written atomically; an existing one needs --overwrite)",
     )
     p.add_argument(
         "--range",
@@ -122,6 +126,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "distillation targets (default: written)",
     )
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the --output file if it exists (default: refuse; never allowed when it is "
+        "one of the input files)",
+    )
+    p.add_argument(
         "--bf16",
         action="store_true",
         help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
@@ -153,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
         candidates=args.candidates,
         limit=args.limit,
         no_scores=args.no_scores,
+        overwrite=args.overwrite,
         bf16=args.bf16,
     )
     print(result.text)
