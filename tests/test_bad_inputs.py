@@ -236,3 +236,22 @@ def test_mutated_yaml_config_never_gives_a_traceback(ops: list, fuzz_dir: Path) 
     except UsageError as exc:
         (line,) = exc.lines()  # one line, naming the file or the option
         assert line.startswith((str(path), "--")), line
+
+
+def test_dev_null_as_data_is_refused_in_one_line_without_writing(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /dev/null (and a pipe, /dev/fd/N) once went to the folder listing: NotADirectoryError.
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_model), "--train-data", "/dev/null", "-o", str(out)]
+    assert main(argv) == 2
+    _check_error_lines(capsys.readouterr().err, "train", "/dev/null: no training rows found")
+    assert not out.exists()
+    mined = tmp_path / "mined.jsonl"
+    assert main(["mine", "--model", str(tiny_model), "--data", "/dev/null", "-o", str(mined)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert not mined.exists()
+    assert main(["eval", "--model", str(tiny_model), "--data", "/dev/null"]) == 2
+    _check_error_lines(
+        capsys.readouterr().err, "eval", "/dev/null: is not a folder (BEIR layout expected)"
+    )

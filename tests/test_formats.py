@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -255,6 +257,66 @@ def test_empty_file(tmp_path: Path) -> None:
 def test_a_path_that_does_not_exist(tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
     assert problems(missing) == [f"{missing}: file or folder does not exist"]
+
+
+def test_dev_null_is_an_empty_input_not_a_folder() -> None:
+    # /dev/null is not a regular file; it was once listed as a folder (NotADirectoryError).
+    assert problems("/dev/null") == ["/dev/null: no training rows found"]
+
+
+def _pipe_with(data: bytes) -> tuple[str, threading.Thread]:
+    """A /dev/fd/N path reading ``data`` from a pipe, as bash's ``<(cat file)`` gives."""
+    read_end, write_end = os.pipe()
+
+    def feed() -> None:
+        with os.fdopen(write_end, "wb") as fh:
+            fh.write(data)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    return f"/dev/fd/{read_end}", writer
+
+
+def test_a_pipe_is_read_as_a_file_once() -> None:
+    rows = b"".join(json.dumps({"query": f"q{i}", "pos": ["p"]}).encode() + b"\n" for i in range(3))
+    rows *= 30_000  # more than a pipe buffer holds, so the reader must drain it as it goes
+    path, writer = _pipe_with(rows)
+    try:
+        records = load_training_data([path]).records
+    finally:
+        writer.join()
+        os.close(int(path.rsplit("/", 1)[1]))
+    assert len(records) == 90_000
+    assert records[-1].source == f"{path}:90000"
+
+
+def test_bad_rows_in_a_pipe_are_named_by_its_path() -> None:
+    path, writer = _pipe_with(b'{"query": "q", "pos": ["p"]}\n{"query": ""}\n')
+    try:
+        found = problems(path)
+    finally:
+        writer.join()
+        os.close(int(path.rsplit("/", 1)[1]))
+    assert found == [
+        f"{path}:2: field 'pos': missing",
+        f"{path}:2: field 'query': must not be empty or whitespace",
+    ]
+
+
+def test_a_named_fifo_is_read_as_a_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "train.fifo"
+    os.mkfifo(fifo)
+
+    def feed() -> None:
+        with open(fifo, "wb") as fh:
+            fh.write(json.dumps(GOOD).encode() + b"\n")
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    try:
+        assert [r.query for r in load_training_data([fifo]).records] == ["q"]
+    finally:
+        writer.join()
 
 
 def test_a_folder_without_jsonl_files(tmp_path: Path) -> None:

@@ -72,7 +72,10 @@ def _read_raw(path: Path, problems: ProblemCollector) -> bytes | None:
         problems.add(str(path), None, None, f"cannot read file: {exc.strerror or exc}")
         return None
     if not raw.strip():
-        problems.add(str(path), None, None, "file is empty")
+        # /dev/null or a pipe that gave nothing is no mistake in the file: with nothing else
+        # to read, the caller says "no training rows found".
+        if path.is_file():
+            problems.add(str(path), None, None, "file is empty")
         return None
     if encoding := foreign_encoding(raw):
         problems.add(str(path), 1, None, f"file is {encoding}; save it as UTF-8")
@@ -442,7 +445,8 @@ def load_beir(folder: Path, split: str, problems: ProblemCollector | None = None
     problems = problems or ProblemCollector()
     folder = Path(folder)
     if not folder.is_dir():
-        problems.add(str(folder), None, None, "data folder does not exist")
+        reason = "is not a folder (BEIR layout expected)" if folder.exists() else None
+        problems.add(str(folder), None, None, reason or "data folder does not exist")
         problems.raise_if_any()
     corpus, _ = _read_id_texts(folder / "corpus.jsonl", problems, with_title=True)
     queries, _ = _read_id_texts(folder / "queries.jsonl", problems, with_title=False)
@@ -475,8 +479,12 @@ def beir_training_records(data: BeirDataset, folder: Path, split: str) -> list[R
 
 
 def training_files(path: Path) -> list[Path]:
-    """The .json/.jsonl files a --train-data entry names (a file, or every one in a folder)."""
-    if path.is_file():
+    """The .json/.jsonl files a --train-data entry names (a file, or every one in a folder).
+
+    Anything but a folder is read as a file, whatever its name: /dev/null, a pipe such as
+    bash's ``<(zcat train.jsonl.gz)`` (/dev/fd/N, read once), a named FIFO.
+    """
+    if not path.is_dir():
         return [path]
     return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in TRAIN_SUFFIXES)
 
