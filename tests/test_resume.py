@@ -30,6 +30,7 @@ from embtune.checkpoint import (
 )
 from embtune.cli import main
 from embtune.models.encoder import Encoder
+from embtune.run_files import LOCK_FILE
 from embtune.training.run import LOG_FILE
 from tests.conftest import single_thread, subprocess_env
 from tests.test_train_integration import _tiny_beir
@@ -183,7 +184,7 @@ def test_checkpoints_hold_a_loadable_model_and_the_training_state(reference: Pat
     assert (ours - theirs).abs().max().item() < 1e-5
     # The finished run says so, and holds no temporary folders.
     assert read_trainer_state(reference, "--resume")["finished"] is True
-    assert not [p for p in reference.iterdir() if p.name.startswith(".")]
+    assert not [p for p in reference.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 def test_save_total_limit_keeps_the_newest_checkpoints(
@@ -193,7 +194,7 @@ def test_save_total_limit_keeps_the_newest_checkpoints(
     argv = train_argv(tiny_model, data, out, "--save-steps", "1", "--save-total-limit", "2")
     assert run_in_process(argv) == 0
     assert [p.name for p in list_checkpoints(out)] == ["checkpoint-6", "checkpoint-7"]
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != LOCK_FILE]
 
 
 def test_resume_from_names_a_checkpoint_and_continues_in_the_output_folder(
