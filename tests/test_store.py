@@ -10,7 +10,13 @@ from transformers import AutoTokenizer
 
 from embtune.data.formats import Record
 from embtune.data.groups import build_rows
-from embtune.data.store import TextStore, TokenTable, tokenize_store, tokenizer_fingerprint
+from embtune.data.store import (
+    TextStore,
+    TokenTable,
+    cache_problem,
+    tokenize_store,
+    tokenizer_fingerprint,
+)
 from tests.conftest import minilm_path
 
 TEXTS = ["a cell is the unit of life", "dogs bark", "the mitochondria is the powerhouse"]
@@ -181,3 +187,62 @@ def test_a_corrupt_cache_file_is_rebuilt(tokenizer, tmp_path: Path, damage) -> N
     assert np.array_equal(rebuilt.flat, good.flat)
     assert np.array_equal(rebuilt.offsets, good.offsets)
     assert tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)[1]  # valid again
+
+
+def _replace_cache(folder: Path, flat: np.ndarray, offsets: np.ndarray) -> None:
+    (path,) = cache_files(folder)
+    with open(path, "wb") as fh:
+        np.savez(fh, flat=flat, offsets=offsets)
+
+
+def _tamper_cases(good: TokenTable, vocab: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Valid .npz tables that are wrong for the store they are keyed by."""
+    flat, offsets = good.flat.copy(), good.offsets.copy()
+    beyond = flat.copy()
+    beyond[1] = vocab + 5
+    negative = flat.copy()
+    negative[-2] = -1
+    short_offsets = offsets.copy()
+    short_offsets[-1] -= 1  # the last row claims fewer ids than the array holds
+    crossing = offsets.copy()
+    crossing[1], crossing[2] = crossing[2], crossing[1]  # a negative length
+    swapped = TokenTable.from_lists([good[1].tolist(), good[0].tolist(), good[2].tolist()])
+    long_rows = TokenTable.from_lists([[*good[i].tolist(), 101, 101] for i in range(3)])
+    return {
+        "id-beyond-vocab": (beyond, offsets),
+        "negative-id": (negative, offsets),
+        "offsets-short-of-ids": (flat, short_offsets),
+        "offsets-not-increasing": (flat, crossing),
+        "rows-swapped": (swapped.flat, swapped.offsets),
+        "rows-longer-than-max-len": (long_rows.flat, long_rows.offsets),
+        "one-row-missing": (flat[: offsets[2]], offsets[:3]),
+        "float-ids": (flat.astype(np.float32), offsets),
+        "2d-ids": (flat[None, :], offsets),
+    }
+
+
+TAMPERED = list(_tamper_cases(TokenTable.from_lists([[1, 2], [3], [4, 5, 6]]), 10))
+
+
+@pytest.mark.parametrize("case", TAMPERED)
+def test_a_valid_cache_file_with_wrong_ids_is_rebuilt(tokenizer, tmp_path: Path, case) -> None:
+    # A readable table whose ids are wrong once reached the model: IndexError in the embedding.
+    store = TextStore(TEXTS)
+    good = warm(store, tokenizer, 16, tmp_path)
+    tampered = _tamper_cases(good, len(tokenizer))[case]
+    assert cache_problem(TokenTable(*tampered), store, tokenizer, 16)  # named, not an exception
+    _replace_cache(tmp_path, *tampered)
+    rebuilt, cached = tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)
+    assert not cached
+    assert np.array_equal(rebuilt.flat, good.flat)
+    assert np.array_equal(rebuilt.offsets, good.offsets)
+    assert tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)[1]  # valid again
+
+
+def test_the_cache_check_passes_a_good_table_and_an_empty_store(tokenizer, tmp_path) -> None:
+    store = TextStore([f"text number {i}" for i in range(100)])
+    table, _ = tokenize_store(store, tokenizer, 16, None, show_progress=False)
+    assert cache_problem(table, store, tokenizer, 16) is None
+    assert cache_problem(TokenTable.from_lists([]), TextStore(), tokenizer, 16) is None
+    other = TextStore([f"text number {i + 1}" for i in range(100)])
+    assert cache_problem(table, other, tokenizer, 16) == "row 0 differs from the tokenizer's ids"

@@ -105,6 +105,53 @@ def _save_table(table: TokenTable, tmp: Path) -> None:
         np.savez(fh, flat=table.flat, offsets=table.offsets)
 
 
+def tokenize_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
+) -> list[list[int]]:
+    """Token ids of ``texts``, truncated to ``max_len`` (special tokens included)."""
+    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+
+
+SPOT_CHECKS = 8  # texts re-tokenized to check a loaded cache against the tokenizer
+
+
+def cache_problem(
+    table: TokenTable, store: TextStore, tokenizer: PreTrainedTokenizerBase, max_len: int
+) -> str | None:
+    """Why a token table loaded from disk cannot be trusted for ``store``, or None.
+
+    The cache key covers the tokenizer, max length and texts, but not the file's content: a
+    file written by another version, edited, or damaged while still a valid .npz must not reach
+    the model, where an id beyond the vocabulary is an IndexError deep inside the embedding.
+    Every check is a pass over the arrays plus a few texts re-tokenized, cheap next to
+    tokenizing everything again.
+    """
+    flat, offsets = table.flat, table.offsets
+    if flat.ndim != 1 or offsets.ndim != 1:
+        return "arrays are not one-dimensional"
+    if flat.dtype.kind not in "iu" or offsets.dtype.kind not in "iu":
+        return "arrays are not integers"
+    if len(offsets) != len(store) + 1:
+        return f"{len(offsets) - 1} rows for {len(store)} texts"
+    if offsets[0] != 0 or offsets[-1] != len(flat):
+        return "offsets do not span the ids"
+    lengths = np.diff(offsets)
+    if len(lengths) and (lengths.min() < 0 or lengths.max() > max_len):
+        return f"row lengths outside 0..{max_len}"
+    if len(flat) and (flat.min() < 0 or flat.max() >= len(tokenizer)):
+        return f"ids outside 0..{len(tokenizer) - 1}"
+    if not len(store):
+        return None
+    # Spread over the store, always the first and last text: a table shifted by a row, or made
+    # for other texts of the same count, differs somewhere among them.
+    sample = np.unique(np.linspace(0, len(store) - 1, SPOT_CHECKS).round().astype(np.int64))
+    fresh = tokenize_texts(tokenizer, [store.texts[i] for i in sample], max_len)
+    for i, ids in zip(sample, fresh, strict=True):
+        if table[int(i)].tolist() != list(ids):
+            return f"row {int(i)} differs from the tokenizer's ids"
+    return None
+
+
 def default_cache_dir() -> Path:
     """$EMBTUNE_CACHE, else ~/.cache/embtune."""
     return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
@@ -127,7 +174,7 @@ def tokenize_store(
         try:
             with np.load(path) as saved:
                 table = TokenTable(saved["flat"], saved["offsets"])
-            if len(table) == len(store):
+            if cache_problem(table, store, tokenizer, max_len) is None:
                 return table, True
         except Exception:
             pass  # any unreadable cache (truncated zip, empty file) is simply rebuilt below
@@ -135,7 +182,7 @@ def tokenize_store(
     bar = tqdm(total=len(store), desc=desc, unit="text", disable=not show_progress, leave=False)
     for start in range(0, len(store), TOKENIZE_CHUNK):
         chunk = store.texts[start : start + TOKENIZE_CHUNK]
-        token_lists.extend(tokenizer(chunk, truncation=True, max_length=max_len)["input_ids"])
+        token_lists.extend(tokenize_texts(tokenizer, chunk, max_len))
         bar.update(len(chunk))
     bar.close()
     table = TokenTable.from_lists(token_lists)
