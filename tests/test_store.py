@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +16,12 @@ from embtune.data.store import (
     TextStore,
     TokenTable,
     cache_problem,
+    default_cache_dir,
     tokenize_store,
     tokenizer_fingerprint,
+    usable_cache_dir,
 )
+from embtune.errors import UsageError
 from tests.conftest import minilm_path
 
 TEXTS = ["a cell is the unit of life", "dogs bark", "the mitochondria is the powerhouse"]
@@ -246,3 +251,65 @@ def test_the_cache_check_passes_a_good_table_and_an_empty_store(tokenizer, tmp_p
     assert cache_problem(TokenTable.from_lists([]), TextStore(), tokenizer, 16) is None
     other = TextStore([f"text number {i + 1}" for i in range(100)])
     assert cache_problem(table, other, tokenizer, 16) == "row 0 differs from the tokenizer's ids"
+
+
+# --- usable_cache_dir ----------------------------------------------------------------------------
+
+
+def test_the_cache_folder_is_created_and_nothing_is_left_in_it(tmp_path: Path) -> None:
+    folder = tmp_path / "a" / "b" / "cache"
+    assert usable_cache_dir(folder) == folder
+    assert folder.is_dir() and not list(folder.iterdir())  # the write probe is removed
+    assert usable_cache_dir(str(folder)) == folder  # an existing one is fine too
+
+
+def test_the_default_is_embtune_cache_then_home(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "env"))
+    assert usable_cache_dir(None) == tmp_path / "env" == default_cache_dir()
+    monkeypatch.delenv("EMBTUNE_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert usable_cache_dir(None) == tmp_path / "home" / ".cache" / "embtune"
+    assert usable_cache_dir(tmp_path / "given") == tmp_path / "given"  # the option wins
+
+
+def test_a_cache_path_under_a_regular_file_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError) as info:
+        usable_cache_dir(tmp_path / "file" / "cache")
+    (line,) = info.value.lines()
+    assert line.startswith(f"--cache-dir: cannot create cache folder {tmp_path}/file/cache: ")
+    assert line.endswith("(choose another with --cache-dir or EMBTUNE_CACHE)")
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path / "file"))
+    with pytest.raises(UsageError, match=r"^EMBTUNE_CACHE: cache folder .* is not a folder"):
+        usable_cache_dir(None)
+    with pytest.raises(UsageError, match=r"^--passage-cache: cache folder .* is not a folder"):
+        usable_cache_dir(tmp_path / "file", option="--passage-cache")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    # Root writes through permission bits, so a read-only folder is simulated at the write.
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setenv("EMBTUNE_CACHE", str(tmp_path))
+    with pytest.raises(UsageError) as info:
+        usable_cache_dir(None)
+    assert info.value.lines() == [
+        f"EMBTUNE_CACHE: cannot write to cache folder {tmp_path}: Permission denied "
+        "(choose another with --cache-dir or EMBTUNE_CACHE)"
+    ]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_cache_folder_is_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(UsageError, match="cannot write to cache folder"):
+            usable_cache_dir(folder)
+        with pytest.raises(UsageError, match="cannot create cache folder"):
+            usable_cache_dir(folder / "sub")
+    finally:
+        folder.chmod(0o755)

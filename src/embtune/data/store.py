@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from embtune.atomic import atomic_write
+from embtune.errors import UsageError
 
 TOKENIZE_CHUNK = 4096
 
@@ -152,9 +154,46 @@ def cache_problem(
     return None
 
 
+CACHE_VARIABLE = "EMBTUNE_CACHE"
+
+
 def default_cache_dir() -> Path:
     """$EMBTUNE_CACHE, else ~/.cache/embtune."""
-    return Path(os.environ.get("EMBTUNE_CACHE") or Path.home() / ".cache" / "embtune")
+    return Path(os.environ.get(CACHE_VARIABLE) or Path.home() / ".cache" / "embtune")
+
+
+def usable_cache_dir(cache_dir: str | Path | None, option: str = "--cache-dir") -> Path:
+    """The cache folder to use, created and checked writable; a one-line UsageError otherwise.
+
+    ``cache_dir`` is the option's value; None means $EMBTUNE_CACHE, else ~/.cache/embtune. Call
+    it before any work: a read-only $EMBTUNE_CACHE or a path under a regular file would
+    otherwise fail with a traceback once tokenizing is done, when the cache is first written.
+    """
+    if cache_dir is not None and str(cache_dir) != "":
+        folder, named = Path(cache_dir).expanduser(), option
+    elif os.environ.get(CACHE_VARIABLE):
+        folder, named = Path(os.environ[CACHE_VARIABLE]).expanduser(), CACHE_VARIABLE
+    else:
+        folder, named = default_cache_dir(), f"{option} (default)"
+    fix = f"choose another with {option} or {CACHE_VARIABLE}"
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{named}: cache folder {folder} is not a folder ({fix})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"{named}: cannot create cache folder {folder}: {exc.strerror or exc} ({fix})"
+        ) from None
+    # Permission bits do not tell (ACLs, read-only mounts, root squash): writing a file does.
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".embtune-write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(
+            f"{named}: cannot write to cache folder {folder}: {exc.strerror or exc} ({fix})"
+        ) from None
+    return folder
 
 
 def tokenize_store(
