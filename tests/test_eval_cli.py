@@ -155,6 +155,24 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_the_work(
         assert not out.parent.exists()
 
 
+def test_a_full_disk_when_writing_the_json_stops_with_status_3(
+    tiny_model, beir, tmp_path, capsys, monkeypatch
+) -> None:
+    from tests.test_atomic import json_writer_on_a_full_disk
+
+    monkeypatch.setattr("embtune.atomic.write_json_atomically", json_writer_on_a_full_disk)
+    out = tmp_path / "results" / "eval.json"
+    assert run_eval("--model", str(tiny_model), "--data", str(beir), "--json", str(out)) == 3
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"embtune eval: stopped: could not write {out}: No space left on device; the evaluation "
+        "was done but not saved: free some space (or choose another --json) and run the command "
+        "again"
+    ]
+    assert "nDCG" not in captured.out  # nothing printed as if it had worked
+    assert list(out.parent.iterdir()) == []  # no file, no temporary file
+
+
 def test_bad_split_names_the_file(tiny_model, beir, capsys) -> None:
     rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--split", "dev")
     assert rc == 2

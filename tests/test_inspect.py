@@ -193,6 +193,25 @@ def test_a_json_report_into_a_folder_that_cannot_be_written_is_refused_first(
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
+def test_a_full_disk_when_writing_the_json_report_stops_with_status_3(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_atomic import json_writer_on_a_full_disk
+
+    monkeypatch.setattr("embtune.atomic.write_json_atomically", json_writer_on_a_full_disk)
+    out = tmp_path / "reports"
+    out.mkdir()
+    report = out / "r.json"
+    assert inspect(tmp_path, "--train-data", str(small), "--json", str(report)) == 3
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"embtune inspect: stopped: could not write {report}: No space left on device; the "
+        "inspection was done but not saved: free some space (or choose another --json) and run "
+        "the command again"
+    ]
+    assert list(out.iterdir()) == []
+
+
 def test_bad_data_is_reported_at_its_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"]}\n{"query": "q2", "pos": []}\n')

@@ -521,3 +521,33 @@ def test_cli_refuses_to_write_over_an_input_or_an_existing_file(
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
     assert main([*base, "--data", str(beir), "-o", str(beir / "qrels" / "test.tsv")]) == 2
     assert "no-model" in capsys.readouterr().err  # got as far as loading the model
+
+
+def test_cli_a_full_disk_while_writing_stops_with_status_3_and_no_partial_file(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    import errno
+
+    from embtune.mining.negatives import MinedRow
+
+    real = MinedRow.to_json
+    calls = {"n": 0}
+
+    def disk_fills(self: MinedRow, include_scores: bool = True) -> dict:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the first row is written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, include_scores)
+
+    monkeypatch.setattr(MinedRow, "to_json", disk_fills)
+    beir = write_beir(tmp_path / "beir")
+    out = tmp_path / "out" / "mined.jsonl"
+    out.parent.mkdir()
+    argv = ["mine", "--model", str(tiny_model), "--data", str(beir), "--range", "1:8"]
+    assert main([*argv, "-o", str(out)]) == 3
+    err = capsys.readouterr().err.splitlines()
+    assert [line for line in err if line.startswith("embtune")] == [
+        f"embtune mine: stopped: could not write {out}: No space left on device; the mining was "
+        "done but not saved: free some space (or choose another -o) and run the command again"
+    ]
+    assert list(out.parent.iterdir()) == []  # neither the file nor its temporary file

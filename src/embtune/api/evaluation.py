@@ -15,6 +15,7 @@ from embtune.api.options import (
     optional_int,
     output_file,
     precision,
+    save_result,
 )
 from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
@@ -141,6 +142,8 @@ def evaluate(
 
     Raises:
         UsageError: a bad option, data or model, with the command's one-line message.
+        TrainingStopped: ``json`` could not be written after the work (a full disk):
+            nothing half-written is left; the command exits 3.
 
     Example:
         ::
@@ -205,8 +208,11 @@ def evaluate(
         settings=encoder.settings,
     )
     if json_path is not None:
-        try:
-            write_json_atomically(json_path, metrics.to_json())
-        except OSError as exc:
-            raise UsageError(f"--json: cannot write {json}: {exc.strerror or exc}") from exc
+        record = metrics.to_json()
+        save_result(
+            json_path,
+            lambda: write_json_atomically(json_path, record),
+            "the evaluation",
+            "--json",
+        )
     return metrics

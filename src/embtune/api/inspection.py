@@ -8,7 +8,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from embtune.api.options import PathLike, choice, int_option, output_file, path_list
+from embtune.api.options import (
+    PathLike,
+    choice,
+    int_option,
+    output_file,
+    path_list,
+    save_result,
+)
 from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.config import TrainConfig, flag
 from embtune.errors import UsageError
@@ -135,6 +142,8 @@ def inspect(
 
     Raises:
         UsageError: a bad option, data, or an explicit ``model`` without a tokenizer.
+        TrainingStopped: ``json`` could not be written after the work (a full disk):
+            nothing half-written is left; the command exits 3.
 
     Example:
         ::
@@ -196,7 +205,13 @@ def inspect(
     text = format_inspect_report(paths, measured_by, audit, budget, config, world)
     result = InspectResult(audit, budget, text, measured_by)
     if json_path is not None:
-        write_json_atomically(json_path, result.to_json())
+        record = result.to_json()
+        save_result(
+            json_path,
+            lambda: write_json_atomically(json_path, record),
+            "the inspection",
+            "--json",
+        )
     return result
 
 

@@ -16,6 +16,7 @@ from embtune.api.options import (
     optional_int,
     output_file,
     precision,
+    save_result,
 )
 from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
@@ -225,6 +226,8 @@ def mine(
 
     Raises:
         UsageError: a bad option, data or model, with the command's one-line message.
+        TrainingStopped: the output file could not be written after the work (a full disk):
+            nothing half-written is left; the command exits 3.
 
     Example:
         ::
@@ -268,7 +271,12 @@ def mine(
     if torch.cuda.is_available():
         encoder.to("cuda")
     mined = _mine_source(encoder, source, show_progress, **mining)
-    write_mined_jsonl(mined.rows, out, include_scores=not no_scores)
+    save_result(
+        out,
+        lambda: write_mined_jsonl(mined.rows, out, include_scores=not no_scores),
+        "the mining",
+        "-o",
+    )
     notes = list(source.notes)
     if source.skipped_queries:
         notes.append(f"{source.skipped_queries} queries of the split have no relevant document")

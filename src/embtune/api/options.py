@@ -10,10 +10,10 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from embtune.errors import UsageError
+from embtune.errors import TrainingStopped, UsageError
 
 PathLike = str | os.PathLike[str]
 
@@ -98,6 +98,21 @@ def unwritable(folder: Path) -> str | None:
     if not os.access(folder, os.W_OK | os.X_OK):
         return "permission denied"
     return None
+
+
+def save_result(path: Path, write: Callable[[], None], work: str, option: str) -> None:
+    """Run ``write`` (an atomic write of ``path``); an OSError (a full disk, say) stops the
+    command with status 3, saying that ``work`` was done but is lost and how to retry.
+
+    Nothing half-written is left: the atomic writer removes its temporary file.
+    """
+    try:
+        write()
+    except OSError as exc:
+        raise TrainingStopped(
+            f"could not write {path}: {exc.strerror or exc}; {work} was done but not saved: "
+            f"free some space (or choose another {option}) and run the command again"
+        ) from exc
 
 
 def path_list(value: PathLike | Sequence[PathLike]) -> list[str]:
