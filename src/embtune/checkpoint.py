@@ -67,10 +67,22 @@ KILL_AT_STEP_ENV = "EMBTUNE_TEST_KILL_AT_STEP"
 KILL_DURING_SAVE_ENV = "EMBTUNE_TEST_KILL_DURING_SAVE"
 
 
+# "SIGNAL:STEP[:RANK]", e.g. "SIGTERM:5": the process (only that torchrun rank, if given)
+# sends itself that signal during step 5, as a scheduler pre-empting the job would.
+SIGNAL_AT_STEP_ENV = "EMBTUNE_TEST_SIGNAL_AT_STEP"
+
+
 def kill_if_requested(env: str, step: int) -> None:
     """Test hook: SIGKILL this process when the environment variable ``env`` equals ``step``."""
     if os.environ.get(env) == str(step):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def signal_if_requested(step: int) -> None:
+    """Test hook: send this process the signal :data:`SIGNAL_AT_STEP_ENV` names at its step."""
+    name, at, rank = (os.environ.get(SIGNAL_AT_STEP_ENV, "").split(":") + ["", ""])[:3]
+    if name and at == str(step) and rank in ("", os.environ.get("RANK", "0")):
+        os.kill(os.getpid(), signal.Signals[name])
 
 
 # --- finding checkpoints -----------------------------------------------------------------------

@@ -14,7 +14,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from embtune.checkpoint import KILL_AT_STEP_ENV, kill_if_requested, save_checkpoint
+from embtune.checkpoint import (
+    KILL_AT_STEP_ENV,
+    kill_if_requested,
+    save_checkpoint,
+    signal_if_requested,
+)
 from embtune.data.batching import Batch
 from embtune.distributed import end_distributed
 from embtune.errors import TrainingStopped
@@ -23,6 +28,7 @@ from embtune.training.dev_eval import evaluate_dev, is_dev_step
 from embtune.training.session import Session
 from embtune.training.state import trainer_state
 from embtune.training.step import StepOutput, StepSettings, forward_backward
+from embtune.training.stop_signals import StopSignals
 from embtune.training.update import finite_everywhere, guarded_update
 
 
@@ -165,10 +171,21 @@ def log_window(session: Session, done: int, epoch: int, bar: tqdm) -> None:
     progress.start_window()
 
 
+def stop_for_signal(session: Session, done: int, reason: str, saved: bool) -> None:
+    """Checkpoint the run after step ``done`` (unless just saved) and stop it: exit status 3."""
+    folder = session.out / f"checkpoint-{done}"
+    if not saved:
+        folder = checkpoint_at(session, done)
+    end_distributed(session.accelerator)
+    raise TrainingStopped(
+        f"stopped by {reason} after step {done} of {session.total_steps}: {folder} holds the "
+        "run; continue it with --resume (same options)"
+    )
+
+
 def run_steps(session: Session) -> None:
-    """Train from the run's start step to the last, logging, evaluating and checkpointing."""
-    config = session.config
-    progress = session.run.progress
+    """Train from the run's start step to the last, logging, evaluating and checkpointing;
+    a stop signal ends the run after the step it arrives in (training/stop_signals.py)."""
     bar = tqdm(
         total=session.total_steps,
         initial=session.run.start_step,
@@ -177,36 +194,51 @@ def run_steps(session: Session) -> None:
         disable=not session.show,
     )
     try:
-        for step in range(session.run.start_step, session.total_steps):
-            started = time.perf_counter()
-            epoch, rows, batch = batch_for_step(session, step)
-            result = train_step(session, rows, batch)
-            problem = guarded_update(
-                session.accelerator,
-                session.model,
-                session.optimizer,
-                session.scheduler,
-                result,
-                config,
-            )
-            done = step + 1
-            kill_if_requested(KILL_AT_STEP_ENV, done)
-            texts = batch.num_texts * session.world
-            seconds = time.perf_counter() - started
-            progress.add_step(seconds, texts, result.padded_tokens, result.real_tokens, batch)
-            bar.update(1)
-            if problem:
-                record_skip(session, done, epoch, rows, problem)
-            else:
-                progress.add_signals(result.loss.item(), result.output.signal_sums())
-            if (done % config.logging_steps == 0 or done == session.total_steps) and (
-                progress.window_steps
-            ):
-                log_window(session, done, epoch, bar)
-            if is_dev_step(session, done):
-                evaluate_dev(session, done)
-            if config.save_steps and done % config.save_steps == 0 and done < session.total_steps:
-                checkpoint_at(session, done)
+        with StopSignals() as signals:
+            for step in range(session.run.start_step, session.total_steps):
+                done = step + 1
+                saved = one_step(session, step, bar)
+                reason = signals.requested(session.accelerator)
+                if reason and done < session.total_steps:
+                    stop_for_signal(session, done, reason, saved)
     finally:
         bar.close()
         session.logbook.close()
+
+
+def one_step(session: Session, step: int, bar: tqdm) -> bool:
+    """Train step ``step`` (0-based) and do what follows it; True when it saved a checkpoint."""
+    config = session.config
+    progress = session.run.progress
+    started = time.perf_counter()
+    epoch, rows, batch = batch_for_step(session, step)
+    result = train_step(session, rows, batch)
+    problem = guarded_update(
+        session.accelerator,
+        session.model,
+        session.optimizer,
+        session.scheduler,
+        result,
+        config,
+    )
+    done = step + 1
+    kill_if_requested(KILL_AT_STEP_ENV, done)
+    signal_if_requested(done)
+    texts = batch.num_texts * session.world
+    seconds = time.perf_counter() - started
+    progress.add_step(seconds, texts, result.padded_tokens, result.real_tokens, batch)
+    bar.update(1)
+    if problem:
+        record_skip(session, done, epoch, rows, problem)
+    else:
+        progress.add_signals(result.loss.item(), result.output.signal_sums())
+    if (done % config.logging_steps == 0 or done == session.total_steps) and (
+        progress.window_steps
+    ):
+        log_window(session, done, epoch, bar)
+    if is_dev_step(session, done):
+        evaluate_dev(session, done)
+    if config.save_steps and done % config.save_steps == 0 and done < session.total_steps:
+        checkpoint_at(session, done)
+        return True
+    return False
