@@ -27,6 +27,7 @@ each checkpoint needs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
 
 from embtune.config import TrainConfig, flag
 from embtune.errors import TrainingStopped, UsageError, shorten
@@ -325,16 +328,41 @@ def save_checkpoint(
             fsync_tree(tmp)
             _replace_dir(tmp, target)
             rotate_checkpoints(out, keep, step)
-    except OSError as exc:
+    except WRITE_ERRORS as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in list_checkpoints(out) if p != target]
-        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise TrainingStopped(
-            f"step {step}: could not write {target.name}: {exc.strerror or exc}; {kept}. "
-            "Free disk space and run again with --resume"
-        ) from exc
+        raise stopped_writing(f"step {step}: could not write {target.name}", exc, out) from exc
     accelerator.wait_for_everyone()
     return target
+
+
+# What a full disk raises: OSError from open/write, RuntimeError from torch.save's zip writer
+# ("unexpected pos"), SafetensorError from safetensors. A save catching OSError only crashed.
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+_NEARLY_FULL = 64 * 2**20  # free bytes below which a failed write is taken for a full disk
+
+
+def write_problem(exc: BaseException, folder: Path) -> str:
+    """Why a write failed, in words: "the disk is full" when it is, else the error's text."""
+    if getattr(exc, "errno", None) == errno.ENOSPC:
+        return "the disk is full (no space left on device)"
+    try:
+        free = shutil.disk_usage(existing_ancestor(folder)).free
+    except OSError:
+        free = None
+    reason = getattr(exc, "strerror", None) or str(exc).strip().splitlines()[0] or repr(exc)
+    if free is not None and free < _NEARLY_FULL:
+        return f"the disk is full ({human_bytes(free)} free; {reason})"
+    return reason
+
+
+def stopped_writing(what: str, exc: BaseException, out: Path) -> TrainingStopped:
+    """The stop (exit 3) for a write that failed mid-run: what failed, why, which checkpoint
+    holds the work, and how to go on."""
+    previous = list_checkpoints(out)
+    kept = f"{previous[-1]} is intact" if previous else "no checkpoint was written yet"
+    return TrainingStopped(
+        f"{what}: {write_problem(exc, out)}; {kept}. Free disk space and run again with --resume"
+    )
 
 
 def load_training_state(accelerator: Accelerator, checkpoint: Path) -> None:

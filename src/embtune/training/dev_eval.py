@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tqdm.auto import tqdm
 
-from embtune.checkpoint import save_atomically
+from embtune.checkpoint import WRITE_ERRORS, save_atomically, stopped_writing
 from embtune.run_files import BEST_DIR
 from embtune.training.session import Session
 
@@ -30,6 +30,12 @@ def evaluate_dev(session: Session, step: int) -> None:
         tqdm.write(f"step {step}: dev nDCG@10 {ndcg:.4f}, MRR@10 {metrics['mrr@10']:.4f}")
         best = session.run.best
         if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
+            try:
+                save_atomically(
+                    session.out / BEST_DIR, lambda path: session.kind.save(unwrapped, path)
+                )
+            except WRITE_ERRORS as exc:
+                what = f"step {step}: could not write {BEST_DIR}/"
+                raise stopped_writing(what, exc, session.out) from exc
             best.update(step=step, ndcg=ndcg)
-            save_atomically(session.out / BEST_DIR, lambda path: session.kind.save(unwrapped, path))
     accelerator.wait_for_everyone()

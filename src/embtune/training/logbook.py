@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from embtune.atomic import atomic_write
+from embtune.checkpoint import stopped_writing
 from embtune.config import TrainConfig
 from embtune.run_files import LOG_FILE, TENSORBOARD_DIR
 
@@ -69,15 +70,26 @@ class Logbook:
         self.file = open(out / LOG_FILE, "a" if start_step else "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict) -> None:
-        """Append one record (``step`` is its x axis in TensorBoard)."""
+        """Append one record (``step`` is its x axis in TensorBoard); a disk that filled up
+        stops the run (exit 3) naming the checkpoint that holds the work."""
         self.history.append(record)
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
         self.accelerator.log(numbers, step=record["step"])
         if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as exc:
+                out = Path(self.file.name).parent
+                raise stopped_writing(
+                    f"step {record['step']}: could not write {LOG_FILE}", exc, out
+                ) from exc
 
     def close(self) -> None:
-        """Close train_log.jsonl."""
+        """Close train_log.jsonl (a full disk's last error was reported by write)."""
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
+            self.file = None

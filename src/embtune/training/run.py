@@ -22,7 +22,13 @@ import torch
 import yaml
 
 from embtune.atomic import atomic_write, write_json_atomically
-from embtune.checkpoint import exclude_model_from_state, load_training_state
+from embtune.checkpoint import (
+    WRITE_ERRORS,
+    exclude_model_from_state,
+    load_training_state,
+    stopped_writing,
+    write_problem,
+)
 from embtune.config import TrainConfig
 from embtune.data.dev_split import save_dev_split
 from embtune.data.epoch_plan import EpochPlan, total_steps
@@ -30,6 +36,7 @@ from embtune.data.formats import BeirDataset
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
 from embtune.distributed import end_distributed
+from embtune.errors import UsageError
 from embtune.kinds import DEFAULT_KIND, ModelKind, model_kind
 from embtune.objectives.base import Objective
 from embtune.run_files import (
@@ -236,10 +243,13 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
         print(f"  resuming from {resume.checkpoint} at step {session.run.start_step}")
     elif config.resuming:
         print(f"  no checkpoint in {out} yet: starting at step 0")
-    write_config(out / CONFIG_FILE, config)
-    write_json_atomically(out / BUDGET_FILE, session.budget.to_json())
-    if inputs.dev_rows:
-        save_dev_split(out / DEV_SPLIT_FILE, inputs.dev_rows, config.dev_fraction, config.seed)
+    try:
+        write_config(out / CONFIG_FILE, config)
+        write_json_atomically(out / BUDGET_FILE, session.budget.to_json())
+        if inputs.dev_rows:
+            save_dev_split(out / DEV_SPLIT_FILE, inputs.dev_rows, config.dev_fraction, config.seed)
+    except OSError as exc:  # before any step: nothing to keep, so a refusal
+        raise UsageError(f"--output-dir: cannot write to {out}: {write_problem(exc, out)}") from exc
     if session.dev_data is not None:
         when = f"every {config.eval_steps} steps and " if config.eval_steps else ""
         print(
@@ -287,7 +297,10 @@ def finish(session: Session) -> TrainResult:
         peak = int(accelerator.reduce(torch.tensor([peak], device=accelerator.device), "max"))
     accelerator.wait_for_everyone()
     if session.main:
-        write_final_files(session, texts_per_second, peak)
+        try:
+            write_final_files(session, texts_per_second, peak)
+        except WRITE_ERRORS as exc:
+            raise stopped_writing("could not write the final model", exc, session.out) from exc
     end_distributed(accelerator)
     best = session.run.best
     return TrainResult(
