@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import random
 import tempfile
 from pathlib import Path
 
@@ -17,7 +19,9 @@ from embtune.data.store import (
     TokenTable,
     cache_problem,
     default_cache_dir,
+    first_prefix_chars,
     tokenize_store,
+    tokenize_texts,
     tokenizer_fingerprint,
     usable_cache_dir,
 )
@@ -313,3 +317,132 @@ def test_a_read_only_cache_folder_is_one_line(tmp_path: Path) -> None:
             usable_cache_dir(folder / "sub")
     finally:
         folder.chmod(0o755)
+
+
+# --- long texts: a bounded prefix, the same ids -----------------------------------------------
+
+PIECES = [
+    "cell", "mitochondria", "the", "Ünïcödé", "naïve", "東京大学", "生命", "😀", "x" * 30,
+    "e\u0301", "a\u0308\u0301", "(", ")", ".", "...", "—", "don't", "1234567", "ℌ", "ﬁ",
+    "\u200b", "\u200d", "\ufeff", "[SEP]", "[UNK]",
+]  # fmt: skip
+SEPARATORS = [" ", " ", " ", "\n", "\t", "\u3000", "\u00a0", "", "\r\n", "  "]
+
+
+def random_text(rng: random.Random, chars: int) -> str:
+    """Words, scripts, combining marks, invisible characters and odd spacing, ``chars`` long."""
+    parts: list[str] = []
+    size = 0
+    while size < chars:
+        letters = (rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 14)))
+        piece = rng.choice(PIECES) if rng.random() < 0.7 else "".join(letters)
+        parts.append(piece + rng.choice(SEPARATORS))
+        size += len(parts[-1])
+    return "".join(parts)[:chars]
+
+
+def special_texts(rng: random.Random) -> dict[str, str]:
+    """Long texts made to trip a prefix: words that reach past any cut, late first tokens."""
+    words = random_text(rng, 3_000)
+    return {
+        "one-unbroken-word": "z" * 200_000,
+        "words-then-an-unbroken-word": words[:900] + " " + "q" * 100_000 + " tail words",
+        "an-unbroken-word-past-the-first-cut": words[:1_500] + "w" * 60_000 + " " + words,
+        "whitespace-before-the-first-word": " " * 80_000 + words,
+        "invisible-characters-join-words": ("ab\u200b" * 40_000) + words,
+        "zero-width-joined-word-at-the-cut": words[:1_400] + "hello" + "\u200b" * 5_000 + "world",
+        "punctuation-only": "!?." * 30_000,
+        "combining-marks-over-the-cut": words[:1_500] + "e" + "\u0301" * 3_000 + " " + words,
+        "cjk-no-spaces": "".join(rng.choice("東京大学生命科学的研究") for _ in range(40_000)),
+    }
+
+
+def full_ids(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    return [tokenizer(t, truncation=True, max_length=max_len)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("max_len", [8, 33, 128])
+def test_long_texts_give_exactly_the_ids_of_the_whole_text(tokenizer, max_len: int) -> None:
+    rng = random.Random(max_len)
+    texts = [random_text(rng, rng.randint(3_000, 60_000)) for _ in range(12)]
+    texts += list(special_texts(rng).values())
+    assert tokenize_texts(tokenizer, texts, max_len) == full_ids(tokenizer, texts, max_len)
+
+
+def test_the_store_of_long_and_short_texts_matches_the_tokenizer(tokenizer) -> None:
+    rng = random.Random(7)
+    store = TextStore([*TEXTS, random_text(rng, 90_000), "dogs", *special_texts(rng).values()])
+    table, _ = tokenize_store(store, tokenizer, 16, None, show_progress=False)
+    assert [table[i].tolist() for i in range(len(store))] == full_ids(tokenizer, store.texts, 16)
+
+
+class Spy:
+    """A tokenizer that records how many characters each call was given."""
+
+    def __init__(self, tokenizer, is_fast: bool | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.is_fast = tokenizer.is_fast if is_fast is None else is_fast
+        self.sizes: list[int] = []
+
+    def __call__(self, text, **kwargs):
+        self.sizes.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
+
+
+def test_a_huge_line_is_tokenized_from_a_short_prefix(tokenizer) -> None:
+    # A 50 MB line once took 89 s and 7 GB; only a prefix of ~ 64 characters per token is read.
+    text = random_text(random.Random(1), 5_000_000)
+    spy = Spy(tokenizer)
+    ids = tokenize_texts(spy, [text], 128)
+    assert max(spy.sizes) <= first_prefix_chars(128)
+    assert ids == full_ids(tokenizer, [text[:200_000]], 128)  # what the whole text would give
+
+
+def test_a_slow_tokenizer_reads_the_whole_text(tokenizer) -> None:
+    # Without offsets and word ids nothing proves a prefix right, so the text is read whole.
+    text = random_text(random.Random(2), 50_000)
+    spy = Spy(tokenizer, is_fast=False)
+    assert tokenize_texts(spy, [text], 16) == full_ids(tokenizer, [text], 16)
+    assert spy.sizes == [len(text)]
+
+
+def byte_level_bpe():
+    """A small GPT-2 style (byte-level BPE) tokenizer trained here, with <s> ... </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"])
+    rng = random.Random(3)
+    backend.train_from_iterator([random_text(rng, 2_000) for _ in range(50)], trainer)
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_long_texts_with_a_byte_level_bpe_tokenizer() -> None:
+    bpe = byte_level_bpe()
+    rng = random.Random(4)
+    texts = [random_text(rng, rng.randint(3_000, 40_000)) for _ in range(8)]
+    texts += list(special_texts(rng).values())
+    for max_len in (8, 40):
+        assert tokenize_texts(bpe, texts, max_len) == full_ids(bpe, texts, max_len)
+
+
+def test_a_tokenizer_without_word_splits_reads_the_whole_text(tokenizer) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.pre_tokenizer = None  # one "word": no prefix can be proven to give the same ids
+    whole = PreTrainedTokenizerFast(tokenizer_object=backend)
+    # Without "[SEP]" written in the text, which would split it (rightly) into parts.
+    text = random_text(random.Random(5), 20_000).replace("[", "(")
+    spy = Spy(whole)
+    assert tokenize_texts(spy, [text], 8) == full_ids(whole, [text], 8)
+    assert spy.sizes[-1] == len(text)

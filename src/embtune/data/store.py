@@ -110,8 +110,82 @@ def _save_table(table: TokenTable, tmp: Path) -> None:
 def tokenize_texts(
     tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
 ) -> list[list[int]]:
-    """Token ids of ``texts``, truncated to ``max_len`` (special tokens included)."""
-    return tokenizer(list(texts), truncation=True, max_length=max_len)["input_ids"]
+    """Token ids of ``texts``, truncated to ``max_len`` (special tokens included).
+
+    With a fast tokenizer a very long text is tokenized from a prefix that provably gives the
+    same ids (:func:`tokenize_long_text`): tokenizers cut only after tokenizing everything,
+    so one 50 MB line cost 89 s and 7 GB for the few hundred tokens kept.
+    """
+    texts = list(texts)
+    short = first_prefix_chars(max_len)
+    if not tokenizer.is_fast or all(len(t) <= short for t in texts):
+        return tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+    ids: list[list[int] | None] = [None] * len(texts)
+    usual = [i for i, t in enumerate(texts) if len(t) <= short]
+    if usual:
+        found = tokenizer([texts[i] for i in usual], truncation=True, max_length=max_len)
+        for i, row in zip(usual, found["input_ids"], strict=True):
+            ids[i] = row
+    for i, text in enumerate(texts):
+        if ids[i] is None:
+            ids[i] = tokenize_long_text(tokenizer, text, max_len)
+    return ids  # type: ignore[return-value]
+
+
+# The prefix tried first: 64 characters per kept token is far above any real text's ratio
+# (English runs ~4-5 per token, CJK ~1-2), so a long text is decided on the first try.
+def first_prefix_chars(max_len: int) -> int:
+    """Characters of a long text tokenized first (doubled while they do not decide)."""
+    return 64 * max_len + 1024
+
+
+# Characters between the end of the last kept token's word and the cut. The models tokenize
+# each pre-tokenized word on its own (WordPiece, BPE, Unigram, WordLevel); what can reach back
+# from the cut is the normalizer, and it rewrites only short runs: NFC/NFKC/NFD a base character
+# and its combining marks (bounded in practice by Unicode's stream-safe limit of 30 marks),
+# SentencePiece's precompiled map a few characters, lowercasing and accent stripping one.
+CUT_MARGIN = 512
+
+
+def tokenize_long_text(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
+    """``tokenizer(text, truncation=True, max_length=max_len)`` ids, from a prefix of ``text``.
+
+    A prefix decides when its tokens go past the ones kept, and the last kept token's word is
+    followed by another word in the prefix and ends at least :data:`CUT_MARGIN` characters
+    before the cut. Then that word and every one before it are words of the full text too:
+    pre-tokenizers split at characters with at most one character of look-ahead (whitespace and
+    punctuation for BERT, GPT-2's ``\\s+(?!\\S)``), so only the prefix's last word can differ,
+    and the margin keeps the normalizer's reach (above) away from them. Each word's tokens
+    depend on that word alone, so the kept ids are the full text's. WordPiece turns a word longer
+    than ``max_input_chars_per_word`` (100) into one [UNK] spanning the whole word: a long
+    unbroken word that reaches the cut ends at the cut, fails the margin, and the prefix grows.
+    A tokenizer without word splits (every token in word 0) never decides and so reads the
+    whole text, as does any text the doubling reaches the end of.
+    """
+    keep = max_len - tokenizer.num_special_tokens_to_add(pair=False)
+    size = first_prefix_chars(max_len)
+    while size < len(text) and keep > 0:
+        prefix = text[:size]
+        if _prefix_decides(tokenizer, prefix, keep):
+            return tokenizer(prefix, truncation=True, max_length=max_len)["input_ids"]
+        size *= 2
+    return tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+
+
+def _prefix_decides(tokenizer: PreTrainedTokenizerBase, prefix: str, keep: int) -> bool:
+    """True when the first ``keep`` tokens of ``prefix`` are those of any longer text."""
+    enc = tokenizer(prefix, return_offsets_mapping=True, verbose=False)
+    # Sequence ids are None exactly for the tokens the post-processor adds ([CLS], [SEP]),
+    # which truncation does not count; a special token written in the text counts.
+    own = [i for i, seq in enumerate(enc.sequence_ids()) if seq == 0]
+    if len(own) <= keep:
+        return False
+    words = enc.word_ids()
+    last_word = words[own[keep - 1]]
+    if last_word is None or not any(words[i] is not None and words[i] > last_word for i in own):
+        return False
+    word_end = max(enc["offset_mapping"][i][1] for i in own if words[i] == last_word)
+    return word_end <= len(prefix) - CUT_MARGIN
 
 
 SPOT_CHECKS = 8  # texts re-tokenized to check a loaded cache against the tokenizer
