@@ -188,3 +188,31 @@ def test_the_checkpoint_estimate_counts_weights_three_times(tiny_model: Path) ->
     assert estimate_save_bytes(str(tiny_model), with_optimizer=False) == weights + rest
     assert estimate_save_bytes("no/such-model-anywhere", with_optimizer=True) is None
     assert human_bytes(1536) == "1.5 KB" and human_bytes(12) == "12 B"
+
+
+def test_overwrite_removes_only_what_embtune_wrote(
+    tiny_model: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "run"
+    extra = ("--save-steps", "2", "--max-steps", "4", "--eval-data", str(data))
+    with single_thread():
+        assert (
+            main(argv(tiny_model, data, out, *extra, "--eval-split", "train", "--save-best")) == 0
+        )
+    # The user's own files: a note in best/, a hand-copied checkpoint folder, a hidden backup.
+    (out / "best" / "keep.txt").write_text("mine")
+    (out / "checkpoint-7").mkdir()
+    (out / "checkpoint-7" / "weights.bin").write_text("mine")
+    (out / ".notes.old").write_text("mine")
+    (out / "tensorboard" / "my-plot.png").write_text("mine")
+    capsys.readouterr()
+    with single_thread():
+        assert main(argv(tiny_model, data, out, "--overwrite", "--save-steps", "0")) == 0
+    printed = capsys.readouterr().out
+    assert "removed the previous run's best, checkpoint-2, tensorboard" in printed
+    assert "kept 2 files embtune did not write: best/keep.txt, tensorboard/my-plot.png" in printed
+    assert (out / "best" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in (out / "best").iterdir()) == ["keep.txt"]
+    assert (out / "checkpoint-7" / "weights.bin").read_text() == "mine"
+    assert (out / ".notes.old").read_text() == "mine"
+    assert not (out / "checkpoint-2").exists() and not (out / "checkpoint-4").exists()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tqdm.auto import tqdm
 
 from embtune.checkpoint import WRITE_ERRORS, save_atomically, stopped_writing
+from embtune.run_cleanup import record_best_files
 from embtune.run_files import BEST_DIR
 from embtune.training.session import Session
 
@@ -32,10 +35,16 @@ def evaluate_dev(session: Session, step: int) -> None:
         if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
             try:
                 save_atomically(
-                    session.out / BEST_DIR, lambda path: session.kind.save(unwrapped, path)
+                    session.out / BEST_DIR, lambda path: save_best(session, unwrapped, path)
                 )
             except WRITE_ERRORS as exc:
                 what = f"step {step}: could not write {BEST_DIR}/"
                 raise stopped_writing(what, exc, session.out) from exc
             best.update(step=step, ndcg=ndcg)
     accelerator.wait_for_everyone()
+
+
+def save_best(session: Session, model: object, folder: Path) -> None:
+    """The best model, with the record of its files that --overwrite-output-dir goes by."""
+    session.kind.save(model, folder)
+    record_best_files(folder)

@@ -8,7 +8,6 @@ disk too small is one clear error (exit 2) with nothing half-written.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +19,6 @@ from embtune.checkpoint import (
     check_disk_space,
     check_resume_compatible,
     checkpoint_problem,
-    checkpoint_step,
     data_fingerprint,
     estimate_save_bytes,
     existing_ancestor,
@@ -32,12 +30,10 @@ from embtune.config import TrainConfig
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus
 from embtune.data.formats import BeirDataset, Record, TrainingData, load_beir, load_training_data
 from embtune.errors import UsageError
+from embtune.run_cleanup import clear_previous_run
 from embtune.run_files import (
-    BEST_DIR,
     CONFIG_FILE,
-    DEV_SPLIT_FILE,
     LOCK_FILE,
-    TENSORBOARD_DIR,
     TRAINER_STATE_FILE,
 )
 from embtune.run_lock import FolderBusy, RunLock
@@ -244,30 +240,6 @@ def check_disk(config: TrainConfig, out: Path) -> None:
     )
 
 
-def clear_previous_run(out: Path) -> list[str]:
-    """Remove a previous run's checkpoints, best model, events and state from ``out``.
-
-    Left in place they would mix with the new run's: an old checkpoint-900 would be "the newest"
-    to --resume, and TensorBoard would draw two runs as one.
-    """
-    removed = []
-    for path in sorted(out.iterdir()):
-        name = path.name
-        is_ours = (
-            checkpoint_step(path) is not None
-            or name in (BEST_DIR, TENSORBOARD_DIR, TRAINER_STATE_FILE, DEV_SPLIT_FILE)
-            or (name.startswith(".") and name.endswith((".tmp", ".old", ".deleting")))
-        )
-        if not is_ours:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-        removed.append(name)
-    return removed
-
-
 def prepare_output_dir(
     config: TrainConfig, out: Path, resume: ResumePoint, accelerator: Accelerator, lock: RunLock
 ) -> None:
@@ -278,7 +250,12 @@ def prepare_output_dir(
     lock_output_dir(out, lock, accelerator)
     if accelerator.is_main_process:
         if resume.state is None and (config.overwrite_output_dir or config.resuming):
-            removed = clear_previous_run(out)
+            removed, kept = clear_previous_run(out)
             if removed:
                 print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
+            if kept:
+                shown = ", ".join(kept[:5]) + (
+                    f" and {len(kept) - 5} more" if len(kept) > 5 else ""
+                )
+                print(f"embtune train: kept {len(kept)} files embtune did not write: {shown}")
     accelerator.wait_for_everyone()
