@@ -83,6 +83,24 @@ def test_windows_line_endings_are_accepted(tmp_path: Path) -> None:
     assert [r.query for r in load_training_data([path]).records] == ["a", "b"]
 
 
+@pytest.mark.parametrize("end", ["\r", "\n", "\r\n"], ids=["cr", "lf", "crlf"])
+def test_every_line_ending_ends_a_line(tmp_path: Path, end: str) -> None:
+    # CR-only files (old Mac tools) were one line: "malformed JSON: Extra data".
+    path = tmp_path / "train.jsonl"
+    rows = [json.dumps({"query": f"q{i}", "pos": ["p"]}) for i in range(3)]
+    path.write_bytes((end.join(rows) + end).encode())
+    assert [(r.query, r.source) for r in load_training_data([path]).records] == [
+        (f"q{i}", f"{path}:{i + 1}") for i in range(3)
+    ]
+
+
+def test_mixed_line_endings_count_lines_as_an_editor_does(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    good = json.dumps(GOOD).encode()
+    path.write_bytes(good + b"\r" + good + b"\r\n\r\n" + good + b"\n" + b'{"query": "q"}\r')
+    assert problems(path) == [f"{path}:5: field 'pos': missing"]
+
+
 def test_blank_lines_are_skipped_but_still_counted(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "train.jsonl", GOOD, "", "   ", {"pos": ["p"]})
     assert problems(path) == [f"{path}:4: field 'query': missing"]

@@ -108,7 +108,9 @@ def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, ob
     raw = _read_raw(path, problems)
     if raw is None:
         return
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    # \r\n, \n and a lone \r (old Mac files) all end a line, as editors count lines; a JSON
+    # row cannot hold a raw \r inside a string, so only whitespace between tokens could be one.
+    for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
         if problems.full:
