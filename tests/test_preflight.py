@@ -73,7 +73,7 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         (["--save-total-limit", "-1"], "--save-total-limit must not be negative, got -1"),
         (["--max-nonfinite-steps", "0"], "--max-nonfinite-steps must be at least 1, got 0"),
-        (["--weight-decay", "nan"], "--weight-decay must not be negative, got nan"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
         (["--model", "./no-such-model"], "--model: folder ./no-such-model does not exist"),
         (["--resume-from", "./no-such-checkpoint"], "--resume-from: no-such-checkpoint does"),
     ],
