@@ -216,3 +216,36 @@ def test_overwrite_removes_only_what_embtune_wrote(
     assert (out / "checkpoint-7" / "weights.bin").read_text() == "mine"
     assert (out / ".notes.old").read_text() == "mine"
     assert not (out / "checkpoint-2").exists() and not (out / "checkpoint-4").exists()
+
+
+@pytest.mark.parametrize("where", ["read-only", "under-a-file"])
+def test_an_unusable_token_cache_is_refused_before_any_work(
+    tiny_model: Path,
+    data: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = blocker / "cache"
+    if where == "read-only":
+        cache = tmp_path / "ro"
+        cache.mkdir()
+        real_mkstemp = __import__("tempfile").mkstemp
+
+        def refuse(*args, **kwargs):  # root ignores permission bits: a read-only mount's error
+            if str(kwargs.get("dir", "")).startswith(str(cache)):
+                raise OSError(30, "Read-only file system")
+            return real_mkstemp(*args, **kwargs)
+
+        monkeypatch.setattr("tempfile.mkstemp", refuse)
+    monkeypatch.setenv("EMBTUNE_CACHE", str(cache))
+    out = tmp_path / "run"
+    args = argv(tiny_model, data, out)
+    args.remove("--cache-dir")
+    args.remove(str(out.parent / "cache"))
+    message = refusal(capsys, args)
+    assert "EMBTUNE_CACHE" in message and str(cache) in message
+    assert not out.exists()

@@ -20,7 +20,7 @@ from embtune.data.batching import Batch, group_layout, pad_tokens
 from embtune.data.formats import BeirDataset, TrainingData
 from embtune.data.groups import Group, TrainingTexts, TrainRow
 from embtune.data.pipeline import training_texts
-from embtune.data.store import TokenTable, default_cache_dir, tokenize_store
+from embtune.data.store import TokenTable, tokenize_store, usable_cache_dir
 from embtune.models.encoder import Encoder, check_max_lengths, load_model_config
 from embtune.models.speedups.activation_recompute import (
     recompute_feed_forward_activations,
@@ -99,7 +99,7 @@ class BiEncoder:
         """Rows with the encoder's instructions, every text tokenized once (disk-cached)."""
         settings = encoder.settings
         texts = training_texts(data, settings.query_instruction, settings.passage_instruction)
-        cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+        cache = usable_cache_dir(config.cache_dir)
         tokenizer = encoder.tokenizer
         query_tokens, _ = tokenize_store(
             texts.queries, tokenizer, settings.query_max_len, cache, "tokenizing queries", show

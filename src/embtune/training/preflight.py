@@ -29,6 +29,7 @@ from embtune.checkpoint import (
 from embtune.config import TrainConfig
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus
 from embtune.data.formats import BeirDataset, Record, TrainingData, load_beir, load_training_data
+from embtune.data.store import usable_cache_dir
 from embtune.errors import UsageError
 from embtune.run_cleanup import clear_previous_run
 from embtune.run_files import (
@@ -76,6 +77,7 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         dev_data = load_beir(Path(config.eval_data), config.eval_split)
     if config.save_best and dev_data is None:
         raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
+    usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
     return Inputs(data, dev_data, dev_rows, check_output_dir(config))
 
 
