@@ -439,6 +439,67 @@ def test_cli_reports_a_missing_path(tmp_path: Path, capsys: pytest.CaptureFixtur
     ]
 
 
+# --- one JSON array per file (.json) ----------------------------------------------------------
+
+
+def test_a_json_array_file_is_read_row_by_row(tmp_path: Path) -> None:
+    # FlagEmbedding loads such files (datasets' json builder); they once gave "expected a JSON
+    # object, got list".
+    path = tmp_path / "train.json"
+    rows = [{"query": f"q{i}", "pos": ["p"], "neg": ["n"]} for i in range(3)]
+    path.write_text(json.dumps(rows, indent=2), encoding="utf-8")
+    records = load_training_data([path]).records
+    assert [(r.query, r.neg) for r in records] == [(f"q{i}", ["n"]) for i in range(3)]
+    # Each row points at the line its element starts on.
+    assert [r.source for r in records] == [f"{path}:{n}" for n in (2, 11, 20)]
+
+
+def test_a_bad_element_of_a_json_array_is_named_at_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    rows = [GOOD, {"query": "q"}, GOOD, 7]
+    path.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    assert problems(path) == [
+        f"{path}:8: field 'pos': missing",
+        f"{path}:17: expected a JSON object, got int",
+    ]
+
+
+def test_a_one_line_json_array_names_the_element(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps([GOOD, GOOD, {"query": "", "pos": ["p"]}]), encoding="utf-8")
+    assert problems(path) == [
+        f"{path}:1: field 'query': must not be empty or whitespace (array element 2)"
+    ]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_malformed_json_in_an_array_file_is_named_at_its_line(tmp_path: Path, end: str) -> None:
+    path = tmp_path / "train.json"
+    text = json.dumps([GOOD, GOOD], indent=1).replace("\n", end)
+    head, tail = text.rsplit('"q"', 1)
+    path.write_bytes(f'{head}"q" "x"{tail}'.encode())  # line 9: '  "query": "q" "x",'
+    assert problems(path) == [f"{path}:9: malformed JSON: Expecting ',' delimiter: column 16"]
+
+
+def test_a_json_array_file_with_bytes_that_are_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    text = json.dumps([GOOD, {"query": "caf\u00e9", "pos": ["p"]}], indent=1, ensure_ascii=False)
+    path.write_bytes(text.encode("utf-8").replace("é".encode(), b"\xe9"))
+    assert problems(path) == [f"{path}:9: not valid UTF-8 (byte 15)"]  # '  "query": "caf\xe9
+
+
+def test_an_empty_json_array_has_no_rows(tmp_path: Path) -> None:
+    path = tmp_path / "train.json"
+    path.write_text("[\n]\n", encoding="utf-8")
+    assert problems(path) == [f"{path}: no training rows found"]
+
+
+def test_a_jsonl_file_holding_an_array_of_rows_is_read_too(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps([GOOD, GOOD]) + "\n", encoding="utf-8")
+    assert len(load_training_data([path]).records) == 2
+
+
 # --- FlagEmbedding's own example files ------------------------------------------------------
 
 FLAG_TRAINING_FILES = sorted(FLAG_DIR.glob("*.jsonl"))
@@ -465,6 +526,18 @@ def test_flagembedding_evaluation_files_are_not_training_data() -> None:
     assert problems(query) == [f"{query}:{n}: field 'pos': missing" for n in (1, 2, 3)]
     assert problems(corpus) == [
         f"{corpus}:{n}: field '{name}': missing" for n in range(1, 6) for name in ("query", "pos")
+    ]
+
+
+@pytest.mark.parametrize("path", FLAG_TRAINING_FILES, ids=lambda p: p.stem)
+def test_flagembedding_files_saved_as_a_json_array_read_the_same(path: Path, tmp_path) -> None:
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    as_array = tmp_path / f"{path.stem}.json"
+    as_array.write_text(json.dumps(rows, indent=2, ensure_ascii=False), encoding="utf-8")
+    expected = load_training_data([path]).records
+    found = load_training_data([as_array]).records
+    assert [(r.query, r.pos, r.neg, r.pos_scores, r.neg_scores, r.prompt) for r in found] == [
+        (r.query, r.pos, r.neg, r.pos_scores, r.neg_scores, r.prompt) for r in expected
     ]
 
 

@@ -17,9 +17,12 @@ to 20 problems, so nothing is trained (or written) on half-valid data.
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+import re
 import unicodedata
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +107,38 @@ def _decode_line(path: Path, number: int, line: bytes, problems: ProblemCollecto
 
 
 def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed value) for each non-blank line; bad lines become problems."""
+    """Yield (line number, parsed value) for each row; bad lines become problems.
+
+    Rows are the file's non-blank lines (JSON lines) or, for a file holding one JSON array, its
+    elements, numbered by the line each starts on (see :func:`json_values`).
+    """
+    for number, _, value in json_values(path, problems):
+        yield number, value
+
+
+def json_values(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, int | None, object]]:
+    """Yield (line number, array element or None, parsed value) for each row of a file.
+
+    A file that is one JSON array (FlagEmbedding loads such ``.json`` files through
+    ``datasets``) yields its elements; the element index is given when another element starts
+    on the same line, so that a one-line array still names which row is wrong.
+    """
     raw = _read_raw(path, problems)
     if raw is None:
         return
+    if raw.removeprefix(UTF8_BOM).lstrip()[:1] == b"[":
+        elements = _array_elements(path, raw, problems)
+        if elements is not None:
+            yield from elements
+            return
+    for number, value in _line_values(path, raw, problems):
+        yield number, None, value
+
+
+def _line_values(
+    path: Path, raw: bytes, problems: ProblemCollector
+) -> Iterator[tuple[int, object]]:
+    """JSON lines: (line number, value) for each non-blank line."""
     # \r\n, \n and a lone \r (old Mac files) all end a line, as editors count lines; a JSON
     # row cannot hold a raw \r inside a string, so only whitespace between tokens could be one.
     for number, line in enumerate(raw.splitlines(), start=1):
@@ -129,6 +160,81 @@ def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, ob
             problems.add(str(path), number, None, "malformed JSON: nested too deeply")
             continue
         yield number, value
+
+
+LINE_END = re.compile(r"\r\n|\r|\n")
+JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _array_elements(
+    path: Path, raw: bytes, problems: ProblemCollector
+) -> list[tuple[int, int | None, object]] | None:
+    """The elements of a file that is one JSON array, or None when it is JSON lines after all.
+
+    A first line that parses on its own (``[1, 2]`` then more lines: "Extra data") means JSON
+    lines whose first row is an array, left to the line reader to name. Other errors are
+    reported at their line for a ``.json`` file, and left to the line reader otherwise; other
+    files are read as an array only when every element is an object (a row).
+    """
+    try:
+        text = raw.removeprefix(UTF8_BOM).decode("utf-8")
+    except UnicodeDecodeError:
+        # Name every line that is not UTF-8 (the line reader's check), nothing else: reading
+        # the rest line by line would report each line of a pretty-printed array as broken.
+        for number, line in enumerate(raw.splitlines(), start=1):
+            if not problems.full:
+                _decode_line(path, number, line, problems)
+        return []
+    starts = [0] + [m.end() for m in LINE_END.finditer(text)]
+    try:
+        found = _walk_array(text)
+    except ValueError as exc:
+        if getattr(exc, "msg", "") == "Extra data" or path.suffix != ".json":
+            return None
+        pos = getattr(exc, "pos", 0)
+        line = bisect.bisect_right(starts, pos)
+        column = pos - starts[line - 1] + 1
+        message = f"malformed JSON: {getattr(exc, 'msg', exc)}: column {column}"
+        problems.add(str(path), line, None, message)
+        return []
+    except RecursionError:
+        if path.suffix != ".json":
+            return None
+        problems.add(str(path), None, None, "malformed JSON: nested too deeply")
+        return []
+    if path.suffix != ".json" and not all(isinstance(value, dict) for _, value in found):
+        return None  # a .jsonl row that is an array: the line reader says it is not an object
+    lines = [bisect.bisect_right(starts, pos) for pos, _ in found]
+    shared = {n for n, count in Counter(lines).items() if count > 1}
+    out: list[tuple[int, int | None, object]] = []
+    for index, (line, (_, value)) in enumerate(zip(lines, found, strict=True)):
+        out.append((line, index if line in shared else None, value))
+    return out
+
+
+def _walk_array(text: str) -> list[tuple[int, object]]:
+    """(start position, value) of each element of the JSON array ``text``.
+
+    Raises json's own error (message and position) for anything that is not one array.
+    """
+    decoder = json.JSONDecoder()
+    found: list[tuple[int, object]] = []
+    try:
+        pos = JSON_SPACE.match(text, text.index("[") + 1).end()
+        if text[pos] != "]":
+            while True:
+                value, end = decoder.raw_decode(text, pos)
+                found.append((pos, value))
+                pos = JSON_SPACE.match(text, end).end()
+                if text[pos] != ",":
+                    break
+                pos = JSON_SPACE.match(text, pos + 1).end()
+        if text[pos] != "]" or text[pos + 1 :].strip(" \t\n\r"):
+            raise ValueError
+    except (ValueError, IndexError):
+        json.loads(text)  # raises the error with json's message and position
+        raise
+    return found
 
 
 # What a reader sees as nothing. By Unicode category rather than a hand list, so every
@@ -252,10 +358,11 @@ def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None)
     problems = problems or ProblemCollector()
     records: list[Record] = []
     for path in paths:
-        for number, row in json_lines(path, problems):
+        for number, element, row in json_values(path, problems):
             found = _row_problems(row)
             for name, reason in found:
-                problems.add(str(path), number, name, reason)
+                where = "" if element is None else f" (array element {element})"
+                problems.add(str(path), number, name, reason + where)
             if found:
                 continue
             assert isinstance(row, dict)
