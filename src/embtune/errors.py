@@ -15,11 +15,30 @@ class InputProblem:
     line: int | None
     field: str | None
     message: str
+    # "file:line" of the rejected row this problem follows from (a judgement whose query was
+    # rejected), None for a problem of its own.
+    follows: str | None = None
 
     def __str__(self) -> str:
         where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.reason()}"
+
+    def reason(self) -> str:
+        """The message with its field, without the place: ``field 'x': must be ...``."""
         what = f"field '{self.field}': " if self.field else ""
-        return f"{where}: {what}{self.message}"
+        return f"{what}{self.message}"
+
+    def to_json(self) -> dict[str, object]:
+        """One line of a rejected-rows report: file, line, field, reason (and follows)."""
+        out: dict[str, object] = {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "reason": self.message,
+        }
+        if self.follows:
+            out["follows"] = self.follows
+        return out
 
 
 def shorten(value: object, limit: int = 60) -> str:
@@ -63,18 +82,44 @@ class InputError(UsageError):
 
 
 class ProblemCollector:
-    """Gathers problems during a read pass so the user sees many at once, not one per run."""
+    """Gathers problems during a read pass so the user sees many at once, not one per run.
 
-    def __init__(self, limit: int = MAX_PROBLEMS) -> None:
+    With ``skip_bad_rows``, a problem confined to one row (reported through :meth:`reject`)
+    leaves that row out instead of refusing the input; every such problem is kept, without the
+    limit, in ``rejected`` for the report. Problems with a whole file (unreadable, empty, not
+    UTF-8 throughout, missing) still refuse.
+    """
+
+    def __init__(self, limit: int = MAX_PROBLEMS, skip_bad_rows: bool = False) -> None:
         self.problems: list[InputProblem] = []
         self.limit = limit
         self.truncated = False
+        self.skip_bad_rows = skip_bad_rows
+        self.rejected: list[InputProblem] = []
 
     def add(self, file: str, line: int | None, field: str | None, message: str) -> None:
+        """A problem that refuses the input (at most ``limit`` are kept)."""
         if len(self.problems) >= self.limit:
             self.truncated = True
             return
         self.problems.append(InputProblem(file, line, field, message))
+
+    def reject(
+        self,
+        file: str,
+        line: int | None,
+        field: str | None,
+        message: str,
+        follows: str | None = None,
+    ) -> None:
+        """A problem of one row: the row is left out with ``skip_bad_rows``, else as :meth:`add`.
+
+        ``follows`` names the rejected row ("file:line") this problem is a consequence of.
+        """
+        if self.skip_bad_rows:
+            self.rejected.append(InputProblem(file, line, field, message, follows))
+        else:
+            self.add(file, line, field, message)
 
     @property
     def full(self) -> bool:

@@ -23,11 +23,12 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embtune.errors import InputError, ProblemCollector, shorten
+from embtune.atomic import atomic_write
+from embtune.errors import InputError, InputProblem, ProblemCollector, shorten
 from embtune.text_files import foreign_encoding
 
 TRAIN_SUFFIXES = (".json", ".jsonl")
@@ -56,6 +57,10 @@ class BeirDataset:
     corpus: dict[str, str]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: relevance}
+    # With skip_bad_rows: every problem of a row left out (query, document or judgement).
+    rejected: list[InputProblem] = field(default_factory=list)
+    # Bad queries.jsonl rows whose ids this split does not use: neither read nor refused.
+    ignored_bad_rows: int = 0
 
     def split_queries(self) -> dict[str, str]:
         """The queries that have judgements in this split, in qrels order."""
@@ -89,20 +94,25 @@ def _read_raw(path: Path, problems: ProblemCollector) -> bytes | None:
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def _decode_line(path: Path, number: int, line: bytes, problems: ProblemCollector) -> str | None:
-    """One line as text, or None after recording why it is not UTF-8."""
+def _decode_line(
+    path: Path, number: int, line: bytes, problems: ProblemCollector, whole_file: bool = False
+) -> str | None:
+    """One line as text, or None after recording why it is not UTF-8.
+
+    The problem is the line's own (left out with skip_bad_rows) unless ``whole_file``: a bad
+    line inside a JSON array spoils the whole array.
+    """
+    report = problems.add if whole_file else problems.reject
     if line.startswith(UTF8_BOM):
         if number == 1:
             line = line[3:]  # a UTF-8 byte-order mark is harmless at the start; accept it
         else:
-            problems.add(
-                str(path), number, None, "byte-order mark inside the file (files concatenated?)"
-            )
+            report(str(path), number, None, "byte-order mark inside the file (files concatenated?)")
             return None
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as exc:
-        problems.add(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
+        report(str(path), number, None, f"not valid UTF-8 (byte {exc.start})")
         return None
 
 
@@ -154,10 +164,10 @@ def _line_values(
             # NaN/Infinity parse as floats so the field check can name the field they are in.
             value = json.loads(text)
         except ValueError as exc:
-            problems.add(str(path), number, None, f"malformed JSON: {exc}")
+            problems.reject(str(path), number, None, f"malformed JSON: {exc}")
             continue
         except RecursionError:
-            problems.add(str(path), number, None, "malformed JSON: nested too deeply")
+            problems.reject(str(path), number, None, "malformed JSON: nested too deeply")
             continue
         yield number, value
 
@@ -179,11 +189,13 @@ def _array_elements(
     try:
         text = raw.removeprefix(UTF8_BOM).decode("utf-8")
     except UnicodeDecodeError:
+        if path.suffix != ".json":
+            return None
         # Name every line that is not UTF-8 (the line reader's check), nothing else: reading
         # the rest line by line would report each line of a pretty-printed array as broken.
         for number, line in enumerate(raw.splitlines(), start=1):
             if not problems.full:
-                _decode_line(path, number, line, problems)
+                _decode_line(path, number, line, problems, whole_file=True)
         return []
     starts = [0] + [m.end() for m in LINE_END.finditer(text)]
     try:
@@ -352,17 +364,40 @@ def _floats(scores: list[int | float] | None) -> list[float] | None:
     return None if scores is None else [float(s) for s in scores]
 
 
-def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None) -> list[Record]:
-    """Read FlagEmbedding jsonl files into validated records (raises InputError on problems)."""
+class RecordList(list[Record]):
+    """The records a reader returns, plus the problems of the rows it left out."""
+
+    def __init__(
+        self, records: Iterable[Record] = (), rejected: Iterable[InputProblem] = ()
+    ) -> None:
+        super().__init__(records)
+        self.rejected: list[InputProblem] = list(rejected)
+
+
+def read_flag_jsonl(
+    paths: list[Path],
+    problems: ProblemCollector | None = None,
+    *,
+    skip_bad_rows: bool = False,
+) -> RecordList:
+    """Read FlagEmbedding jsonl files into validated records (raises InputError on problems).
+
+    With ``skip_bad_rows`` (or a ``problems`` collector made with it, whose setting then
+    decides), a bad row is left out and its problems are listed in the result's ``rejected``;
+    a file that cannot be read at all still refuses.
+    """
+    if problems is not None and skip_bad_rows and not problems.skip_bad_rows:
+        raise ValueError("skip_bad_rows=True with a collector made without it")
     own = problems is None
-    problems = problems or ProblemCollector()
+    problems = problems or ProblemCollector(skip_bad_rows=skip_bad_rows)
+    already_rejected = len(problems.rejected)
     records: list[Record] = []
     for path in paths:
         for number, element, row in json_values(path, problems):
             found = _row_problems(row)
             for name, reason in found:
                 where = "" if element is None else f" (array element {element})"
-                problems.add(str(path), number, name, reason + where)
+                problems.reject(str(path), number, name, reason + where)
             if found:
                 continue
             assert isinstance(row, dict)
@@ -379,71 +414,94 @@ def read_flag_jsonl(paths: list[Path], problems: ProblemCollector | None = None)
             )
     if own:
         problems.raise_if_any()
-    return records
+    return RecordList(records, problems.rejected[already_rejected:])
+
+
+@dataclass
+class _IdTexts:
+    """A BEIR corpus or queries file as read: texts by id and what was refused."""
+
+    texts: dict[str, str] = field(default_factory=dict)
+    lines: dict[str, int] = field(default_factory=dict)  # id -> line of the row kept
+    refused: dict[str, InputProblem] = field(default_factory=dict)  # id -> its bad row's problem
+    ignored: int = 0  # bad rows whose ids the split does not use
+
+
+def _row_id(row: object) -> tuple[str | None, tuple[str | None, str] | None]:
+    """(the row's id, None) or (None, (field, reason)) when the row has no usable id."""
+    if not isinstance(row, dict):
+        return None, (None, f"expected a JSON object, got {type(row).__name__}")
+    doc_id = row.get("_id")
+    if doc_id is None:
+        return None, ("_id", "missing")
+    if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+        return None, ("_id", f"must be a string, got {type(doc_id).__name__}")
+    doc_id = str(doc_id)
+    reason = "must not be empty or whitespace" if not doc_id.strip() else None
+    if reason := reason or _surrogate_problem(doc_id):
+        return None, ("_id", reason)
+    return doc_id, None
+
+
+def _row_text(row: dict, with_title: bool) -> tuple[str, tuple[str, str] | None]:
+    """(the row's text, None) or ("", (field, reason)) when it has no usable text."""
+    body = row.get("text")
+    title = row.get("title", "") if with_title else ""
+    if body is None:
+        return "", ("text", "missing")
+    if not isinstance(body, str):
+        return "", ("text", f"must be a string, got {type(body).__name__}")
+    if title is None:
+        title = ""
+    if not isinstance(title, str):
+        return "", ("title", f"must be a string, got {type(title).__name__}")
+    # BEIR's convention (and the MTEB figures we reproduce): title + " " + text.
+    text = f"{title} {body}".strip() if title else body.strip()
+    if reason := blank_problem(text):
+        return "", ("text", reason)
+    if reason := _surrogate_problem(text):
+        return "", ("title" if _surrogate_problem(title) else "text", reason)
+    return text, None
 
 
 def _read_id_texts(
-    path: Path, problems: ProblemCollector, with_title: bool
-) -> tuple[dict[str, str], dict[str, int]]:
-    """Read a BEIR corpus or queries file: {id: text} and {id: line number}."""
-    texts: dict[str, str] = {}
-    lines: dict[str, int] = {}
+    path: Path, problems: ProblemCollector, with_title: bool, used: set[str] | None = None
+) -> _IdTexts:
+    """Read a BEIR corpus or queries file.
+
+    With ``used``, a bad row whose id is not in it is only counted (``ignored``): a split need
+    not refuse over queries it never asks. Rows without a usable id are always problems, as
+    nothing tells whether they are used.
+    """
+    out = _IdTexts()
     if not path.is_file():
         problems.add(str(path), None, None, "file does not exist")
-        return texts, lines
+        return out
     for number, row in json_lines(path, problems):
-        if not isinstance(row, dict):
-            problems.add(
-                str(path), number, None, f"expected a JSON object, got {type(row).__name__}"
-            )
-            continue
-        doc_id = row.get("_id")
+        doc_id, problem = _row_id(row)
         if doc_id is None:
-            problems.add(str(path), number, "_id", "missing")
+            assert problem is not None
+            problems.reject(str(path), number, *problem)
             continue
-        if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
-            problems.add(str(path), number, "_id", f"must be a string, got {type(doc_id).__name__}")
+        assert isinstance(row, dict)
+        if doc_id in out.lines:
+            first = out.lines[doc_id]
+            problem = ("_id", f"duplicate id {shorten(doc_id)} (first on line {first})")
+            text = ""
+        else:
+            text, problem = _row_text(row, with_title)
+        if problem is None:
+            out.texts[doc_id] = text
+            out.lines[doc_id] = number
+            out.refused.pop(doc_id, None)  # a good row after a bad one with the same id
             continue
-        doc_id = str(doc_id)
-        reason = "must not be empty or whitespace" if not doc_id.strip() else None
-        if reason := reason or _surrogate_problem(doc_id):
-            problems.add(str(path), number, "_id", reason)
+        if used is not None and doc_id not in used:
+            out.ignored += 1
             continue
-        if doc_id in lines:
-            problems.add(
-                str(path),
-                number,
-                "_id",
-                f"duplicate id {shorten(doc_id)} (first on line {lines[doc_id]})",
-            )
-            continue
-        body = row.get("text")
-        title = row.get("title", "") if with_title else ""
-        if body is None:
-            problems.add(str(path), number, "text", "missing")
-            continue
-        if not isinstance(body, str):
-            problems.add(str(path), number, "text", f"must be a string, got {type(body).__name__}")
-            continue
-        if title is None:
-            title = ""
-        if not isinstance(title, str):
-            problems.add(
-                str(path), number, "title", f"must be a string, got {type(title).__name__}"
-            )
-            continue
-        # BEIR's convention (and the MTEB figures we reproduce): title + " " + text.
-        text = f"{title} {body}".strip() if title else body.strip()
-        if reason := blank_problem(text):
-            problems.add(str(path), number, "text", reason)
-            continue
-        if reason := _surrogate_problem(text):
-            where = "title" if _surrogate_problem(title) else "text"
-            problems.add(str(path), number, where, reason)
-            continue
-        texts[doc_id] = text
-        lines[doc_id] = number
-    return texts, lines
+        problems.reject(str(path), number, *problem)
+        if doc_id not in out.lines:
+            out.refused.setdefault(doc_id, InputProblem(str(path), number, *problem))
+    return out
 
 
 def relevance_grade(score: str) -> int | None:
@@ -479,30 +537,34 @@ def _grade_problem(score: str) -> str:
     return reason
 
 
-def _read_qrels(
-    path: Path,
-    corpus: dict[str, str],
-    queries: dict[str, str],
-    problems: ProblemCollector,
-) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
+@dataclass
+class _Judgement:
+    """One qrels line, parsed; ``problem`` (field, reason) when it cannot be used."""
+
+    line: int
+    qid: str = ""
+    did: str = ""
+    relevance: int = 0
+    problem: tuple[str | None, str] | None = None
+
+
+def _parse_qrels(path: Path, problems: ProblemCollector) -> list[_Judgement]:
+    """Every line of a qrels file as a judgement (its problems reported by the caller, in
+    line order with the id checks); problems with the whole file are reported here."""
     if not path.is_file():
         available = (
             sorted(p.stem for p in path.parent.glob("*.tsv")) if path.parent.is_dir() else []
         )
         hint = f" (available splits: {', '.join(available)})" if available else ""
         problems.add(str(path), None, None, f"qrels file does not exist{hint}")
-        return qrels
+        return []
     raw = _read_raw(path, problems)
     if raw is None:
-        return qrels
-    first_seen: dict[tuple[str, str], tuple[int, int]] = {}  # (qid, did) -> (line, relevance)
+        return []
+    judgements: list[_Judgement] = []
     for number, raw_line in enumerate(raw.splitlines(), start=1):
         if not raw_line.strip():
             continue
-        if problems.full:
-            problems.truncated = True
-            break
         line = _decode_line(path, number, raw_line, problems)
         if line is None:
             continue
@@ -510,61 +572,129 @@ def _read_qrels(
         if number == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
             continue  # header
         if len(parts) not in (3, 4):
-            problems.add(str(path), number, None, "expected 'query-id<TAB>corpus-id<TAB>score'")
+            shape = (None, "expected 'query-id<TAB>corpus-id<TAB>score'")
+            judgements.append(_Judgement(number, problem=shape))
             continue
         qid, did, score = parts[0].strip(), parts[-2].strip(), parts[-1].strip()
         relevance = relevance_grade(score)
-        if relevance is None:
-            problems.add(str(path), number, "score", _grade_problem(score))
+        grade = None if relevance is not None else ("score", _grade_problem(score))
+        judgements.append(_Judgement(number, qid, did, relevance or 0, grade))
+    return judgements
+
+
+# Returned for a judgement whose query or document row was refused: without skip_bad_rows
+# that row's own problem refuses the input, and repeating it per judgement would only crowd
+# the 20 lines shown.
+COVERED: tuple[str | None, str, str | None] = ("", "", None)
+
+
+def _judgement_problem(
+    j: _Judgement, corpus: _IdTexts, queries: _IdTexts, skip_bad_rows: bool
+) -> tuple[str | None, str, str | None] | None:
+    """Why a parsed judgement cannot be used, as (field, reason, the rejected row it follows
+    from or None); None when it can be used."""
+    if j.problem:
+        return (*j.problem, None)
+    checks = (
+        ("query-id", "query", "query", j.qid, queries, "queries.jsonl"),
+        ("corpus-id", "corpus", "document", j.did, corpus, "corpus.jsonl"),
+    )
+    for field_name, kind, row_kind, key, ids, file in checks:
+        if key in ids.texts:
             continue
-        if qid not in queries:
-            problems.add(
-                str(path),
-                number,
-                "query-id",
-                f"unknown query id {shorten(qid)} (not in queries.jsonl)",
+        if key in ids.refused:
+            if not skip_bad_rows:
+                return COVERED
+            # The report says why this judgement went too, rather than "unknown id".
+            row = ids.refused[key]
+            where = f"{Path(row.file).name}:{row.line}"
+            return (
+                field_name,
+                f"{row_kind} rejected at {where}: {row.reason()}",
+                f"{row.file}:{row.line}",
             )
+        return field_name, f"unknown {kind} id {shorten(key)} (not in {file})", None
+    return None
+
+
+def _resolve_qrels(
+    path: Path,
+    judgements: list[_Judgement],
+    corpus: _IdTexts,
+    queries: _IdTexts,
+    problems: ProblemCollector,
+) -> dict[str, dict[str, int]]:
+    """The usable judgements by query; the others reported at their lines."""
+    qrels: dict[str, dict[str, int]] = {}
+    first_seen: dict[tuple[str, str], tuple[int, int]] = {}  # (qid, did) -> (line, relevance)
+    for j in judgements:
+        if problems.full and not problems.skip_bad_rows:
+            problems.truncated = True
+            break
+        problem = _judgement_problem(j, corpus, queries, problems.skip_bad_rows)
+        if problem is COVERED:
             continue
-        if did not in corpus:
-            problems.add(
-                str(path),
-                number,
-                "corpus-id",
-                f"unknown corpus id {shorten(did)} (not in corpus.jsonl)",
-            )
+        if problem:
+            problems.reject(str(path), j.line, *problem)
             continue
         # A repeated judgement is harmless when it agrees; when it does not, which one is meant?
-        first_line, first_relevance = first_seen.setdefault((qid, did), (number, relevance))
-        if first_relevance != relevance:
-            problems.add(
+        first_line, first_relevance = first_seen.setdefault((j.qid, j.did), (j.line, j.relevance))
+        if first_relevance != j.relevance:
+            problems.reject(
                 str(path),
-                number,
+                j.line,
                 "score",
-                f"{relevance} contradicts the judgement of the same pair on line {first_line} "
+                f"{j.relevance} contradicts the judgement of the same pair on line {first_line} "
                 f"({first_relevance})",
             )
             continue
-        qrels.setdefault(qid, {})[did] = relevance
+        qrels.setdefault(j.qid, {})[j.did] = j.relevance
     return qrels
 
 
-def load_beir(folder: Path, split: str, problems: ProblemCollector | None = None) -> BeirDataset:
-    """Read a BEIR folder (corpus, queries, qrels of one split), validated."""
+def load_beir(
+    folder: Path,
+    split: str,
+    problems: ProblemCollector | None = None,
+    *,
+    skip_bad_rows: bool = False,
+) -> BeirDataset:
+    """Read a BEIR folder (corpus, queries, qrels of one split), validated.
+
+    Only the queries the split's qrels name are checked: a bad query row of another split is
+    counted in ``ignored_bad_rows``, never refused. With ``skip_bad_rows`` (or a ``problems``
+    collector made with it, whose setting then decides), bad rows and the judgements that
+    depend on them are left out and listed in ``rejected`` instead of refusing.
+    """
+    if problems is not None and skip_bad_rows and not problems.skip_bad_rows:
+        raise ValueError("skip_bad_rows=True with a collector made without it")
     own = problems is None
-    problems = problems or ProblemCollector()
+    problems = problems or ProblemCollector(skip_bad_rows=skip_bad_rows)
+    already_rejected = len(problems.rejected)
     folder = Path(folder)
     if not folder.is_dir():
         reason = "is not a folder (BEIR layout expected)" if folder.exists() else None
         problems.add(str(folder), None, None, reason or "data folder does not exist")
         problems.raise_if_any()
-    corpus, _ = _read_id_texts(folder / "corpus.jsonl", problems, with_title=True)
-    queries, _ = _read_id_texts(folder / "queries.jsonl", problems, with_title=False)
-    qrels = _read_qrels(folder / "qrels" / f"{split}.tsv", corpus, queries, problems)
+    qrels_path = folder / "qrels" / f"{split}.tsv"
+    judgements = _parse_qrels(qrels_path, problems)
+    corpus = _read_id_texts(folder / "corpus.jsonl", problems, with_title=True)
+    used = {j.qid for j in judgements if j.qid}
+    queries = _read_id_texts(folder / "queries.jsonl", problems, with_title=False, used=used)
+    qrels = _resolve_qrels(qrels_path, judgements, corpus, queries, problems)
     if not problems.problems and not qrels:
-        problems.add(str(folder / "qrels" / f"{split}.tsv"), None, None, "has no judgements")
+        dropped = sum(1 for p in problems.rejected[already_rejected:] if p.file == str(qrels_path))
+        left = f" left ({dropped} lines rejected)" if dropped else ""
+        problems.add(str(qrels_path), None, None, f"has no judgements{left}")
     if own:
         problems.raise_if_any()
-    return BeirDataset(corpus=corpus, queries=queries, qrels=qrels)
+    return BeirDataset(
+        corpus=corpus.texts,
+        queries=queries.texts,
+        qrels=qrels,
+        rejected=problems.rejected[already_rejected:],
+        ignored_bad_rows=queries.ignored,
+    )
 
 
 def beir_training_records(data: BeirDataset, folder: Path, split: str) -> list[Record]:
@@ -604,13 +734,26 @@ class TrainingData:
 
     records: list[Record]
     corpus: dict[str, str] = field(default_factory=dict)  # doc id -> text
+    # With skip_bad_rows: every problem of a row left out, in reading order (write them with
+    # write_rejected_rows; rejected_row_count says how many rows they are).
+    rejected: list[InputProblem] = field(default_factory=list)
+    # Bad BEIR query rows whose ids the split does not use: neither read nor refused.
+    ignored_bad_rows: int = 0
 
 
-def load_training_data(paths: list[Path | str], split: str = "train") -> TrainingData:
-    """Read every --train-data entry (files, jsonl folders, BEIR folders), all validated first."""
-    problems = ProblemCollector()
+def load_training_data(
+    paths: list[Path | str], split: str = "train", *, skip_bad_rows: bool = False
+) -> TrainingData:
+    """Read every --train-data entry (files, jsonl folders, BEIR folders), all validated first.
+
+    By default any bad row refuses the whole input (InputError, up to 20 problems). With
+    ``skip_bad_rows`` bad rows are left out and listed in ``rejected``; problems with a whole
+    file (missing, unreadable, empty, UTF-16) and finding no row at all still refuse.
+    """
+    problems = ProblemCollector(skip_bad_rows=skip_bad_rows)
     records: list[Record] = []
     corpus: dict[str, str] = {}
+    ignored = 0
     if not paths:
         problems.add("--train-data", None, None, "no training data given")
     for entry in map(Path, paths):
@@ -620,6 +763,7 @@ def load_training_data(paths: list[Path | str], split: str = "train") -> Trainin
             beir = load_beir(entry, split, problems)
             records.extend(beir_training_records(beir, entry, split))
             corpus.update(beir.corpus)
+            ignored += beir.ignored_bad_rows
         else:
             files = training_files(entry)
             if not files:
@@ -631,9 +775,31 @@ def load_training_data(paths: list[Path | str], split: str = "train") -> Trainin
                 )
             records.extend(read_flag_jsonl(files, problems))
     if not problems.problems and not records:
-        problems.add(", ".join(map(str, paths)), None, None, "no training rows found")
+        left_out = f" ({rejected_row_count(problems.rejected)} bad rows left out)"
+        problems.add(
+            ", ".join(map(str, paths)),
+            None,
+            None,
+            "no training rows found" + (left_out if problems.rejected else ""),
+        )
     problems.raise_if_any()
-    return TrainingData(records=records, corpus=corpus)
+    return TrainingData(records, corpus, problems.rejected, ignored)
+
+
+def rejected_row_count(rejected: list[InputProblem]) -> int:
+    """How many rows were left out for problems of their own (a row can have several).
+
+    Judgements dropped only because their query or document was rejected (``follows``) are
+    listed in the report but not counted again.
+    """
+    return len({(p.file, p.line) for p in rejected if p.follows is None})
+
+
+def write_rejected_rows(path: str | Path, rejected: list[InputProblem]) -> None:
+    """Write the left-out rows' problems as jsonl, atomically: one ``{"file", "line", "field",
+    "reason"}`` object per problem, in reading order (an empty file when there are none)."""
+    text = "".join(json.dumps(p.to_json(), ensure_ascii=False) + "\n" for p in rejected)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 __all__ = [
@@ -647,4 +813,6 @@ __all__ = [
     "load_beir",
     "load_training_data",
     "read_flag_jsonl",
+    "rejected_row_count",
+    "write_rejected_rows",
 ]
