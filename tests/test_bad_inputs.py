@@ -190,15 +190,32 @@ def tokenizer(tiny_model: Path):
 
 
 def _read_or_refuse(paths: list[Path], tokenizer) -> None:
-    """Read training data: a UsageError naming a file is fine, anything else is a bug."""
+    """Read training data: a UsageError naming a file is fine, anything else is a bug.
+
+    The same holds with skip_bad_rows, which must agree with the default on accepted input.
+    """
+    skipping = _read_skipping(paths)
     try:
         data = load_training_data(paths)
     except UsageError as exc:
         assert all(line.startswith(tuple(map(str, paths))) for line in exc.lines()), exc.lines()
         return
+    assert skipping is not None and not skipping.rejected
+    assert [r.source for r in skipping.records] == [r.source for r in data.records]
     # Accepted input must also survive what follows reading: building rows and tokenizing.
     texts = build_rows(data.records, "", "", list(data.corpus.values()))
     tokenizer(list(texts.queries.texts) + list(texts.passages.texts), truncation=True)
+
+
+def _read_skipping(paths: list[Path]):
+    """load_training_data(skip_bad_rows=True), or None when it refuses (naming a file)."""
+    try:
+        data = load_training_data(paths, skip_bad_rows=True)
+    except UsageError as exc:
+        assert all(line.startswith(tuple(map(str, paths))) for line in exc.lines()), exc.lines()
+        return None
+    assert all(p.file.startswith(tuple(map(str, paths))) for p in data.rejected)
+    return data
 
 
 @FUZZ
