@@ -5,14 +5,18 @@ Two layouts are understood:
 * FlagEmbedding jsonl, unchanged: one JSON object per line with ``query`` (str), ``pos``
   (list of str), optional ``neg`` (list of str), ``pos_scores`` / ``neg_scores`` (numbers, same
   lengths as ``pos`` / ``neg``) and ``prompt`` (str, this row's query instruction). Other keys
-  (FlagEmbedding's ``type``, for example) are ignored.
+  (FlagEmbedding's ``type``, for example) are ignored. A ``.json`` file may instead hold one
+  JSON array of such objects. ``\n``, ``\r\n`` and ``\r`` all end a line.
 * BEIR: a folder with ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl``
-  (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id  corpus-id  score`` with a header).
-  For training, each query with a relevant document becomes one row whose ``pos`` are those
-  documents (text = title + " " + text) and whose ``neg`` is empty.
+  (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id  corpus-id  score`` with a header,
+  integer grades). For training, each query with a relevant document becomes one row whose
+  ``pos`` are those documents (text = title + " " + text) and whose ``neg`` is empty. Only the
+  queries the split's qrels name are validated.
 
 Every reader validates the whole input before returning and raises :class:`InputError` with up
-to 20 problems, so nothing is trained (or written) on half-valid data.
+to 20 problems, so nothing is trained (or written) on half-valid data. With
+``skip_bad_rows=True`` a bad row is left out instead and listed in the result's ``rejected``
+(:func:`write_rejected_rows` writes them); problems with a whole file still refuse.
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 Rows refer to texts by integer id, so a passage that is a negative for 50 queries is stored
 and tokenized once, and the training loop never calls the tokenizer. The token table is cached
 under a key made of the tokenizer's full definition, the max length and the texts themselves,
-so a second run on the same data skips tokenizing and any change invalidates the cache.
+so a second run on the same data skips tokenizing and any change invalidates the cache; a
+loaded table is checked against the store and tokenizer (:func:`cache_problem`) and rebuilt when
+it does not fit. Very long texts are tokenized from a prefix that gives the same ids
+(:func:`tokenize_long_text`). :func:`usable_cache_dir` checks the cache folder before any work.
 """
 
 from __future__ import annotations
