@@ -163,6 +163,14 @@ def test_two_keys_for_one_option_are_refused_at_the_second(
     )
 
 
+def test_skip_bad_rows_is_off_unless_asked_for(tmp_path: Path) -> None:
+    assert resolve(*REQUIRED).skip_bad_rows is False
+    assert resolve(*REQUIRED, "--skip-bad-rows").skip_bad_rows is True
+    path = yaml_file(tmp_path, "skip_bad_rows: true\n")
+    assert resolve("--config", str(path), *REQUIRED).skip_bad_rows is True
+    assert resolve("--config", str(path), *REQUIRED, "--no-skip-bad-rows").skip_bad_rows is False
+
+
 def test_an_empty_yaml_file_changes_nothing(tmp_path: Path) -> None:
     path = yaml_file(tmp_path, "# nothing yet\n")
     assert resolve("--config", str(path), *REQUIRED).batch_size == 16

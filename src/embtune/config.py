@@ -60,6 +60,11 @@ class TrainConfig:
         resume_may_change=True,
     )
     train_split: str = option("train", help="qrels split used when --train-data is a BEIR folder")
+    skip_bad_rows: bool = option(
+        False,
+        help="rows that fail validation are left out, counted, and listed in "
+        "OUTPUT_DIR/rejected_rows.jsonl instead of refusing the whole input",
+    )
     output_dir: str = option(
         "",
         help="folder for the fine-tuned model, logs and checkpoints",
