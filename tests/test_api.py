@@ -142,6 +142,25 @@ def test_bad_train_options_raise_the_commands_message(
     assert not (tmp_path / "o").exists()
 
 
+def test_evaluate_and_mine_skip_bad_rows_when_asked(
+    tiny_model: Path, beir: Path, tmp_path: Path
+) -> None:
+    with (beir / "queries.jsonl").open("a") as f:
+        f.write('{"_id": "q9", "text": ""}\n')
+    with (beir / "qrels" / "test.tsv").open("a") as f:
+        f.write("q9\td1\t1\n")
+    with pytest.raises(UsageError, match="queries.jsonl"):
+        api.evaluate(tiny_model, beir, device="cpu", show_progress=False)
+    with single_thread():
+        metrics = api.evaluate(tiny_model, beir, device="cpu", skip_bad_rows=True)
+        assert (metrics.rejected_rows, metrics.rejected_report, metrics.queries) == (1, None, 3)
+        out = tmp_path / "mined.jsonl"
+        result = api.mine(tiny_model, beir, out, split="test", range=(1, 4), skip_bad_rows=True)
+    assert result.rejected_report == tmp_path / "mined.rejected_rows.jsonl"
+    assert len(result.rows) == 3 and len(result.rejected) == 2  # the query and its judgement
+    assert "bad input rows left out" in result.text
+
+
 def test_bad_evaluate_options_raise_the_commands_message(
     tiny_model: Path, beir: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -173,6 +173,38 @@ def test_a_full_disk_when_writing_the_json_stops_with_status_3(
     assert list(out.parent.iterdir()) == []  # no file, no temporary file
 
 
+def test_skip_bad_rows_evaluates_the_good_rows_and_lists_the_bad_ones(
+    tiny_model, beir, tmp_path, capsys
+) -> None:
+    with (beir / "corpus.jsonl").open("a") as f:
+        f.write('{"_id": "d7", "text": }\n')
+    base = ["--model", str(tiny_model), "--data", str(beir)]
+    assert run_eval(*base) == 2  # refused by default
+    capsys.readouterr()
+    out = tmp_path / "results" / "eval.json"
+    report = tmp_path / "results" / "eval.rejected_rows.jsonl"
+    assert run_eval(*base, "--json", str(out), "--skip-bad-rows") == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert (
+        printed[-1]
+        == f"embtune eval: 1 bad rows of --data left out (--skip-bad-rows), listed in {report}"
+    )
+    assert json.loads(out.read_text())["rejected_rows"] == 1
+    [listed] = [json.loads(line) for line in report.read_text().splitlines()]
+    assert (Path(listed["file"]).name, listed["line"]) == ("corpus.jsonl", 7)
+    assert "malformed JSON" in listed["reason"]
+    # Without --json there is no file to put the list beside: the first problem is shown.
+    assert run_eval(*base, "--skip-bad-rows") == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith(
+        "embtune eval: 1 bad rows of --data left out (--skip-bad-rows), the first: "
+    )
+    assert "corpus.jsonl:7" in last and last.endswith("; add --json FILE to list them all")
+    # Without the option the record has no such key.
+    assert run_eval(*base[:3], str(write_beir(tmp_path / "clean")), "--json", str(out)) == 0
+    assert "rejected_rows" not in json.loads(out.read_text())
+
+
 def test_bad_split_names_the_file(tiny_model, beir, capsys) -> None:
     rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--split", "dev")
     assert rc == 2

@@ -551,3 +551,53 @@ def test_cli_a_full_disk_while_writing_stops_with_status_3_and_no_partial_file(
         "done but not saved: free some space (or choose another -o) and run the command again"
     ]
     assert list(out.parent.iterdir()) == []  # neither the file nor its temporary file
+
+
+def test_cli_skip_bad_rows_mines_the_good_rows_and_lists_the_bad_ones(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "train.jsonl"
+    good = [
+        {"query": f"question {i}", "pos": [f"answer {i}"], "neg": [f"other {i}"]} for i in range(3)
+    ]
+    lines = [json.dumps(good[0]), '{"query": "no positive", "pos": []}', json.dumps(good[1])]
+    src.write_text("\n".join([*lines, "{not json", json.dumps(good[2])]) + "\n")
+    out = tmp_path / "mined.jsonl"
+    report = tmp_path / "mined.rejected_rows.jsonl"
+    argv = ["mine", "--model", str(tiny_model), "--data", str(src), "--range", "1:6"]
+    assert main([*argv, "--negatives", "2", "-o", str(out)]) == 2  # refused by default
+    assert f"{src}:2: field 'pos'" in capsys.readouterr().err
+    assert not out.exists() and not report.exists()
+
+    assert main([*argv, "--negatives", "2", "-o", str(out), "--skip-bad-rows"]) == 0
+    shown = capsys.readouterr().out
+    assert [r.query for r in read_flag_jsonl([out])] == ["question 0", "question 1", "question 2"]
+    listed = [json.loads(line) for line in report.read_text().splitlines()]
+    assert [(r["file"], r["line"]) for r in listed] == [(str(src), 2), (str(src), 4)]
+    assert listed[0]["field"] == "pos"
+    [line] = [line for line in shown.splitlines() if line.startswith("bad input rows left out")]
+    assert line.endswith(f"  2 (listed in {report})"), line
+
+    # The report is an output too: an earlier one is replaced only with --overwrite.
+    out.unlink()
+    assert main([*argv, "-o", str(out), "--skip-bad-rows"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"embtune mine: error: --output: {report} exists; pass --overwrite to replace it"
+    ]
+    assert not out.exists()
+
+
+def test_skip_bad_rows_of_a_beir_folder(tmp_path: Path) -> None:
+    beir = write_beir(tmp_path / "beir")
+    with (beir / "queries.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "q4", "text": "  "}) + "\n")
+    with (beir / "qrels" / "train.tsv").open("a") as f:
+        f.write("q4\td3\t1\n")
+    with pytest.raises(InputError):
+        load_mining_input(beir, "train")
+    data = load_mining_input(beir, "train", skip_bad_rows=True)
+    assert data.query_ids == ["q1", "q2"]
+    assert [(Path(p.file).name, p.line) for p in data.rejected] == [
+        ("queries.jsonl", 4),
+        ("train.tsv", 6),  # the judgement of the rejected query goes with it
+    ]

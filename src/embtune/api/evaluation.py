@@ -15,6 +15,8 @@ from embtune.api.options import (
     optional_int,
     output_file,
     precision,
+    rejected_rows_file,
+    save_json,
     save_result,
 )
 from embtune.choices import POOLING_MODES
@@ -23,6 +25,8 @@ from embtune.errors import UsageError
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
     import torch
 
+    from embtune.data.formats import BeirDataset
+    from embtune.errors import InputProblem
     from embtune.models.encoder import EncoderSettings
 
 
@@ -45,12 +49,26 @@ class Metrics(dict):
         corpus_size: int = 0,
         seconds: float = 0.0,
         settings: EncoderSettings | None = None,
+        rejected: list[InputProblem] | None = None,
+        rejected_report: Path | None = None,
     ) -> None:
         # Every argument has a default so that copy and pickle, which call cls(), work.
         super().__init__(metrics or {})
         self.model, self.data, self.split = model, data, split
         self.queries, self.corpus_size = queries, corpus_size
         self.seconds, self.settings = seconds, settings
+        # skip_bad_rows: the problems of the data rows left out (None: not skipping), and the
+        # file listing them (beside the --json file; None without one).
+        self.rejected, self.rejected_report = rejected, rejected_report
+
+    @property
+    def rejected_rows(self) -> int | None:
+        """How many rows of the data were left out by skip_bad_rows (None: not skipping)."""
+        if self.rejected is None:
+            return None
+        from embtune.data.formats import rejected_row_count
+
+        return rejected_row_count(self.rejected)
 
     def summary(self) -> str:
         """One line: model, data, counts, the encoder settings and the time taken."""
@@ -80,6 +98,7 @@ class Metrics(dict):
             "corpus_size": self.corpus_size,
             "seconds": round(self.seconds, 3),
             "settings": dataclasses.asdict(self.settings) if self.settings else None,
+            **({} if self.rejected is None else {"rejected_rows": self.rejected_rows}),
         }
 
 
@@ -95,6 +114,33 @@ def _device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: {name} requested but CUDA is not available here")
     return device
+
+
+def _load_data(
+    data: Path, split: str, limit_queries: int | None, skip_bad_rows: bool
+) -> BeirDataset:
+    """The split, validated (bad rows left out with ``skip_bad_rows``), its first
+    ``limit_queries`` judged queries only when given (the corpus stays whole)."""
+    from embtune.data.formats import load_beir
+
+    dataset = load_beir(data, split, skip_bad_rows=skip_bad_rows)
+    if limit_queries:
+        qrels = dict(list(dataset.qrels.items())[:limit_queries])
+        dataset = dataclasses.replace(dataset, qrels=qrels)
+    return dataset
+
+
+def _save(metrics: Metrics, json_path: Path | None, report: Path | None) -> None:
+    """Write the report of the rows left out (first: it is small), then the metrics."""
+    from embtune.data.formats import write_rejected_rows
+
+    if report is not None:
+        rejected = metrics.rejected or []
+        save_result(
+            report, lambda: write_rejected_rows(report, rejected), "the evaluation", "--json"
+        )
+    if json_path is not None:
+        save_json(json_path, metrics.to_json(), "the evaluation", "--json")
 
 
 def evaluate(
@@ -116,6 +162,7 @@ def evaluate(
     limit_queries: int | None = None,
     device: str | None = None,
     bf16: bool = False,
+    skip_bad_rows: bool = False,
     show_progress: bool = True,
 ) -> Metrics:
     """Retrieval metrics of a model on one split of a BEIR folder, as `embtune eval` computes.
@@ -134,6 +181,10 @@ def evaluate(
         limit_queries: evaluate only the first N judged queries (the whole corpus is searched).
         device: torch device, e.g. "cpu", "cuda:1" (None: cuda when available, else cpu).
         bf16: encode in bfloat16 autocast (faster, embeddings within ~1e-2 of fp32).
+        skip_bad_rows: rows of ``data`` that fail validation (and the judgements that need
+            them) are left out and counted (``Metrics.rejected_rows``) instead of refusing the
+            whole input; with ``json`` they are listed in ``<json stem>.rejected_rows.jsonl``
+            beside it (``Metrics.rejected_report``).
         show_progress: show encoding progress bars.
 
     Returns:
@@ -155,8 +206,6 @@ def evaluate(
     """
     import time
 
-    from embtune.atomic import write_json_atomically
-    from embtune.data.formats import BeirDataset, load_beir
     from embtune.eval.retrieval import check_k_values, evaluate_retrieval
     from embtune.models.encoder import Encoder
 
@@ -170,13 +219,11 @@ def evaluate(
     # Missing folders are made when it is written (results/<name>.json); one that cannot be
     # written is refused now, not after the whole evaluation.
     json_path = None if json is None else output_file(json, "--json", make_folders=True)
+    report = rejected_rows_file(json_path) if skip_bad_rows and json_path else None
     torch_device = _device(device)
 
     # Data first: a typo in the data path should fail before a model download or load.
-    dataset = load_beir(Path(data), split)
-    if limit_queries:
-        qrels = dict(list(dataset.qrels.items())[:limit_queries])
-        dataset = BeirDataset(corpus=dataset.corpus, queries=dataset.queries, qrels=qrels)
+    dataset = _load_data(Path(data), split, limit_queries, skip_bad_rows)
 
     encoder = Encoder.from_pretrained(
         os.fspath(model),
@@ -206,13 +253,8 @@ def evaluate(
         corpus_size=len(dataset.corpus),
         seconds=time.perf_counter() - started,
         settings=encoder.settings,
+        rejected=dataset.rejected if skip_bad_rows else None,
+        rejected_report=report,
     )
-    if json_path is not None:
-        record = metrics.to_json()
-        save_result(
-            json_path,
-            lambda: write_json_atomically(json_path, record),
-            "the evaluation",
-            "--json",
-        )
+    _save(metrics, json_path, report)
     return metrics

@@ -14,7 +14,7 @@ from embtune.api.options import (
     int_option,
     output_file,
     path_list,
-    save_result,
+    save_json,
 )
 from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.config import TrainConfig, flag
@@ -170,7 +170,6 @@ def inspect(
     json_path = None if json is None else output_file(json, "--json")
     paths = path_list(train_data)
 
-    from embtune.atomic import write_json_atomically
     from embtune.data.audit import audit_data, token_lengths
     from embtune.data.formats import load_training_data
     from embtune.data.pipeline import negatives_budget_for, training_texts
@@ -205,13 +204,7 @@ def inspect(
     text = format_inspect_report(paths, measured_by, audit, budget, config, world)
     result = InspectResult(audit, budget, text, measured_by)
     if json_path is not None:
-        record = result.to_json()
-        save_result(
-            json_path,
-            lambda: write_json_atomically(json_path, record),
-            "the inspection",
-            "--json",
-        )
+        save_json(json_path, result.to_json(), "the inspection", "--json")
     return result
 
 

@@ -16,12 +16,14 @@ from embtune.api.options import (
     optional_int,
     output_file,
     precision,
+    rejected_rows_file,
     save_result,
 )
 from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
+    from embtune.errors import InputProblem
     from embtune.mining.negatives import MinedRow, MiningInput, MiningReport, MiningResult
     from embtune.models.encoder import Encoder
 
@@ -36,6 +38,9 @@ class MineResult:
     source: str  # what was read (a BEIR split, jsonl files)
     notes: list[str]  # remarks on the input, e.g. queries of the split without a positive
     rows: list[MinedRow] = dataclasses.field(repr=False, default_factory=list)  # as written
+    # skip_bad_rows: the problems of the input rows left out, and the file listing them.
+    rejected: list[InputProblem] = dataclasses.field(repr=False, default_factory=list)
+    rejected_report: Path | None = None
 
     @property
     def text(self) -> str:
@@ -68,10 +73,21 @@ def format_mining_report(result: MineResult) -> str:
         ),
         ("positives outside the search's top-k", f"{report.positives_outside_search:,}"),
         ("output", str(result.output)),
+        *_rejected_line(result),
         ("time", f"{result.seconds:.1f} s"),
     ]
     width = max(len(name) for name, _ in lines)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in lines)
+
+
+def _rejected_line(result: MineResult) -> list[tuple[str, str]]:
+    """The report's line on rows left out by skip_bad_rows (none without it)."""
+    if result.rejected_report is None:
+        return []
+    from embtune.data.formats import rejected_row_count
+
+    count = rejected_row_count(result.rejected)
+    return [("bad input rows left out", f"{count:,} (listed in {result.rejected_report})")]
 
 
 def _rank_range(value: str | tuple[int, int]) -> tuple[int, int]:
@@ -142,6 +158,46 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise UsageError(f"--output: {out} exists; pass --overwrite to replace it")
 
 
+def _checked_paths(
+    output: PathLike,
+    data: PathLike,
+    split: str,
+    candidates: PathLike | None,
+    overwrite: bool,
+    skip_bad_rows: bool,
+) -> tuple[Path, Path | None, Path | None]:
+    """The output file, the candidates file and (skip_bad_rows) the rejected-rows report,
+    each checked before any work: writable, never an input, existing only with ``overwrite``."""
+    out = output_file(output, "--output")
+    pool = None if candidates is None else Path(candidates)
+    if pool is not None and not pool.is_file():
+        raise UsageError(f"--candidates: file {pool} does not exist")
+    inputs = _input_files(Path(data), split, pool)
+    _check_output(out, inputs, overwrite)
+    report = rejected_rows_file(out) if skip_bad_rows else None
+    if report is not None:
+        _check_output(report, inputs, overwrite)
+    return out, pool, report
+
+
+def _save(
+    out: Path, report: Path | None, mined: MiningResult, source: MiningInput, include_scores: bool
+) -> None:
+    """Write the report of the rows left out (first: it is small), then the mined rows."""
+    from embtune.data.formats import write_rejected_rows
+    from embtune.mining.negatives import write_mined_jsonl
+
+    if report is not None:
+        rejected = source.rejected
+        save_result(report, lambda: write_rejected_rows(report, rejected), "the mining", "-o")
+    save_result(
+        out,
+        lambda: write_mined_jsonl(mined.rows, out, include_scores=include_scores),
+        "the mining",
+        "-o",
+    )
+
+
 def _mine_source(
     encoder: Encoder, source: MiningInput, show_progress: bool, **options: object
 ) -> MiningResult:
@@ -188,6 +244,7 @@ def mine(
     limit: int | None = None,
     no_scores: bool = False,
     overwrite: bool = False,
+    skip_bad_rows: bool = False,
     bf16: bool = False,
     show_progress: bool = True,
 ) -> MineResult:
@@ -217,6 +274,9 @@ def mine(
         no_scores: leave pos_scores/neg_scores out of the file.
         overwrite: replace ``output`` when it exists (else refused); never when it is one of
             the input files.
+        skip_bad_rows: rows of ``data`` that fail validation are left out, counted and listed
+            in ``<output stem>.rejected_rows.jsonl`` beside ``output`` (always written then,
+            empty when none were), instead of refusing the whole input.
         bf16: encode in bfloat16 autocast.
         show_progress: print what is mined and show encoding progress bars.
 
@@ -246,19 +306,15 @@ def mine(
     passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
     limit = optional_int(limit, "--limit", 1)
     choice(pooling, "--pooling", POOLING_MODES)
-    out = output_file(output, "--output")
-    pool = None if candidates is None else Path(candidates)
-    if pool is not None and not pool.is_file():
-        raise UsageError(f"--candidates: file {pool} does not exist")
-    _check_output(out, _input_files(Path(data), split, pool), overwrite)
+    out, pool, report = _checked_paths(output, data, split, candidates, overwrite, skip_bad_rows)
 
     import torch
 
-    from embtune.mining.negatives import load_mining_input, write_mined_jsonl
+    from embtune.mining.negatives import load_mining_input
     from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
-    source = load_mining_input(Path(data), split, pool, limit)
+    source = load_mining_input(Path(data), split, pool, limit, skip_bad_rows=skip_bad_rows)
     encoder = Encoder.from_pretrained(
         os.fspath(model),
         pooling=pooling,
@@ -267,16 +323,9 @@ def mine(
         query_max_len=query_max_len,
         passage_max_len=passage_max_len,
         encode_precision=precision(bf16),
-    )
-    if torch.cuda.is_available():
-        encoder.to("cuda")
+    ).to("cuda" if torch.cuda.is_available() else "cpu")
     mined = _mine_source(encoder, source, show_progress, **mining)
-    save_result(
-        out,
-        lambda: write_mined_jsonl(mined.rows, out, include_scores=not no_scores),
-        "the mining",
-        "-o",
-    )
+    _save(out, report, mined, source, include_scores=not no_scores)
     notes = list(source.notes)
     if source.skipped_queries:
         notes.append(f"{source.skipped_queries} queries of the split have no relevant document")
@@ -287,4 +336,6 @@ def mine(
         source=source.source,
         notes=notes,
         rows=mined.rows,
+        rejected=source.rejected,
+        rejected_report=report,
     )

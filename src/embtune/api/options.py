@@ -115,6 +115,19 @@ def save_result(path: Path, write: Callable[[], None], work: str, option: str) -
         ) from exc
 
 
+def save_json(path: Path, record: object, work: str, option: str) -> None:
+    """:func:`save_result` of a JSON file written atomically."""
+    from embtune.atomic import write_json_atomically
+
+    save_result(path, lambda: write_json_atomically(path, record), work, option)
+
+
+def rejected_rows_file(output: Path) -> Path:
+    """Where ``--skip-bad-rows`` lists the rows left out: beside ``output``, as
+    ``<stem>.rejected_rows.jsonl`` (mined.jsonl -> mined.rejected_rows.jsonl)."""
+    return output.with_name(f"{output.stem}.rejected_rows.jsonl")
+
+
 def path_list(value: PathLike | Sequence[PathLike]) -> list[str]:
     """One path or several, as the list of strings the readers and TrainConfig take."""
     if isinstance(value, str | os.PathLike):

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from embtune.choices import POOLING_MODES
+
+if TYPE_CHECKING:
+    from embtune.api import Metrics
 
 DESCRIPTION = """\
 Embed every judged query of a split and the whole corpus, retrieve by inner product
@@ -81,6 +85,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="search with a faiss IndexFlatIP (exact, faster on large corpora; needs "
         "`pip install faiss-cpu`) instead of chunked torch search (default: off)",
     )
+    _add_encoder_options(p)
+    p.add_argument(
+        "--limit-queries",
+        type=int,
+        metavar="N",
+        help="evaluate only the first N judged queries, for a quick check; the whole corpus "
+        "is still searched (default: all)",
+    )
+    p.add_argument(
+        "--device",
+        metavar="DEV",
+        help="torch device to encode on, e.g. cpu, cuda, cuda:1 (default: cuda when "
+        "available, else cpu)",
+    )
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="rows of --data that fail validation (and the judgements that need them) are "
+        "left out, counted, and listed next to the --json file in JSON_STEM.rejected_rows.jsonl "
+        "instead of refusing the whole input (default: off)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
+        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
+    )
+    p.set_defaults(func=run)
+
+
+def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """The options that override the model's saved settings for this run."""
     p.add_argument(
         "--query-max-len",
         type=int,
@@ -116,26 +152,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="TEXT",
         help="text put before every passage (default: the model's saved setting, else none)",
     )
-    p.add_argument(
-        "--limit-queries",
-        type=int,
-        metavar="N",
-        help="evaluate only the first N judged queries, for a quick check; the whole corpus "
-        "is still searched (default: all)",
-    )
-    p.add_argument(
-        "--device",
-        metavar="DEV",
-        help="torch device to encode on, e.g. cpu, cuda, cuda:1 (default: cuda when "
-        "available, else cpu)",
-    )
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
-        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
-    )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -160,8 +176,21 @@ def run(args: argparse.Namespace) -> int:
         limit_queries=args.limit_queries,
         device=args.device,
         bf16=args.bf16,
+        skip_bad_rows=args.skip_bad_rows,
         show_progress=sys.stderr.isatty(),
     )
     print(metrics.summary())
     print(metrics.table())
+    if metrics.rejected is not None:
+        print(f"embtune eval: {_rejected_note(metrics)}")
     return 0
+
+
+def _rejected_note(metrics: Metrics) -> str:
+    """How many rows --skip-bad-rows left out, and where they are listed."""
+    left_out = f"{metrics.rejected_rows} bad rows of --data left out (--skip-bad-rows)"
+    if metrics.rejected_report is not None:
+        return f"{left_out}, listed in {metrics.rejected_report}"
+    if not metrics.rejected:
+        return left_out
+    return f"{left_out}, the first: {metrics.rejected[0]}; add --json FILE to list them all"

@@ -78,6 +78,48 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--batch-size", default="64", metavar="N", help="texts per encoding batch (default: 64)"
     )
+    _add_encoder_options(p)
+    p.add_argument(
+        "--candidates",
+        default=None,
+        metavar="FILE",
+        type=Path,
+        help="jsonl pool for jsonl --data, one {'text': ...} (or {'content': ...}) per line "
+        "(default: every pos/neg text of --data)",
+    )
+    p.add_argument(
+        "--limit", default=None, metavar="N", help="mine only the first N queries (default: all)"
+    )
+    p.add_argument(
+        "--no-scores",
+        action="store_true",
+        help="leave out pos_scores/neg_scores, e.g. when a trainer would read them as "
+        "distillation targets (default: written)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the --output file if it exists (default: refuse; never allowed when it is "
+        "one of the input files)",
+    )
+    p.add_argument(
+        "--skip-bad-rows",
+        action="store_true",
+        help="rows of --data that fail validation are left out, counted, and listed next to "
+        "the output in OUTPUT_STEM.rejected_rows.jsonl (mined.jsonl -> "
+        "mined.rejected_rows.jsonl) instead of refusing the whole input (default: off)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
+        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
+    )
+    p.set_defaults(func=run)
+
+
+def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+    """The options that override the model's saved settings for this run."""
     p.add_argument(
         "--query-max-len",
         default=None,
@@ -108,36 +150,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=POOLING_MODES,
         help="pooling (default: the model's sentence-transformers config, else cls)",
     )
-    p.add_argument(
-        "--candidates",
-        default=None,
-        metavar="FILE",
-        type=Path,
-        help="jsonl pool for jsonl --data, one {'text': ...} (or {'content': ...}) per line "
-        "(default: every pos/neg text of --data)",
-    )
-    p.add_argument(
-        "--limit", default=None, metavar="N", help="mine only the first N queries (default: all)"
-    )
-    p.add_argument(
-        "--no-scores",
-        action="store_true",
-        help="leave out pos_scores/neg_scores, e.g. when a trainer would read them as "
-        "distillation targets (default: written)",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace the --output file if it exists (default: refuse; never allowed when it is "
-        "one of the input files)",
-    )
-    p.add_argument(
-        "--bf16",
-        action="store_true",
-        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
-        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
-    )
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
         no_scores=args.no_scores,
         overwrite=args.overwrite,
+        skip_bad_rows=args.skip_bad_rows,
         bf16=args.bf16,
     )
     print(result.text)

@@ -55,9 +55,10 @@ from embtune.data.formats import (
     json_lines,
     load_beir,
     read_flag_jsonl,
+    rejected_row_count,
     training_files,
 )
-from embtune.errors import ProblemCollector, UsageError
+from embtune.errors import InputProblem, ProblemCollector, UsageError
 from embtune.eval.search import exact_search
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class MiningInput:
     skipped_queries: int = 0  # BEIR queries of the split without any relevance > 0 judgement
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    rejected: list[InputProblem] = field(default_factory=list)  # skip_bad_rows: rows left out
 
 
 # --- option checks -------------------------------------------------------------------------
@@ -525,14 +527,21 @@ def read_candidates(path: Path) -> tuple[list[str], list[str] | None]:
 
 
 def load_mining_input(
-    data: Path, split: str = "train", candidates: Path | None = None, limit: int | None = None
+    data: Path,
+    split: str = "train",
+    candidates: Path | None = None,
+    limit: int | None = None,
+    *,
+    skip_bad_rows: bool = False,
 ) -> MiningInput:
     """Read queries, positives and the pool from a BEIR folder (one split) or FlagEmbedding jsonl.
 
     BEIR: queries of ``split`` with a relevance > 0 judgement; positives are those documents; the
     pool is corpus.jsonl. jsonl (a file, or a folder of .json/.jsonl): the pool is ``candidates``
     or, without it, every distinct pos/neg text of the input (as FlagEmbedding's hn_mine does).
-    ``limit`` keeps the first N queries; the pool is never cut.
+    ``limit`` keeps the first N queries; the pool is never cut. ``skip_bad_rows``: bad rows of
+    ``data`` are left out and listed in ``rejected`` instead of refusing (``candidates`` is
+    always read strictly).
     """
     data = Path(data)
     if limit is not None and limit < 1:
@@ -545,12 +554,14 @@ def load_mining_input(
                 "--candidates: only used with FlagEmbedding jsonl --data; a BEIR folder's "
                 "corpus.jsonl is the pool"
             )
-        beir = load_beir(data, split)
+        beir = load_beir(data, split, skip_bad_rows=skip_bad_rows)
         records = beir_training_records(beir, data, split)
         skipped = len(beir.qrels) - len(records)
         if not records:
+            count = rejected_row_count(beir.rejected)
+            left_out = f" ({count} bad rows left out)" if beir.rejected else ""
             raise UsageError(
-                f"--data: {data} split {split!r} has no query with a relevant document"
+                f"--data: {data} split {split!r} has no query with a relevant document{left_out}"
             )
         records = records[:limit] if limit else records
         return MiningInput(
@@ -562,13 +573,16 @@ def load_mining_input(
             positive_ids=[r.pos_ids or [] for r in records],
             skipped_queries=skipped,
             source=f"{data} ({split})",
+            rejected=beir.rejected,
         )
     files = training_files(data)
     if not files:
         raise UsageError(f"--data: {data} is neither a BEIR folder nor holds .json/.jsonl files")
-    records = read_flag_jsonl(files)
+    records = read_flag_jsonl(files, skip_bad_rows=skip_bad_rows)
+    rejected = records.rejected
     if not records:
-        raise UsageError(f"--data: {data} has no rows")
+        left_out = f" ({rejected_row_count(rejected)} bad rows left out)" if rejected else ""
+        raise UsageError(f"--data: {data} has no rows{left_out}")
     pool_records = records
     records = records[:limit] if limit else records
     notes: list[str] = []
@@ -594,6 +608,7 @@ def load_mining_input(
         prompts=[r.prompt for r in records],
         source=", ".join(map(str, files)),
         notes=notes,
+        rejected=rejected,
     )
 
 
