@@ -205,6 +205,18 @@ def test_skip_bad_rows_evaluates_the_good_rows_and_lists_the_bad_ones(
     assert "rejected_rows" not in json.loads(out.read_text())
 
 
+def test_a_json_file_over_the_data_is_refused(beir, tmp_path, capsys) -> None:
+    corpus = beir / "corpus.jsonl"
+    before = corpus.read_bytes()
+    model = str(tmp_path / "no-model")  # refused before it would load
+    assert run_eval("--model", model, "--data", str(beir), "--json", str(corpus)) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"embtune eval: error: --json: {corpus} is one of the input files ({corpus}); write the "
+        "metrics to another file"
+    ]
+    assert corpus.read_bytes() == before
+
+
 def test_bad_split_names_the_file(tiny_model, beir, capsys) -> None:
     rc = run_eval("--model", str(tiny_model), "--data", str(beir), "--split", "dev")
     assert rc == 2

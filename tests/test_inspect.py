@@ -212,6 +212,19 @@ def test_a_full_disk_when_writing_the_json_report_stops_with_status_3(
     assert list(out.iterdir()) == []
 
 
+def test_a_json_report_over_the_training_data_is_refused(
+    small: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    before = small.read_bytes()
+    for data in (small, tmp_path):  # the file, or the folder holding it
+        assert inspect(tmp_path, "--train-data", str(data), "--json", str(small)) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"embtune inspect: error: --json: {small} is one of the input files ({small}); "
+            "write the report to another file"
+        ]
+    assert small.read_bytes() == before
+
+
 def test_bad_data_is_reported_at_its_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"]}\n{"query": "q2", "pos": []}\n')

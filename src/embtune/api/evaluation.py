@@ -11,10 +11,12 @@ from typing import TYPE_CHECKING
 from embtune.api.options import (
     PathLike,
     choice,
+    input_files,
     int_option,
     optional_int,
     output_file,
     precision,
+    refuse_input_as_output,
     rejected_rows_file,
     save_json,
     save_result,
@@ -114,6 +116,22 @@ def _device(name: str | None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device: {name} requested but CUDA is not available here")
     return device
+
+
+def _output_paths(
+    json: PathLike | None, data: Path, split: str, skip_bad_rows: bool
+) -> tuple[Path | None, Path | None]:
+    """The --json file and (skip_bad_rows) the rejected-rows report beside it, checked now, not
+    after the whole evaluation: writable, and not one of the input files. Missing folders
+    are made when they are written (results/<name>.json)."""
+    if json is None:
+        return None, None
+    json_path = output_file(json, "--json", make_folders=True)
+    report = rejected_rows_file(json_path) if skip_bad_rows else None
+    for path in (json_path, report):
+        if path is not None:
+            refuse_input_as_output(path, input_files(data, split), "--json", "the metrics")
+    return json_path, report
 
 
 def _load_data(
@@ -216,10 +234,7 @@ def evaluate(
     query_max_len = optional_int(query_max_len, "--query-max-len", 1)
     passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
     choice(pooling, "--pooling", POOLING_MODES)
-    # Missing folders are made when it is written (results/<name>.json); one that cannot be
-    # written is refused now, not after the whole evaluation.
-    json_path = None if json is None else output_file(json, "--json", make_folders=True)
-    report = rejected_rows_file(json_path) if skip_bad_rows and json_path else None
+    json_path, report = _output_paths(json, Path(data), split, skip_bad_rows)
     torch_device = _device(device)
 
     # Data first: a typo in the data path should fail before a model download or load.

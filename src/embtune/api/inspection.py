@@ -11,9 +11,11 @@ from typing import TYPE_CHECKING
 from embtune.api.options import (
     PathLike,
     choice,
+    input_files,
     int_option,
     output_file,
     path_list,
+    refuse_input_as_output,
     save_json,
 )
 from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
@@ -92,6 +94,14 @@ def _inspect_config(
     )
 
 
+def _json_path(json: PathLike, paths: list[str], split: str) -> Path:
+    """The --json file, checked before any work: writable, and not one of the input files."""
+    json_path = output_file(json, "--json")
+    inputs = [f for p in paths for f in input_files(Path(p), split)]
+    refuse_input_as_output(json_path, inputs, "--json", "the report")
+    return json_path
+
+
 def inspect(
     train_data: PathLike | Sequence[PathLike],
     *,
@@ -167,8 +177,8 @@ def inspect(
         numbers, negative_sampling, negative_fill, in_batch_negatives, negatives_cross_device
     )
     world = int_option(nproc, "--nproc", 1, sep=" ")
-    json_path = None if json is None else output_file(json, "--json")
     paths = path_list(train_data)
+    json_path = None if json is None else _json_path(json, paths, train_split)
 
     from embtune.data.audit import audit_data, token_lengths
     from embtune.data.formats import load_training_data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -11,11 +10,13 @@ from typing import TYPE_CHECKING
 from embtune.api.options import (
     PathLike,
     choice,
+    input_files,
     int_option,
     optional_float,
     optional_int,
     output_file,
     precision,
+    refuse_input_as_output,
     rejected_rows_file,
     save_result,
 )
@@ -125,36 +126,10 @@ def _mining_options(
     return options
 
 
-def _input_files(data: Path, split: str, candidates: Path | None) -> list[Path]:
-    """The files mining reads: a BEIR folder's corpus, queries and qrels, or the jsonl files."""
-    from embtune.data.formats import is_beir_dir, training_files
-
-    files = [] if candidates is None else [candidates]
-    if is_beir_dir(data):
-        return [
-            *files,
-            data / "corpus.jsonl",
-            data / "queries.jsonl",
-            data / "qrels" / f"{split}.tsv",
-        ]
-    if data.is_file() or data.is_dir():
-        files += training_files(data)
-    return files
-
-
 def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse to write over one of the inputs (ever), or over any file without ``overwrite``."""
-    if not out.exists():
-        return
-    for path in inputs:
-        # The same file by another path (a symlink, a hard link) is the same file too.
-        with contextlib.suppress(OSError):
-            if os.path.samefile(out, path):
-                raise UsageError(
-                    f"--output: {out} is one of the input files ({path}); write the mined rows "
-                    "to another file"
-                )
-    if not overwrite:
+    refuse_input_as_output(out, inputs, "--output", "the mined rows")
+    if out.exists() and not overwrite:
         raise UsageError(f"--output: {out} exists; pass --overwrite to replace it")
 
 
@@ -172,7 +147,7 @@ def _checked_paths(
     pool = None if candidates is None else Path(candidates)
     if pool is not None and not pool.is_file():
         raise UsageError(f"--candidates: file {pool} does not exist")
-    inputs = _input_files(Path(data), split, pool)
+    inputs = [*input_files(Path(data), split), *([] if pool is None else [pool])]
     _check_output(out, inputs, overwrite)
     report = rejected_rows_file(out) if skip_bad_rows else None
     if report is not None:

@@ -82,6 +82,30 @@ def output_file(path: PathLike, option: str, *, make_folders: bool = False) -> P
     return path
 
 
+def input_files(data: Path, split: str) -> list[Path]:
+    """The files a data option names: a BEIR folder's corpus, queries and ``split`` qrels, or
+    the FlagEmbedding file(s) of a file or folder."""
+    from embtune.data.formats import is_beir_dir, training_files
+
+    if is_beir_dir(data):
+        return [data / "corpus.jsonl", data / "queries.jsonl", data / "qrels" / f"{split}.tsv"]
+    return training_files(data) if data.exists() else []
+
+
+def refuse_input_as_output(out: Path, inputs: Sequence[Path], option: str, what: str) -> None:
+    """Refuse an output file that is one of the inputs (also by another path: a symlink, a hard
+    link), which writing ``what`` would destroy."""
+    if not out.exists():
+        return
+    for path in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(out, path):
+                raise UsageError(
+                    f"{option}: {out} is one of the input files ({path}); write {what} to "
+                    "another file"
+                )
+
+
 def unwritable(folder: Path) -> str | None:
     """Why a file cannot be created in ``folder``, or None when it can."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
