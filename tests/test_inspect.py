@@ -225,6 +225,19 @@ def test_a_json_report_over_the_training_data_is_refused(
     assert small.read_bytes() == before
 
 
+def test_a_token_cache_that_cannot_be_written_is_one_line(
+    small: Path, tmp_path: Path, minilm: Path, capsys: pytest.CaptureFixture
+) -> None:
+    with read_only_folder(tmp_path) as folder:
+        cache = folder / "cache"
+        argv = ["inspect", "--train-data", str(small), "--model", str(minilm)]
+        assert main([*argv, "--cache-dir", str(cache), "--no-progress"]) == 2
+        [line] = capsys.readouterr().err.splitlines()
+        assert line.startswith(
+            f"embtune inspect: error: --cache-dir: cannot create cache folder {cache}"
+        )
+
+
 def test_bad_data_is_reported_at_its_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query": "q", "pos": ["p"]}\n{"query": "q2", "pos": []}\n')

@@ -183,7 +183,7 @@ def inspect(
     from embtune.data.audit import audit_data, token_lengths
     from embtune.data.formats import load_training_data
     from embtune.data.pipeline import negatives_budget_for, training_texts
-    from embtune.data.store import default_cache_dir
+    from embtune.data.store import usable_cache_dir
     from embtune.demo import default_model
     from embtune.models.encoder import saved_settings
 
@@ -200,7 +200,8 @@ def inspect(
     )
     audit = audit_data(data.records, texts)
     if tokenizer is not None:
-        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        # Checked before tokenizing: a read-only cache would fail once the work is done.
+        cache = usable_cache_dir(cache_dir)
         audit.query_lengths = token_lengths(
             texts.queries, tokenizer, config.query_max_len, cache, "tokenizing queries",
             show_progress,
