@@ -12,6 +12,7 @@ CONFIG_FILE = "train_config.yaml"  # the run's resolved options
 BUDGET_FILE = "negatives_budget.json"  # the negatives budget printed before training
 SUMMARY_FILE = "train_summary.json"  # written when the run finished
 DEV_SPLIT_FILE = "dev_split.json"  # the rows --dev-fraction held out
+REJECTED_FILE = "rejected_rows.jsonl"  # --skip-bad-rows: the rows left out and why
 BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
 TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished

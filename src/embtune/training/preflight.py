@@ -68,13 +68,14 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
     config.validate()
     if config.fp16 and not torch.cuda.is_available():
         raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
-    data = load_training_data(config.train_data, config.train_split)
+    skip = config.skip_bad_rows
+    data = load_training_data(config.train_data, config.train_split, skip_bad_rows=skip)
     dev_rows: list[Record] = []
     if config.dev_fraction and dev_data is None:
         data.records, dev_rows = carve_dev_split(data.records, config.dev_fraction, config.seed)
         dev_data = dev_dataset(dev_rows, data.corpus or passage_corpus(data.records + dev_rows))
     elif config.eval_data and dev_data is None:
-        dev_data = load_beir(Path(config.eval_data), config.eval_split)
+        dev_data = load_beir(Path(config.eval_data), config.eval_split, skip_bad_rows=skip)
     if config.save_best and dev_data is None:
         raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now

@@ -32,7 +32,7 @@ from embtune.checkpoint import (
 from embtune.config import TrainConfig
 from embtune.data.dev_split import save_dev_split
 from embtune.data.epoch_plan import EpochPlan, total_steps
-from embtune.data.formats import BeirDataset
+from embtune.data.formats import BeirDataset, rejected_row_count, write_rejected_rows
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
 from embtune.distributed import end_distributed
@@ -44,6 +44,7 @@ from embtune.run_files import (
     CONFIG_FILE,
     DEV_SPLIT_FILE,
     LOG_FILE,
+    REJECTED_FILE,
     SUMMARY_FILE,
     TRAINER_STATE_FILE,
 )
@@ -211,6 +212,7 @@ def prepare_run(
         budget=negatives_budget_for(config, kind.rows(texts), world),
         dev_data=inputs.dev_data,
         show=show,
+        rejected=inputs.data.rejected,
     )
 
 
@@ -248,6 +250,7 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
         write_json_atomically(out / BUDGET_FILE, session.budget.to_json())
         if inputs.dev_rows:
             save_dev_split(out / DEV_SPLIT_FILE, inputs.dev_rows, config.dev_fraction, config.seed)
+        announce_bad_rows(inputs, out)
     except OSError as exc:  # before any step: nothing to keep, so a refusal
         raise UsageError(f"--output-dir: cannot write to {out}: {write_problem(exc, out)}") from exc
     if session.dev_data is not None:
@@ -255,6 +258,22 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
         print(
             f"  dev set: {len(session.dev_data.qrels)} queries over "
             f"{len(session.dev_data.corpus)} passages (evaluated {when}at the end)"
+        )
+
+
+def announce_bad_rows(inputs: Inputs, out: Path) -> None:
+    """With --skip-bad-rows: how many rows were left out, and the report listing them."""
+    data = inputs.data
+    if data.rejected:
+        write_rejected_rows(out / REJECTED_FILE, data.rejected)
+        print(
+            f"embtune train: warning: {rejected_row_count(data.rejected)} bad rows left out "
+            f"(--skip-bad-rows); each with its file, line and problem in {out / REJECTED_FILE}"
+        )
+    if data.ignored_bad_rows:
+        print(
+            f"embtune train: note: {data.ignored_bad_rows} bad query rows are not used by the "
+            "chosen split and were not read"
         )
 
 
@@ -338,6 +357,8 @@ def write_final_files(session: Session, texts_per_second: float, peak: int) -> N
         "best_dev_ndcg@10": session.run.best["ndcg"],
         "processes": session.world,
     }
+    if session.config.skip_bad_rows:
+        summary["rejected_rows"] = rejected_row_count(session.rejected)
     write_json_atomically(out / SUMMARY_FILE, summary)
     print(
         f"embtune train: {session.total_steps} steps, {texts_per_second:.1f} texts/s, peak "

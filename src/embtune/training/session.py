@@ -3,7 +3,7 @@ it in order, the step loop (training/loop.py) reads and updates it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ class Session:
     budget: NegativesBudget
     dev_data: BeirDataset | None = None
     show: bool = True
+    rejected: list = field(default_factory=list)  # --skip-bad-rows: the rows' problems
     model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
