@@ -78,8 +78,9 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         dev_data = load_beir(Path(config.eval_data), config.eval_split, skip_bad_rows=skip)
     if config.save_best and dev_data is None:
         raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
+    out = check_output_dir(config)
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
-    return Inputs(data, dev_data, dev_rows, check_output_dir(config))
+    return Inputs(data, dev_data, dev_rows, out)
 
 
 def check_output_dir(config: TrainConfig) -> Path:
