@@ -446,3 +446,22 @@ def test_a_tokenizer_without_word_splits_reads_the_whole_text(tokenizer) -> None
     spy = Spy(whole)
     assert tokenize_texts(spy, [text], 8) == full_ids(whole, [text], 8)
     assert spy.sizes[-1] == len(text)
+
+
+def test_a_cache_that_cannot_be_written_does_not_stop_tokenizing(
+    tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache only saves the next run's work: a full disk there is a warning, not a stop."""
+    import errno
+
+    def full_disk(path, write):  # noqa: ANN001, ANN202
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("embtune.data.store.atomic_write", full_disk)
+    store = TextStore(TEXTS)
+    with caplog.at_level("WARNING"):
+        table, cached = tokenize_store(store, tokenizer, 16, tmp_path, show_progress=False)
+    assert not cached and len(table) == len(TEXTS)
+    assert table[1].tolist() == tokenizer("dogs bark", truncation=True, max_length=16)["input_ids"]
+    assert "token cache not written" in caplog.text and "No space left" in caplog.text
+    assert cache_files(tmp_path) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,8 @@ from embtune.atomic import atomic_write
 from embtune.errors import UsageError
 
 TOKENIZE_CHUNK = 4096
+
+log = logging.getLogger(__name__)
 
 
 class TextStore:
@@ -303,5 +306,10 @@ def tokenize_store(
     bar.close()
     table = TokenTable.from_lists(token_lists)
     if path:
-        atomic_write(path, lambda tmp: _save_table(table, tmp))
+        try:
+            atomic_write(path, lambda tmp: _save_table(table, tmp))
+        except OSError as exc:
+            # The cache only saves the next run's tokenizing: a full disk must not end this run
+            # (atomic_write has removed its partial file).
+            log.warning("token cache not written (%s): %s", path, exc.strerror or exc)
     return table, False

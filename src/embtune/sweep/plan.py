@@ -251,11 +251,15 @@ def _check_inputs(points: Sequence[SweepPoint]) -> None:
     for point in points:
         key = (tuple(point.config.train_data), point.config.train_split)
         if key not in checked:
-            load_training_data(list(point.config.train_data), point.config.train_split)
+            load_training_data(
+                list(point.config.train_data),
+                point.config.train_split,
+                skip_bad_rows=point.config.skip_bad_rows,
+            )
             checked.add(key)
     first = points[0].config
     if first.eval_data:
-        load_beir(Path(first.eval_data), first.eval_split)
+        load_beir(Path(first.eval_data), first.eval_split, skip_bad_rows=first.skip_bad_rows)
     model_config = load_model_config(first.model)
     check_max_lengths(model_config, first.query_max_len, first.passage_max_len)
 
