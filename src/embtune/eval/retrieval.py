@@ -369,7 +369,8 @@ def corpus_embeddings(
         try:
             atomic_write(path, lambda tmp: torch.save(entry, tmp))
             log.info("corpus embeddings: cached %d in %s", len(texts), path)
-        except OSError as exc:  # a read-only or full cache disk must not lose the result
+        except (OSError, RuntimeError) as exc:  # a read-only or full disk must not lose the result
+            # (torch.save reports a full disk as RuntimeError "unexpected pos", not OSError)
             log.warning("could not write corpus cache %s: %s", path, exc)
     return embeddings
 
