@@ -249,3 +249,18 @@ def test_an_unusable_token_cache_is_refused_before_any_work(
     message = refusal(capsys, args)
     assert "EMBTUNE_CACHE" in message and str(cache) in message
     assert not out.exists()
+
+
+def test_overwrite_keeps_the_previous_run_when_a_later_check_refuses(
+    tiny_model: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The old run is removed only once everything passed: here the model cannot be loaded
+    with the attention kernel asked for, which is found out after the folder checks."""
+    out = tmp_path / "run"
+    with single_thread():
+        assert main(argv(tiny_model, data, out, "--save-steps", "1")) == 0
+    before = sorted(p.name for p in out.iterdir())
+    bad = argv(tiny_model, data, out, "--overwrite", "--attn-implementation", "flash_attention_2")
+    assert main(bad) == 2
+    assert "--attn-implementation flash_attention_2" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before

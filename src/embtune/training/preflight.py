@@ -244,22 +244,23 @@ def check_disk(config: TrainConfig, out: Path) -> None:
     )
 
 
-def prepare_output_dir(
-    config: TrainConfig, out: Path, resume: ResumePoint, accelerator: Accelerator, lock: RunLock
-) -> None:
-    """Create the folder (main process), take its lock if that was not possible before, and
-    for a new run clear a previous run from it."""
+def prepare_output_dir(out: Path, accelerator: Accelerator, lock: RunLock) -> None:
+    """Create the folder (main process) and take its lock if that was not possible before."""
     if accelerator.is_main_process:
         create_output_dir(out)
     lock_output_dir(out, lock, accelerator)
-    if accelerator.is_main_process:
-        if resume.state is None and (config.overwrite_output_dir or config.resuming):
-            removed, kept = clear_previous_run(out)
-            if removed:
-                print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
-            if kept:
-                shown = ", ".join(kept[:5]) + (
-                    f" and {len(kept) - 5} more" if len(kept) > 5 else ""
-                )
-                print(f"embtune train: kept {len(kept)} files embtune did not write: {shown}")
     accelerator.wait_for_everyone()
+
+
+def replace_previous_run(config: TrainConfig, out: Path, resume: ResumePoint) -> None:
+    """For a new run under --overwrite-output-dir (or a --resume that found no checkpoint),
+    remove the previous run's files: called once every check has passed, model loaded and
+    texts prepared, so a refusal never costs the user the old run."""
+    if resume.state is not None or not (config.overwrite_output_dir or config.resuming):
+        return
+    removed, kept = clear_previous_run(out)
+    if removed:
+        print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
+    if kept:
+        shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
+        print(f"embtune train: kept {len(kept)} files embtune did not write: {shown}")

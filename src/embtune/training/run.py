@@ -60,6 +60,7 @@ from embtune.training.preflight import (
     load_inputs,
     lock_output_dir,
     prepare_output_dir,
+    replace_previous_run,
 )
 from embtune.training.session import Session
 from embtune.training.state import restore_state, trainer_state
@@ -164,7 +165,7 @@ def refuse_before_work(
     resume = check_resume(config, inputs, accelerator, global_batch)
     kind.check_options(config)
     check_disk(config, inputs.out)
-    prepare_output_dir(config, inputs.out, resume, accelerator, lock)
+    prepare_output_dir(inputs.out, accelerator, lock)
     return resume
 
 
@@ -227,6 +228,7 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
     if not session.main:
         return
     config, out, plan = session.config, session.out, session.plan
+    replace_previous_run(config, out, resume)
     print("embtune train: negatives budget")
     for line in session.budget.lines():
         print(f"  {line}")
