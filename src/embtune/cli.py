@@ -14,6 +14,7 @@ import logging
 import os
 import pkgutil
 import sys
+import threading
 
 from embtune import __version__, commands
 from embtune.commands import HelpFormatter
@@ -59,6 +60,16 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _one_line_thread_errors(args: threading.ExceptHookArgs) -> None:
+    """A background writer's OSError (TensorBoard's event thread on a full disk) as one line:
+    the main thread reports the run's outcome; the thread's traceback would only bury it."""
+    if isinstance(args.exc_value, OSError):
+        name = args.thread.name if args.thread else "a background thread"
+        print(f"embtune: warning: {name}: {args.exc_value}", file=sys.stderr)
+        return
+    threading.__excepthook__(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `embtune` console script and `python -m embtune`."""
     parser = build_parser()
@@ -67,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USAGE_ERROR
     _quiet_libraries()
+    threading.excepthook = _one_line_thread_errors
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

@@ -13,6 +13,7 @@ all-reduce of the (small) embedding gradient, which every backend has.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,8 @@ from embtune.data.batching import GroupLayout, false_negative_mask
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -124,4 +127,9 @@ def end_distributed(accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:
         time.sleep(0.1)
         accelerator.wait_for_everyone()
-    accelerator.end_training()
+    try:
+        accelerator.end_training()
+    except OSError as exc:
+        # Closing TensorBoard flushes its last events; on a full disk they are lost, but the
+        # run's own outcome (its model, or the stop that brought us here) must be what is seen.
+        log.warning("TensorBoard events not flushed: %s", exc.strerror or exc)

@@ -56,34 +56,37 @@ def start_trackers(accelerator: Accelerator, config: TrainConfig, out: Path, sta
 class Logbook:
     """Writes records to the history, TensorBoard (numbers only) and train_log.jsonl."""
 
-    def __init__(self, accelerator: Accelerator, history: list[dict]) -> None:
+    def __init__(self, accelerator: Accelerator, history: list[dict], out: Path) -> None:
         self.accelerator = accelerator
         self.history = history
+        self.out = out
         self.file: TextIO | None = None
 
-    def open(self, out: Path, start_step: int) -> None:
+    def open(self, start_step: int) -> None:
         """Open train_log.jsonl on the main process: new, or cut back to the checkpoint."""
         if not self.accelerator.is_main_process:
             return
+        path = self.out / LOG_FILE
         if start_step:
-            rewrite_log(out / LOG_FILE, self.history)
-        self.file = open(out / LOG_FILE, "a" if start_step else "w", encoding="utf-8")  # noqa: SIM115
+            rewrite_log(path, self.history)
+        self.file = open(path, "a" if start_step else "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict) -> None:
         """Append one record (``step`` is its x axis in TensorBoard); a disk that filled up
         stops the run (exit 3) naming the checkpoint that holds the work."""
         self.history.append(record)
         numbers = {k: v for k, v in record.items() if k != "step" and isinstance(v, int | float)}
-        self.accelerator.log(numbers, step=record["step"])
-        if self.file:
-            try:
+        what = "TensorBoard events"
+        try:
+            # TensorBoard's writer thread re-raises its own OSError here, on any process.
+            self.accelerator.log(numbers, step=record["step"])
+            if self.file:
+                what = LOG_FILE
                 self.file.write(json.dumps(record) + "\n")
                 self.file.flush()
-            except OSError as exc:
-                out = Path(self.file.name).parent
-                raise stopped_writing(
-                    f"step {record['step']}: could not write {LOG_FILE}", exc, out
-                ) from exc
+        except OSError as exc:
+            message = f"step {record['step']}: could not write {what}"
+            raise stopped_writing(message, exc, self.out) from exc
 
     def close(self) -> None:
         """Close train_log.jsonl (a full disk's last error was reported by write)."""

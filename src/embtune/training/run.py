@@ -292,8 +292,8 @@ def prepare_model(session: Session) -> None:
     exclude_model_from_state(accelerator)
     start_trackers(accelerator, config, session.out, session.run.start_step)
     session.model.train()
-    session.logbook = Logbook(accelerator, session.run.history)
-    session.logbook.open(session.out, session.run.start_step)
+    session.logbook = Logbook(accelerator, session.run.history, session.out)
+    session.logbook.open(session.run.start_step)
 
 
 def restore_training_state(session: Session, resume: ResumePoint) -> None:
