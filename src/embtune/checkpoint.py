@@ -62,7 +62,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # What an interrupted save or rotation can leave behind: .checkpoint-12.tmp, .best.old, ...
-_LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best)\.(tmp|old|deleting)")
+_LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best|final)\.(tmp|old|deleting)")
 
 # Test hooks (docs/reliability.md): the process SIGKILLs itself at a chosen point, as an
 # out-of-memory killer or a pre-empted cluster job would. Unset in normal use.
@@ -328,16 +328,51 @@ def save_checkpoint(
             fsync_tree(tmp)
             _replace_dir(tmp, target)
             rotate_checkpoints(out, keep, step)
-    except WRITE_ERRORS as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not is_write_failure(exc, out):
+            raise
         raise stopped_writing(f"step {step}: could not write {target.name}", exc, out) from exc
     accelerator.wait_for_everyone()
     return target
 
 
+def save_into_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Write files into ``out`` (beside files that are not ours) without leaving partial ones:
+    ``write`` fills ``.final.tmp``, then each file is renamed into place. A failed write leaves
+    ``out`` as it was (the temporary folder removed); a kill between renames leaves whole
+    files only, and the run, not marked finished, resumes from its last checkpoint."""
+    tmp = out / ".final.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        write(tmp)
+        fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        target = out / path.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    shutil.rmtree(tmp)
+    _fsync_dir(out)
+
+
 # What a full disk raises: OSError from open/write, RuntimeError from torch.save's zip writer
-# ("unexpected pos"), SafetensorError from safetensors. A save catching OSError only crashed.
+# ("unexpected pos"), SafetensorError from safetensors, and a bare Exception from the Rust
+# tokenizers' save ("No space left on device (os error 28)"). A save catching OSError crashed.
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+def is_write_failure(exc: BaseException, folder: Path) -> bool:
+    """True when ``exc`` is a write that failed for the disk (not a bug to show as one)."""
+    if isinstance(exc, WRITE_ERRORS):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text
+
+
 _NEARLY_FULL = 64 * 2**20  # free bytes below which a failed write is taken for a full disk
 
 

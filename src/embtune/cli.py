@@ -60,12 +60,13 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _one_line_thread_errors(args: threading.ExceptHookArgs) -> None:
-    """A background writer's OSError (TensorBoard's event thread on a full disk) as one line:
-    the main thread reports the run's outcome; the thread's traceback would only bury it."""
+def _quiet_thread_write_errors(args: threading.ExceptHookArgs) -> None:
+    """A background writer's OSError (TensorBoard's event thread on a full disk) is not
+    printed: the writer re-raises it in the main thread at its next flush, where the run
+    reports it in one line (exit 2 before the first step, 3 after); its traceback from the
+    thread would only bury that line."""
     if isinstance(args.exc_value, OSError):
-        name = args.thread.name if args.thread else "a background thread"
-        print(f"embtune: warning: {name}: {args.exc_value}", file=sys.stderr)
+        logging.getLogger("embtune").debug("background writer failed: %s", args.exc_value)
         return
     threading.__excepthook__(args)
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return USAGE_ERROR
     _quiet_libraries()
-    threading.excepthook = _one_line_thread_errors
+    threading.excepthook = _quiet_thread_write_errors
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:

@@ -22,7 +22,7 @@ from embtune.run_files import BEST_DIR, DEV_SPLIT_FILE, TENSORBOARD_DIR, TRAINER
 BEST_MANIFEST = ".embtune-files.json"  # in best/: the files the save wrote, with checksums
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
-_LEFTOVER = re.compile(r"\.(checkpoint-\d+|best)\.(tmp|old|deleting)")
+_LEFTOVER = re.compile(r"\.(checkpoint-\d+|best|final)\.(tmp|old|deleting)")
 # What Encoder.save (transformers' save_pretrained, the tokenizer, the sentence-transformers
 # modules) and accelerate's save_state write: the names a folder without records is judged by.
 _SAVED_NAMES = re.compile(

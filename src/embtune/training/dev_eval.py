@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from embtune.checkpoint import WRITE_ERRORS, save_atomically, stopped_writing
+from embtune.checkpoint import is_write_failure, save_atomically, stopped_writing
 from embtune.run_cleanup import record_best_files
 from embtune.run_files import BEST_DIR
 from embtune.training.session import Session
@@ -37,7 +37,9 @@ def evaluate_dev(session: Session, step: int) -> None:
                 save_atomically(
                     session.out / BEST_DIR, lambda path: save_best(session, unwrapped, path)
                 )
-            except WRITE_ERRORS as exc:
+            except Exception as exc:
+                if not is_write_failure(exc, session.out):
+                    raise
                 what = f"step {step}: could not write {BEST_DIR}/"
                 raise stopped_writing(what, exc, session.out) from exc
             best.update(step=step, ndcg=ndcg)

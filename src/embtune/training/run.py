@@ -23,9 +23,10 @@ import yaml
 
 from embtune.atomic import atomic_write, write_json_atomically
 from embtune.checkpoint import (
-    WRITE_ERRORS,
     exclude_model_from_state,
+    is_write_failure,
     load_training_state,
+    save_into_folder,
     stopped_writing,
     write_problem,
 )
@@ -290,10 +291,14 @@ def prepare_model(session: Session) -> None:
         session.encoder, optimizer, scheduler
     )
     exclude_model_from_state(accelerator)
-    start_trackers(accelerator, config, session.out, session.run.start_step)
     session.model.train()
     session.logbook = Logbook(accelerator, session.run.history, session.out)
-    session.logbook.open(session.run.start_step)
+    try:
+        start_trackers(accelerator, config, session.out, session.run.start_step)
+        session.logbook.open(session.run.start_step)
+    except OSError as exc:  # before any step: nothing to keep, so a refusal
+        problem = write_problem(exc, session.out)
+        raise UsageError(f"--output-dir: cannot write to {session.out}: {problem}") from exc
 
 
 def restore_training_state(session: Session, resume: ResumePoint) -> None:
@@ -320,7 +325,9 @@ def finish(session: Session) -> TrainResult:
     if session.main:
         try:
             write_final_files(session, texts_per_second, peak)
-        except WRITE_ERRORS as exc:
+        except Exception as exc:
+            if not is_write_failure(exc, session.out):
+                raise
             raise stopped_writing("could not write the final model", exc, session.out) from exc
     end_distributed(accelerator)
     best = session.run.best
@@ -343,7 +350,8 @@ def finish(session: Session) -> TrainResult:
 def write_final_files(session: Session, texts_per_second: float, peak: int) -> None:
     """The model, train_summary.json, the closing line and the finished trainer state."""
     out, progress, coverage = session.out, session.run.progress, session.coverage
-    session.kind.save(session.accelerator.unwrap_model(session.model), out)
+    model = session.accelerator.unwrap_model(session.model)
+    save_into_folder(out, lambda folder: session.kind.save(model, folder))
     padding = 1 - progress.real_tokens / max(progress.padded_tokens, 1)
     summary = {
         "steps": session.total_steps,
