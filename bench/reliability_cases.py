@@ -11,7 +11,7 @@ the promise is about files; NOT AS PROMISED otherwise, with what differed.
 
 Full disks are real ones: small tmpfs mounts (root only); read-only folders are read-only
 tmpfs mounts for root and mode-555 folders for others. Cases that need what this machine does
-not allow print "skipped (why)". About 5 minutes on 2 CPU cores:
+not allow print "skipped (why)". 5-8 minutes on 2 shared CPU cores:
 
     .venv/bin/python bench/reliability_cases.py --out bench/results/reliability-cases.md
 """
