@@ -40,11 +40,13 @@ def reference(tiny_model: Path, data: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @contextlib.contextmanager
-def small_disk(folder: Path, megabytes: int) -> Iterator[Path]:
-    """A tmpfs of ``megabytes`` at ``folder`` for the block; skips the test where not allowed."""
+def small_disk(folder: Path, megabytes: int, inodes: int | None = None) -> Iterator[Path]:
+    """A tmpfs of ``megabytes`` (and at most ``inodes`` files) at ``folder`` for the block;
+    skips the test where it cannot be mounted."""
     folder.mkdir()
+    options = f"size={megabytes}m" + (f",nr_inodes={inodes}" if inodes else "")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(folder)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )
@@ -135,3 +137,21 @@ def test_two_runs_started_together_into_one_folder_leave_one_consistent_run(
     seeds = {read_trainer_state(c, "--resume")["config"]["seed"] for c in list_checkpoints(out)}
     assert seeds == {int(winner)}
     assert read_trainer_state(out, "--resume")["config"]["seed"] == int(winner)
+
+
+@pytest.mark.parametrize("inodes", [5, 8, 11])
+def test_a_disk_full_before_the_first_step_is_one_line_with_exit_2(
+    tiny_model, data, tmp_path, inodes
+) -> None:
+    """A disk with room for only a few files fails at one of the setup writes (lock, config,
+    budget, TensorBoard's folders and files, train_log.jsonl): refused, nothing trained."""
+    with small_disk(tmp_path / "disk", 32, inodes=inodes) as disk:
+        out = disk / "run"
+        cache = str(tmp_path / "cache")  # the token cache elsewhere: only the run folder is full
+        done = train_process(
+            train_argv(tiny_model, data, out, "--save-steps", "0", "--cache-dir", cache)
+        )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("embtune")]
+    assert len(errors) == 1 and "the disk is full" in errors[0], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr

@@ -263,4 +263,5 @@ def replace_previous_run(config: TrainConfig, out: Path, resume: ResumePoint) ->
         print(f"embtune train: removed the previous run's {', '.join(removed)} in {out}")
     if kept:
         shown = ", ".join(kept[:5]) + (f" and {len(kept) - 5} more" if len(kept) > 5 else "")
-        print(f"embtune train: kept {len(kept)} files embtune did not write: {shown}")
+        files = "file" if len(kept) == 1 else "files"
+        print(f"embtune train: kept {len(kept)} {files} embtune did not write: {shown}")
