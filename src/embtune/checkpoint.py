@@ -227,15 +227,21 @@ def _replace_dir(tmp: Path, target: Path) -> None:
 def save_atomically(target: Path, write: Callable[[Path], None]) -> None:
     """Write a folder via ``write(tmp)`` then rename it, so a kill never leaves half a folder."""
     tmp = target.with_name(f".{target.name}.tmp")
+    _write_temporary(tmp, write)
+    _replace_dir(tmp, target)
+
+
+def _write_temporary(tmp: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` into a fresh temporary folder and flush it; on any error the folder is
+    removed (a full disk gets its space back) and the error raised."""
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         write(tmp)
         fsync_tree(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk gets its space back
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, target)
 
 
 def recover_interrupted(out: Path) -> list[str]:
@@ -343,14 +349,7 @@ def save_into_folder(out: Path, write: Callable[[Path], None]) -> None:
     ``out`` as it was (the temporary folder removed); a kill between renames leaves whole
     files only, and the run, not marked finished, resumes from its last checkpoint."""
     tmp = out / ".final.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        write(tmp)
-        fsync_tree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _write_temporary(tmp, write)
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
         target = out / path.relative_to(tmp)
         target.parent.mkdir(parents=True, exist_ok=True)
