@@ -55,6 +55,29 @@ def test_a_run_into_a_busy_folder_is_refused_in_one_line(tiny_model, data, tmp_p
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]  # nothing else written
 
 
+def test_a_busy_folder_with_files_is_refused_as_busy_not_as_not_empty(tmp_path: Path) -> None:
+    # The second of two runs started together often finds the first's files already there;
+    # it must be told the folder is in use, not that it holds "a previous run".
+    from embtune.config import TrainConfig
+    from embtune.errors import UsageError
+    from embtune.training.preflight import check_output_dir
+
+    holder = RunLock(tmp_path)
+    holder.acquire()
+    (tmp_path / LOG_FILE).write_text("")
+    config = TrainConfig(output_dir=str(tmp_path))
+    busy = f"is in use by another embtune run \\(pid {os.getpid()} on"
+    try:
+        with pytest.raises(UsageError, match=busy):
+            check_output_dir(config)
+        assert RunLock.holder(tmp_path) is not None
+    finally:
+        holder.release()
+    assert RunLock.holder(tmp_path) is None
+    with pytest.raises(UsageError, match="is not empty"):
+        check_output_dir(config)
+
+
 def test_the_lock_of_a_dead_run_is_taken_over_with_a_note(
     tiny_model, data, tmp_path, capsys
 ) -> None:

@@ -84,6 +84,23 @@ class RunLock:
             return None
         return info if isinstance(info, dict) else None
 
+    @staticmethod
+    def holder(folder: Path) -> str | None:
+        """Who holds ``folder``'s lock, when a live process does; None otherwise. Takes and
+        drops the lock at once, so it answers without keeping anything."""
+        try:
+            fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            info = RunLock._read(fd)
+            return _describe(info) if info else "unknown"
+        finally:
+            os.close(fd)  # closing drops a shared lock taken here
+        return None
+
     def release(self) -> None:
         """Empty the holder text and release the lock (the file stays: removing it could let
         two runs lock two different files of the same name)."""

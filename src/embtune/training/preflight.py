@@ -92,6 +92,9 @@ def check_output_dir(config: TrainConfig) -> Path:
     out = Path(config.output_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output-dir: {out} exists and is not a folder")
+    busy_with = RunLock.holder(out) if out.is_dir() else None
+    if busy_with is not None:
+        raise UsageError(busy_message(FolderBusy(out, busy_with)))
     if _holds_files(out) and not (config.overwrite_output_dir or config.resuming):
         raise UsageError(
             f"--output-dir: {out} is not empty (a previous run?); pass --overwrite-output-dir "
@@ -110,6 +113,14 @@ def _holds_files(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
 
 
+def busy_message(busy: FolderBusy) -> str:
+    """The one line a run gets when another live run holds its output folder."""
+    return (
+        f"--output-dir: {busy}; wait for it to finish, or choose another folder "
+        "(a second run would mix its checkpoints and logs with the first's)"
+    )
+
+
 def lock_output_dir(out: Path, lock: RunLock, accelerator: Accelerator) -> None:
     """Take the folder's lock (main process) once the folder exists; every process refuses
     together when another run holds it. A no-op before the folder exists or once held."""
@@ -118,10 +129,7 @@ def lock_output_dir(out: Path, lock: RunLock, accelerator: Accelerator) -> None:
         try:
             note = lock.acquire()
         except FolderBusy as exc:
-            refused = (
-                f"--output-dir: {exc}; wait for it to finish, or choose another folder "
-                "(a second run would mix its checkpoints and logs with the first's)"
-            )
+            refused = busy_message(exc)
         else:
             if note:
                 print(f"embtune train: {out}: {note}")
