@@ -20,3 +20,6 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 ENCODE_PRECISIONS = ("fp32", "bf16")
 """Precision of evaluation and mining encodes (models/encoder.py ``Encoder.encode_tokens``)."""
+
+KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "margin_mse")
+"""Distillation losses of ``--kd-loss-type`` (objectives/distillation.py)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from embtune.choices import (
     ATTENTION_IMPLEMENTATIONS,
+    KD_LOSS_TYPES,
     NEGATIVE_FILL_POLICIES,
     NEGATIVE_SAMPLING_POLICIES,
     POOLING_MODES,
@@ -124,6 +125,52 @@ class TrainConfig:
         0.02,
         help="scores are q.p / temperature before the softmax",
         sweep={"order": 4, "label": "t", "header": "temp"},
+    )
+    # --- distillation from teacher scores (rows' pos_scores / neg_scores) -------------------
+    knowledge_distillation: bool = option(
+        False,
+        help="train toward the teacher's scores of each group (the rows' pos_scores / "
+        "neg_scores, e.g. from `embtune score`) with --kd-loss-type; rows without scores are "
+        "refused unless --allow-unscored-rows",
+    )
+    kd_loss_type: str = option(
+        "kl_div",
+        help="kl_div = soft cross-entropy toward softmax(teacher / teacher_temperature) over "
+        "the query's group, plus InfoNCE (FlagEmbedding); m3_kd_loss = every group passage a "
+        "target weighted by the teacher, with the earlier ones masked (FlagEmbedding's bge-m3); "
+        "margin_mse = squared error of positive-negative score margins (sentence-transformers' "
+        "MarginMSELoss)",
+        choices=KD_LOSS_TYPES,
+    )
+    teacher_temperature: float = option(
+        1.0,
+        help="teacher scores are divided by it before their softmax (1.0 = FlagEmbedding, "
+        "which has none); above 1 flattens the targets, below 1 sharpens them",
+    )
+    allow_unscored_rows: bool = option(
+        False,
+        help="with --knowledge-distillation, train rows without teacher scores on the hard "
+        "term only instead of refusing them",
+    )
+    drop_teacher_false_negatives: float | None = option(
+        None,
+        help="before sampling, remove negatives whose teacher score is above (the row's "
+        "lowest positive score - MARGIN): likely false negatives; 0 drops those the teacher "
+        "ranks above a positive",
+        metavar="MARGIN",
+    )
+    # --- Matryoshka embeddings ------------------------------------------------------------
+    matryoshka_dims: list[int] = option(
+        [],
+        help="also train each leading slice of the embedding (e.g. 384 256 128 64): the "
+        "objective is applied to every truncated, re-normalized embedding and the terms are "
+        "weighted; dev evaluation reports every dimension",
+        metavar="DIM",
+    )
+    matryoshka_weights: list[float] = option(
+        [],
+        help="one weight per --matryoshka-dims entry (default: 1 each)",
+        metavar="W",
     )
     # --- optimisation -----------------------------------------------------------------------
     batch_size: int = option(
@@ -315,6 +362,8 @@ class TrainConfig:
                 "--resume and --overwrite-output-dir exclude each other: resume continues the run "
                 "in --output-dir, overwrite replaces it"
             )
+        self._validate_distillation()
+        self._validate_matryoshka()
         if self.negatives_cross_device and not self.in_batch_negatives:
             raise UsageError(
                 "--negatives-cross-device with --no-in-batch-negatives: other processes' "
@@ -324,6 +373,43 @@ class TrainConfig:
             raise UsageError(
                 "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
                 "positive: the loss is always 0. Raise the group size or allow in-batch negatives"
+            )
+
+    def _validate_distillation(self) -> None:
+        """--teacher-temperature, --drop-teacher-false-negatives and what needs distillation."""
+        if not (self.teacher_temperature > 0 and math.isfinite(self.teacher_temperature)):
+            raise OptionError(
+                "teacher_temperature", f"must be a positive number, got {self.teacher_temperature}"
+            )
+        margin = self.drop_teacher_false_negatives
+        if margin is not None and not math.isfinite(margin):
+            raise OptionError(
+                "drop_teacher_false_negatives", f"must be a finite number, got {margin}"
+            )
+        if self.allow_unscored_rows and not self.knowledge_distillation:
+            raise UsageError("--allow-unscored-rows only applies with --knowledge-distillation")
+        if self.kd_loss_type != "kl_div" and not self.knowledge_distillation:
+            raise UsageError(f"--kd-loss-type {self.kd_loss_type} needs --knowledge-distillation")
+
+    def _validate_matryoshka(self) -> None:
+        """Dimensions positive, distinct and decreasing; one weight each."""
+        dims, weights = self.matryoshka_dims, self.matryoshka_weights
+        if any(d < 1 for d in dims):
+            raise OptionError("matryoshka_dims", f"must be positive, got {dims}")
+        if len(set(dims)) != len(dims):
+            raise OptionError("matryoshka_dims", f"has a dimension twice: {dims}")
+        if weights and not dims:
+            raise UsageError("--matryoshka-weights needs --matryoshka-dims")
+        if weights and len(weights) != len(dims):
+            raise OptionError(
+                "matryoshka_weights",
+                f"needs one weight per dimension ({len(dims)}), got {len(weights)}",
+            )
+        if any(not (w >= 0 and math.isfinite(w)) for w in weights) or (
+            weights and not any(weights)
+        ):
+            raise OptionError(
+                "matryoshka_weights", f"must be finite, >= 0 and not all 0, got {weights}"
             )
 
     def to_dict(self) -> dict:
@@ -388,6 +474,11 @@ def _field_type(f) -> type:
     return hint
 
 
+def _item_type(f) -> type:
+    """The element type of a list option (str, int or float)."""
+    return typing.get_args(typing.get_type_hints(TrainConfig)[f.name])[0]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one option per TrainConfig field; defaults are SUPPRESSed so YAML can sit between."""
     for f in fields(TrainConfig):
@@ -409,7 +500,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind is list:
-            kwargs.update(nargs="+", metavar=meta.get("metavar", "VALUE"))
+            kwargs.update(nargs="+", type=_item_type(f), metavar=meta.get("metavar", "VALUE"))
         else:
             kwargs["type"] = kind
             if meta.get("choices"):
@@ -462,7 +553,9 @@ def _yaml_values(path: Path) -> dict[str, tuple[object, int]]:
     return {str(k): (v, lines.get(str(k), 1)) for k, v in data.items()}
 
 
-def _coerce(name: str, value: object, kind: type, where: str, optional: bool = False) -> object:
+def _coerce(
+    name: str, value: object, kind: type, where: str, optional: bool = False, item: type = str
+) -> object:
     """Check a YAML value's type against the field's: int->float widening, and text that
     reads as a float for a float field (YAML 1.1 takes ``1e-5`` for a string); nothing else."""
     if value is None:
@@ -483,22 +576,26 @@ def _coerce(name: str, value: object, kind: type, where: str, optional: bool = F
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is list:
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, list):
-            for i, item in enumerate(value):
-                if not isinstance(item, str):
-                    raise UsageError(
-                        f"{where}: field '{name}': item {i} must be a string, "
-                        f"got {type(item).__name__}"
-                    )
-            return value
+        if not isinstance(value, list):
+            value = [value]  # `train_data: one.jsonl`, `matryoshka_dims: 64`
+        return [_coerce_item(name, i, v, item, where) for i, v in enumerate(value)]
     elif kind is str:
         if isinstance(value, str):
             return value
     raise UsageError(
         f"{where}: field '{name}': expected {kind.__name__}, got {type(value).__name__}"
     )
+
+
+def _coerce_item(name: str, index: int, value: object, kind: type, where: str) -> object:
+    """One item of a YAML list option, refused with its position."""
+    try:
+        return _coerce(name, value, kind, where)
+    except UsageError:
+        word = {str: "a string", int: "an integer", float: "a number"}[kind]
+        raise UsageError(
+            f"{where}: field '{name}': item {index} must be {word}, got {type(value).__name__}"
+        ) from None
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -526,7 +623,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
                     f"(line {first_line}); keep one"
                 )
             keys[name] = (key, line)
-            coerced = _coerce(key, value, _field_type(known[name]), where, _optional(known[name]))
+            field_ = known[name]
+            kind = _field_type(field_)
+            item = _item_type(field_) if kind is list else str
+            coerced = _coerce(key, value, kind, where, _optional(field_), item)
             choices = known[name].metadata.get("choices")
             if choices and coerced is not None and coerced not in choices:
                 raise UsageError(

@@ -28,7 +28,7 @@ from embtune.models.speedups.activation_recompute import (
 )
 from embtune.models.speedups.dropout import use_fast_cpu_dropout
 from embtune.objectives.base import Objective
-from embtune.objectives.infonce import InfoNCE
+from embtune.objectives.from_options import objective_from_options
 
 
 @dataclass
@@ -127,8 +127,8 @@ class BiEncoder:
         return key
 
     def objective(self, config: TrainConfig) -> Objective:
-        """The objective a bi-encoder trains by default: InfoNCE."""
-        return InfoNCE(config.temperature, config.in_batch_negatives)
+        """The objective the options name: InfoNCE, distillation, Matryoshka dimensions."""
+        return objective_from_options(config)
 
     def padding_side(self, encoder: Encoder) -> str:
         """The side batches are padded on: the tokenizer's, as evaluation pads."""
