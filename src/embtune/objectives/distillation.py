@@ -1,0 +1,310 @@
+r"""Distillation from teacher scores: the student learns the teacher's view of each group.
+
+Rows carry a teacher's scores of their passages (``pos_scores`` / ``neg_scores``, written by
+``embtune score``, FlagEmbedding's ``add_reranker_score`` or ``embtune mine``). The batch layout
+brings each group passage's score (``GroupLayout.teacher_scores``, NaN where there is none: a
+slot filled from the corpus, a row without scores). Three losses, chosen by ``--kd-loss-type``:
+
+* ``kl_div`` (:class:`KLDistillation`, joined with InfoNCE by :func:`distillation_objective`):
+  FlagEmbedding's default. Soft cross-entropy toward the teacher's distribution over the
+  query's own group, plus the usual hard InfoNCE term.
+* ``m3_kd_loss`` (:class:`M3Distillation`): FlagEmbedding's bge-m3 loss. Every passage of the
+  group is a target, weighted by the teacher, against all in-batch candidates.
+* ``margin_mse`` (:class:`MarginMSE`): sentence-transformers' MarginMSELoss. The student's
+  positive-negative score margins regress onto the teacher's.
+
+Common notation, for query :math:`b` with own group :math:`G_b` (its positive first, then its
+negatives) and the subset :math:`K_b \subseteq G_b` of passages with a teacher score
+:math:`t_{bj}`:
+
+.. math::
+
+    s_{bj} = \frac{q_b \cdot p_j}{\tau}, \qquad
+    w_{bj} = \operatorname{softmax}_{j \in K_b}\Big(\frac{t_{bj}}{\tau_t}\Big)
+
+:math:`\tau` is ``--temperature`` (the student's, as in InfoNCE) and :math:`\tau_t` is
+``--teacher-temperature`` (1.0, as FlagEmbedding, which has none). A passage without a teacher
+score is never given one: it is left out of :math:`K_b` (and counted in the log as
+``unscored_group_slots``); a query with fewer than two scored passages has no distribution to
+learn and is left out of the soft term (``kd_queries`` counts those that remain).
+
+Logged beside the loss (prefix ``<name>_``): the teacher's entropy over :math:`K_b`, the share of
+queries whose top passage is the same for teacher and student (``top1_agreement``), and the mean
+Spearman rank correlation of their scores over :math:`K_b`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from embtune.config import TrainConfig
+from embtune.data.batching import GroupLayout
+from embtune.objectives.base import Objective, ObjectiveOutput, WeightedSum
+from embtune.objectives.infonce import InfoNCE
+
+
+@dataclass
+class TeacherView:
+    """The step's scores seen group by group: [B, G] matrices over each query's own group."""
+
+    columns: torch.Tensor  # [B, G] passage column of the query's j-th group slot (0 = padding)
+    in_group: torch.Tensor  # [B, G] True where slot j exists (groups may differ in size)
+    scored: torch.Tensor  # [B, G] True where the slot exists and has a teacher score
+    teacher: torch.Tensor  # [B, G] t / teacher_temperature, -inf where not scored
+    student: torch.Tensor  # [B, P] q.p / temperature against every passage
+
+    @property
+    def distilled(self) -> torch.Tensor:
+        """[B] True for queries with at least two scored passages (a distribution to learn)."""
+        return self.scored.sum(1) >= 2
+
+    def targets(self) -> torch.Tensor:
+        """[B, G] the teacher's softmax over each query's scored passages (0 elsewhere; a row
+        with no scored passage is all 0)."""
+        safe = self.teacher.masked_fill(~self.scored.any(1, keepdim=True), 0.0)
+        return torch.softmax(safe, dim=1).masked_fill(~self.scored, 0.0)
+
+    def student_in_group(self) -> torch.Tensor:
+        """[B, G] the student's scores of each group slot."""
+        return self.student.gather(1, self.columns)
+
+
+def teacher_view(
+    representations: Mapping[str, torch.Tensor],
+    layout: GroupLayout,
+    temperature: float,
+    teacher_temperature: float,
+) -> TeacherView:
+    """Student scores against every passage, and both sides' scores slot by slot per group."""
+    queries, passages = representations["queries"], representations["passages"]
+    student = queries.float() @ passages.float().T / temperature
+    number = (
+        layout.query_index
+        if layout.query_index is not None
+        else torch.arange(layout.queries, device=student.device)
+    )
+    own = layout.passage_owner.unsqueeze(0) == number.unsqueeze(1)  # [B, P]
+    sizes = own.sum(1)
+    width = max(int(sizes.max().item()), 1) if own.numel() else 1
+    # Group passages are contiguous and in order, so a stable sort of ~own lists each query's
+    # columns first, positive first.
+    order = torch.sort((~own).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    in_group = torch.arange(width, device=student.device).unsqueeze(0) < sizes.unsqueeze(1)
+    columns = order.masked_fill(~in_group, 0)
+    if layout.teacher_scores is None:
+        raw = torch.full(columns.shape, math.nan, device=student.device)
+    else:
+        raw = layout.teacher_scores.to(student.device).float()[columns]
+    scored = in_group & torch.isfinite(raw)
+    teacher = (raw / teacher_temperature).masked_fill(~scored, float("-inf"))
+    return TeacherView(columns, in_group, scored, teacher, student)
+
+
+def agreement_sums(view: TeacherView) -> dict[str, float]:
+    """Sums over distilled queries: teacher entropy, top-1 agreement, Spearman correlation;
+    plus the group slots without a teacher score."""
+    with torch.no_grad():
+        chosen = view.distilled
+        targets = view.targets()[chosen]
+        scored = view.scored[chosen]
+        teacher = view.teacher[chosen]
+        student = view.student_in_group().detach()[chosen].masked_fill(~scored, float("-inf"))
+        logs = torch.where(targets > 0, targets.clamp_min(1e-30).log(), torch.zeros_like(targets))
+        entropy = -(targets * logs).sum()
+        top1 = (teacher.argmax(1) == student.argmax(1)).sum()
+        correlation = sum(
+            (_spearman(teacher[i][scored[i]], student[i][scored[i]]) for i in range(len(scored))),
+            0.0,
+        )
+        return {
+            "kd_queries": float(chosen.sum().item()),
+            "teacher_entropy": float(entropy.item()),
+            "top1_agreement": float(top1.item()),
+            "rank_correlation": float(correlation),
+            "unscored_group_slots": float((view.in_group & ~view.scored).sum().item()),
+            "group_slots": float(view.in_group.sum().item()),
+        }
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two score vectors (ties ranked by position; 0 when a
+    side is constant)."""
+    ranks = [x.argsort().argsort().double() for x in (a, b)]
+    ranks = [r - r.mean() for r in ranks]
+    denominator = (ranks[0].norm() * ranks[1].norm()).item()
+    return float((ranks[0] @ ranks[1]).item() / denominator) if denominator else 0.0
+
+
+class _TeacherObjective:
+    """What the three distillation losses share: the view, the logged agreement signals."""
+
+    name = "kd"
+
+    def __init__(self, temperature: float, teacher_temperature: float = 1.0) -> None:
+        self.temperature = temperature
+        self.teacher_temperature = teacher_temperature
+
+    def __call__(
+        self, representations: Mapping[str, torch.Tensor], layout: GroupLayout
+    ) -> ObjectiveOutput:
+        """The loss of :meth:`loss` with the agreement signals of :func:`agreement_sums`."""
+        view = teacher_view(representations, layout, self.temperature, self.teacher_temperature)
+        loss = self.loss(view, layout)
+        return ObjectiveOutput(
+            loss=loss,
+            terms={self.name: loss},
+            signal_sums=lambda: agreement_sums(view),
+            details=view,
+        )
+
+    def loss(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
+        """The objective's loss from the step's view (each subclass's formula)."""
+        raise NotImplementedError
+
+    def window_record(self, sums: Mapping[str, float], loss: float) -> dict[str, float | None]:
+        """Means over the window's distilled queries, and the unscored slots it met."""
+        queries = sums.get("kd_queries", 0.0)
+
+        def mean(key: str) -> float | None:
+            return sums[key] / queries if queries else None
+
+        return {
+            "teacher_entropy": mean("teacher_entropy"),
+            "top1_agreement": mean("top1_agreement"),
+            "rank_correlation": mean("rank_correlation"),
+            "kd_queries": queries,
+            "unscored_group_slots": sums.get("unscored_group_slots", 0.0),
+        }
+
+
+class KLDistillation(_TeacherObjective):
+    r"""FlagEmbedding's ``kl_div`` soft term (its hard InfoNCE term is added by
+    :func:`distillation_objective`).
+
+    .. math::
+
+        \mathcal{L}_{kd} = -\frac{1}{|D|} \sum_{b \in D} \sum_{j \in K_b}
+            w_{bj} \log \operatorname{softmax}_{k \in K_b}(s_{bk})_j
+
+    over the distilled queries :math:`D` (two or more scored passages). With every passage
+    scored it is FlagEmbedding's ``distill_loss('kl_div', softmax(t), local_scores)`` (a cross
+    entropy; it differs from the KL divergence by the teacher's entropy, a constant). Use it to
+    pull the student toward a stronger teacher's ranking of hard negatives while InfoNCE keeps
+    the positives first.
+    """
+
+    name = "kl_div"
+
+    def loss(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
+        """The soft cross entropy over each query's scored group passages."""
+        student = view.student_in_group().masked_fill(~view.scored, float("-inf"))
+        chosen = view.distilled
+        if not chosen.any():
+            return student.sum() * 0.0  # keeps the graph: every process joins the backward
+        log_p = torch.log_softmax(student[chosen], dim=1)
+        targets = view.targets()[chosen]
+        per_query = -(targets * log_p.masked_fill(targets == 0, 0.0)).sum(1)
+        return per_query.mean()
+
+
+class M3Distillation(_TeacherObjective):
+    r"""FlagEmbedding's ``m3_kd_loss`` (bge-m3): each group passage in turn is the target of a
+    softmax over all candidates, weighted by the teacher, with the group's earlier passages
+    taken out of the softmax.
+
+    .. math::
+
+        \mathcal{L} = \frac{1}{B} \sum_b \sum_{j} \tilde w_{bj}\,
+            \Big(-\log \frac{\exp s_{b g_j}}
+            {\sum_{p \in C_b \setminus \{g_1..g_{j-1}\}} \exp s_{bp}}\Big)
+
+    :math:`g_j` is the query's j-th group passage, :math:`C_b` its InfoNCE candidates (the whole
+    batch, or its own group with ``--no-in-batch-negatives``; false negatives removed as
+    InfoNCE removes them) and :math:`\tilde w_{bj}` the teacher's softmax over the scored
+    passages. A query without scored passages (only with --allow-unscored-rows) gets all its
+    weight on its positive: its InfoNCE term. With every passage scored it equals
+    FlagEmbedding's ``distill_loss('m3_kd_loss', ...)``. Use it when the teacher's scores are
+    graded relevance (several passages may be relevant), so no single positive is forced first.
+    """
+
+    name = "m3_kd_loss"
+
+    def __init__(
+        self, temperature: float, teacher_temperature: float = 1.0, in_batch_negatives: bool = True
+    ) -> None:
+        super().__init__(temperature, teacher_temperature)
+        self.in_batch_negatives = in_batch_negatives
+
+    def loss(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
+        """Sum over group slots of teacher-weighted cross entropies, earlier slots masked."""
+        weights = view.targets()
+        unscored = ~view.scored.any(1)
+        weights[unscored, 0] = 1.0  # the positive: plain InfoNCE for a row without scores
+        candidate = self._candidates(view, layout)
+        rows = torch.arange(view.columns.shape[0], device=view.student.device)
+        loss = view.student.sum() * 0.0
+        for j in range(view.columns.shape[1]):
+            target = view.columns[:, j]
+            allowed = candidate.clone()
+            allowed[rows, target] = True
+            logits = view.student.masked_fill(~allowed, float("-inf"))
+            slot = F.cross_entropy(logits, target, reduction="none")
+            weight = weights[:, j]
+            loss = loss + (weight * slot.masked_fill(weight == 0, 0.0)).mean()
+            earlier = view.scored[:, j] | (unscored & (j == 0))
+            candidate[rows[earlier], target[earlier]] = False
+        return loss
+
+    def _candidates(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
+        """[B, P] InfoNCE's candidates: every passage (or the own group), no false negative."""
+        own = torch.zeros_like(view.student, dtype=torch.bool)
+        own.scatter_(1, view.columns, view.in_group)
+        candidate = torch.ones_like(own) if self.in_batch_negatives else own
+        return candidate & ~layout.false_negative_mask.to(own.device)
+
+
+class MarginMSE(_TeacherObjective):
+    r"""sentence-transformers' MarginMSELoss over each query's group.
+
+    .. math::
+
+        \mathcal{L} = \frac{1}{|M|} \sum_{(b, n) \in M}
+            \Big((s_{b+} - s_{bn}) - \frac{t_{b+} - t_{bn}}{\tau_t}\Big)^2
+
+    over the pairs :math:`M` of a query's positive and one of its negatives, both scored by the
+    teacher. With ``--temperature 1 --teacher-temperature 1`` the student's margins are raw
+    dot products, as in sentence-transformers; for normalized embeddings (margins of cosines,
+    at most 2) keep ``--temperature`` low so the student's margins can reach a cross-encoder's.
+    No hard term is added (rows without teacher scores contribute nothing). Use it with a
+    cross-encoder teacher whose score differences, not only its ranking, mean something.
+    """
+
+    name = "margin_mse"
+
+    def loss(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
+        """Mean squared error of margins over the scored (positive, negative) pairs."""
+        student = view.student_in_group()
+        pairs = view.scored[:, 1:] & view.scored[:, :1]
+        if not pairs.any():
+            return student.sum() * 0.0
+        student_margin = student[:, :1] - student[:, 1:]
+        teacher = view.teacher.masked_fill(~view.scored, 0.0)
+        teacher_margin = teacher[:, :1] - teacher[:, 1:]
+        return F.mse_loss(student_margin[pairs], teacher_margin[pairs])
+
+
+def distillation_objective(config: TrainConfig) -> Objective:
+    """``--kd-loss-type``'s objective: ``kl_div`` joined with InfoNCE (FlagEmbedding adds the
+    hard term for it), the others alone."""
+    temperature, teacher_temperature = config.temperature, config.teacher_temperature
+    if config.kd_loss_type == "kl_div":
+        infonce = InfoNCE(temperature, config.in_batch_negatives)
+        return WeightedSum([(1.0, infonce), (1.0, KLDistillation(temperature, teacher_temperature))])
+    if config.kd_loss_type == "m3_kd_loss":
+        return M3Distillation(temperature, teacher_temperature, config.in_batch_negatives)
+    return MarginMSE(temperature, teacher_temperature)
