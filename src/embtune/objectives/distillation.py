@@ -304,7 +304,9 @@ def distillation_objective(config: TrainConfig) -> Objective:
     temperature, teacher_temperature = config.temperature, config.teacher_temperature
     if config.kd_loss_type == "kl_div":
         infonce = InfoNCE(temperature, config.in_batch_negatives)
-        return WeightedSum([(1.0, infonce), (1.0, KLDistillation(temperature, teacher_temperature))])
+        return WeightedSum(
+            [(1.0, infonce), (1.0, KLDistillation(temperature, teacher_temperature))]
+        )
     if config.kd_loss_type == "m3_kd_loss":
         return M3Distillation(temperature, teacher_temperature, config.in_batch_negatives)
     return MarginMSE(temperature, teacher_temperature)
