@@ -52,10 +52,14 @@ def run(args: argparse.Namespace) -> int:
             f"embtune train: {result.skipped_steps} steps skipped for a non-finite loss or "
             "gradient (listed in train_log.jsonl)"
         )
+    final = ""
+    if last:
+        # Chance level is the contrastive objectives'; a distillation loss has none.
+        chance = f" (chance {last['chance_loss']:.3f})" if "chance_loss" in last else ""
+        final = f", final loss {last['loss']:.4f}{chance}"
     print(
         f"embtune train: {result.steps} steps in {result.train_seconds:.1f} s, "
-        f"{result.texts_per_second:.1f} texts/s"
-        + (f", final loss {last['loss']:.4f} (chance {last['chance_loss']:.3f})" if last else "")
+        f"{result.texts_per_second:.1f} texts/s{final}"
     )
     if result.best_step is not None:
         print(

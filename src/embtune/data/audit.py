@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from embtune.data.formats import Record, is_blank
 from embtune.data.groups import TrainingTexts
 from embtune.data.store import TextStore, tokenize_store
+from embtune.data.teacher_scores import TeacherCheck, teacher_check
 from embtune.errors import shorten
 
 LENGTH_CAP = 4096  # texts are measured up to this many tokens; longer ones count as this
@@ -161,6 +162,7 @@ class DataAudit:
     negatives_positive_elsewhere: int = 0  # negatives of one query that are another's positive
     query_lengths: LengthSummary | None = None
     passage_lengths: LengthSummary | None = None
+    teacher: TeacherCheck | None = None  # suspected false negatives, when rows have scores
 
     def lines(self) -> list[str]:
         """The audit as aligned sections of plain text."""
@@ -211,6 +213,8 @@ class DataAudit:
                     f"  {name:<14}{s.p50:>5}  {s.p90:>5}  {s.p99:>5}  {top:>5}   "
                     f"{s.truncated_fraction:6.1%} of {s.texts:,} at {s.max_len}"
                 )
+        if self.teacher:
+            out += self.teacher.lines()
         return out
 
     def findings(self) -> list[str]:
@@ -242,6 +246,8 @@ class DataAudit:
             )
         if self.empty_texts:
             out.append(f"{_texts(self.empty_texts)} are empty or whitespace. Remove them.")
+        if self.teacher:
+            out += self.teacher.findings()
         return out
 
     def to_json(self) -> dict:
@@ -256,6 +262,8 @@ class DataAudit:
         for name in ("query_lengths", "passage_lengths"):
             summary = getattr(self, name)
             data[name] = summary.to_json() if summary else None
+        data.pop("teacher")
+        data["teacher_check"] = self.teacher.to_json() if self.teacher else None
         return data
 
 
@@ -300,4 +308,5 @@ def audit_data(records: list[Record], texts: TrainingTexts) -> DataAudit:
         negatives_shared=len(shared),
         most_shared_negatives=[(texts.passages.texts[i], int(per_negative[i])) for i in top],
         negatives_positive_elsewhere=len(np.intersect1d(all_neg, all_pos)),
+        teacher=teacher_check(records),
     )

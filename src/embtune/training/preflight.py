@@ -30,6 +30,11 @@ from embtune.config import TrainConfig
 from embtune.data.dev_split import carve_dev_split, dev_dataset, passage_corpus
 from embtune.data.formats import BeirDataset, Record, TrainingData, load_beir, load_training_data
 from embtune.data.store import usable_cache_dir
+from embtune.data.teacher_scores import (
+    TeacherDrop,
+    drop_teacher_false_negatives,
+    refuse_unscored_rows,
+)
 from embtune.errors import UsageError
 from embtune.run_cleanup import clear_previous_run
 from embtune.run_files import (
@@ -51,6 +56,7 @@ class Inputs:
     dev_data: BeirDataset | None
     dev_rows: list[Record]  # rows --dev-fraction held out (saved as dev_split.json)
     out: Path
+    teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
 
 
 @dataclass
@@ -80,7 +86,19 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
     out = check_output_dir(config)
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
-    return Inputs(data, dev_data, dev_rows, out)
+    return Inputs(data, dev_data, dev_rows, out, check_teacher_scores(config, data))
+
+
+def check_teacher_scores(config: TrainConfig, data: TrainingData) -> TeacherDrop | None:
+    """Distillation's rows all scored (unless allowed); --drop-teacher-false-negatives done."""
+    if config.knowledge_distillation and not config.allow_unscored_rows:
+        refuse_unscored_rows(data.records)
+    if config.drop_teacher_false_negatives is None:
+        return None
+    data.records, dropped = drop_teacher_false_negatives(
+        data.records, config.drop_teacher_false_negatives
+    )
+    return dropped
 
 
 def check_output_dir(config: TrainConfig) -> Path:

@@ -36,6 +36,7 @@ from embtune.data.epoch_plan import EpochPlan, total_steps
 from embtune.data.formats import BeirDataset, rejected_row_count, write_rejected_rows
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
 from embtune.data.pipeline import negatives_budget_for
+from embtune.data.teacher_scores import teacher_check
 from embtune.distributed import end_distributed
 from embtune.errors import UsageError
 from embtune.kinds import DEFAULT_KIND, ModelKind, model_kind
@@ -215,6 +216,7 @@ def prepare_run(
         dev_data=inputs.dev_data,
         show=show,
         rejected=inputs.data.rejected,
+        teacher_drop=inputs.teacher_drop,
     )
 
 
@@ -235,6 +237,7 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
         print(f"  {line}")
     for finding in session.budget.findings():
         print(f"embtune train: warning: {finding}")
+    announce_teacher_scores(inputs)
     print(
         f"  steps: {session.total_steps} ({plan.steps_per_epoch} per epoch, "
         f"{plan.global_batch} queries per step)"
@@ -262,6 +265,15 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
             f"  dev set: {len(session.dev_data.qrels)} queries over "
             f"{len(session.dev_data.corpus)} passages (evaluated {when}at the end)"
         )
+
+
+def announce_teacher_scores(inputs: Inputs) -> None:
+    """What --drop-teacher-false-negatives removed, and what the teacher still disputes."""
+    if inputs.teacher_drop is not None:
+        print(f"  {inputs.teacher_drop.line()}")
+    check = teacher_check(inputs.data.records)
+    for finding in check.findings() if check else ():
+        print(f"embtune train: warning: {finding}")
 
 
 def announce_bad_rows(inputs: Inputs, out: Path) -> None:
@@ -369,6 +381,8 @@ def write_final_files(session: Session, texts_per_second: float, peak: int) -> N
     }
     if session.config.skip_bad_rows:
         summary["rejected_rows"] = rejected_row_count(session.rejected)
+    if session.teacher_drop is not None:
+        summary["teacher_false_negatives_dropped"] = session.teacher_drop.to_json()
     write_json_atomically(out / SUMMARY_FILE, summary)
     print(
         f"embtune train: {session.total_steps} steps, {texts_per_second:.1f} texts/s, peak "

@@ -13,6 +13,7 @@ from embtune.config import TrainConfig
 from embtune.data.epoch_plan import EpochPlan
 from embtune.data.formats import BeirDataset
 from embtune.data.groups import NegativeCoverage, NegativesBudget
+from embtune.data.teacher_scores import TeacherDrop
 from embtune.kinds.base import Model, ModelKind, Texts
 from embtune.objectives.base import Objective
 from embtune.training.logbook import Logbook
@@ -42,6 +43,7 @@ class Session:
     dev_data: BeirDataset | None = None
     show: bool = True
     rejected: list = field(default_factory=list)  # --skip-bad-rows: the rows' problems
+    teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
     model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
