@@ -210,3 +210,13 @@ def test_the_view_lists_each_groups_passages_positive_first() -> None:
     view = teacher_view(reps, layout, 1.0, 1.0)
     assert view.columns.tolist() == [[b * G + j for j in range(G)] for b in range(B)]
     assert view.scored.all()
+
+
+def test_every_kd_loss_type_names_a_registered_objective() -> None:
+    from embtune.choices import KD_LOSS_TYPES
+    from embtune.objectives import OBJECTIVES
+
+    assert set(KD_LOSS_TYPES) <= set(OBJECTIVES)
+    for name in KD_LOSS_TYPES:
+        config = TrainConfig(knowledge_distillation=True, kd_loss_type=name)
+        assert name in distillation_objective(config).name.split("+")

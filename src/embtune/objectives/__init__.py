@@ -1,16 +1,32 @@
 """Objectives: a step's representations and batch layout -> loss, named terms, signals.
 
-The interface is :class:`~embtune.objectives.base.Objective`; :class:`InfoNCE` is the first one,
-:class:`WeightedSum` combines several. Adding one is one module plus, when the command line
-should choose it, its line in :data:`OBJECTIVES` (docs/architecture.md, "Adding an
-objective").
+The interface is :class:`~embtune.objectives.base.Objective`. :class:`InfoNCE` is the contrastive
+objective; :class:`KLDistillation`, :class:`M3Distillation` and :class:`MarginMSE` learn from
+teacher scores (``--kd-loss-type``); :class:`WeightedSum` combines several;
+:func:`objective_from_options` builds the one `embtune train`'s options name. Adding one is one
+module plus, when the command line should choose it, its line in :data:`OBJECTIVES`
+(docs/architecture.md, "Adding an objective").
 """
 
 from __future__ import annotations
 
 from embtune.objectives.base import Objective, ObjectiveOutput, WeightedSum
+from embtune.objectives.distillation import KLDistillation, M3Distillation, MarginMSE
+from embtune.objectives.from_options import objective_from_options
 from embtune.objectives.infonce import InfoNCE
 
-OBJECTIVES = {InfoNCE.name: InfoNCE}
+OBJECTIVES = {
+    objective.name: objective for objective in (InfoNCE, KLDistillation, M3Distillation, MarginMSE)
+}
 
-__all__ = ["OBJECTIVES", "InfoNCE", "Objective", "ObjectiveOutput", "WeightedSum"]
+__all__ = [
+    "OBJECTIVES",
+    "InfoNCE",
+    "KLDistillation",
+    "M3Distillation",
+    "MarginMSE",
+    "Objective",
+    "ObjectiveOutput",
+    "WeightedSum",
+    "objective_from_options",
+]
