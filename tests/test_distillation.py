@@ -9,6 +9,7 @@ groups laid out query after query), on dense [B, B*G] score matrices.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -220,3 +221,77 @@ def test_every_kd_loss_type_names_a_registered_objective() -> None:
     for name in KD_LOSS_TYPES:
         config = TrainConfig(knowledge_distillation=True, kd_loss_type=name)
         assert name in distillation_objective(config).name.split("+")
+
+
+def _scored_batch(share: list[int]):  # noqa: ANN202
+    """Queries ``share`` of 6 scored groups of 3 (tokens and scores fixed by a seed)."""
+    rng = np.random.default_rng(5)
+    scores = rng.normal(size=(6, 3)) * 2
+    rows = [
+        TrainRow(query=b, pos=np.array([3 * b]), neg=np.array([3 * b + 1, 3 * b + 2]),
+                 pos_scores=scores[b, :1], neg_scores=scores[b, 1:])
+        for b in range(6)
+    ]  # fmt: skip
+    groups = [
+        Group(row=b, query=b, passages=[3 * b, 3 * b + 1, 3 * b + 2], scores=scores[b].tolist())
+        for b in share
+    ]
+    queries = TokenTable.from_lists([rng.integers(1000, 2000, size=5) for _ in range(6)])
+    passages = TokenTable.from_lists(
+        [rng.integers(1000, 2000, size=rng.integers(4, 12)) for _ in range(18)]
+    )
+    return collate(groups, rows, queries, passages, 0)
+
+
+def _kd_worker(rank: int, port: int, model_dir: str, kd_loss_type: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        share = [0, 1, 2] if rank == 0 else [3, 4, 5]
+        encoder = Encoder.from_pretrained(Path(model_dir), pooling="mean")
+        encoder.eval()
+        config = TrainConfig(
+            temperature=TAU, knowledge_distillation=True, kd_loss_type=kd_loss_type
+        )
+        result = forward_backward(
+            encoder, _scored_batch(share), distillation_objective(config),
+            StepSettings(negatives_cross_device=True, shared_parts=("passages",)),
+            lambda loss: loss.backward(), lambda loss: True,
+        )  # fmt: skip
+        grad = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+        dist.all_reduce(grad)
+        loss = torch.tensor([result.loss.item() / 2])
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss.item(), "grad": grad / 2}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("kd_loss_type", ["kl_div", "m3_kd_loss", "margin_mse"])
+def test_cross_device_distillation_equals_one_process_on_the_union_batch(
+    tiny_model, tmp_path, kd_loss_type: str
+) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_kd_worker, args=(port, str(tiny_model), kd_loss_type, str(out)), nprocs=2)
+    two = torch.load(out)
+    config = TrainConfig(temperature=TAU, knowledge_distillation=True, kd_loss_type=kd_loss_type)
+    with single_thread():
+        encoder = Encoder.from_pretrained(tiny_model, pooling="mean")
+        encoder.eval()
+        single = forward_backward(
+            encoder, _scored_batch(list(range(6))), distillation_objective(config),
+            StepSettings(), lambda loss: loss.backward(), lambda loss: True,
+        )  # fmt: skip
+        grad = torch.cat([p.grad.flatten() for p in encoder.parameters() if p.grad is not None])
+    assert two["loss"] == pytest.approx(single.loss.item(), abs=1e-5)
+    assert (two["grad"] - grad).abs().max().item() < 1e-5 * max(1.0, grad.abs().max().item())
