@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect as signatures
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from embtune import api
 from embtune.cli import build_parser, main
 from embtune.data.formats import load_training_data
 from embtune.data.groups import build_rows
-from embtune.errors import UsageError
+from embtune.errors import TrainingStopped, UsageError
 from embtune.models.encoder import Encoder
 from embtune.scoring.cache import teacher_key
 from embtune.scoring.teachers import (
@@ -230,6 +231,27 @@ def test_a_killed_run_continues_from_the_cache(
     resumed = run_score(reranker, data, out, batch_size=3, cache_dir=resumed_cache)
     assert (resumed.counts.cached, resumed.counts.computed) == (3, DISTINCT - 3)
     assert out.read_bytes() == whole.output.read_bytes()
+
+
+def test_a_non_finite_score_stops_the_run_and_keeps_the_batches_before_it(
+    reranker: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = write_rows(tmp_path / "train.jsonl", ROWS)
+    real = CrossEncoderTeacher.score_pairs
+    batches: list[int] = []
+
+    def nan_in_the_second_batch(self: CrossEncoderTeacher, queries: list, passages: list) -> list:
+        batches.append(len(queries))
+        scores = real(self, queries, passages)
+        return scores if len(batches) == 1 else [math.nan, *scores[1:]]
+
+    monkeypatch.setattr(CrossEncoderTeacher, "score_pairs", nan_in_the_second_batch)
+    out = tmp_path / "scored.jsonl"
+    with pytest.raises(TrainingStopped, match=r"nan; 4 pairs were not scored"):
+        run_score(reranker, data, out, batch_size=3)
+    assert not out.exists()
+    monkeypatch.setattr(CrossEncoderTeacher, "score_pairs", real)
+    assert run_score(reranker, data, out, batch_size=3).counts.cached == 3
 
 
 def test_the_cache_is_keyed_by_every_scoring_setting(reranker: Path) -> None:

@@ -42,7 +42,9 @@ def score_all(
     one); the scores committed before it stay cached.
     """
     keys = [cache.key(query, passage) for query, passage in pairs]
-    first = {key: i for i, key in reversed(list(enumerate(keys)))}  # key -> first pair
+    first: dict[bytes, int] = {}  # each distinct pair's key -> its first place
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
     known = cache.lookup(first)
     todo = [i for key, i in first.items() if key not in known]
     todo.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
