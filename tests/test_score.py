@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -370,9 +371,14 @@ def test_auto_kind_reads_the_models_files(reranker: Path, tiny_model: Path, tmp_
         "bi-encoder",
         "it has embtune_encoder.json",
     )
+    with pytest.raises(UsageError, match="cannot tell what kind of teacher"):
+        teacher_kind(str(tmp_path), SimpleNamespace(architectures=["GPT2LMHeadModel"]))
     data = write_rows(tmp_path / "train.jsonl", ROWS)
+    paths = {"train_data": data, "output": tmp_path / "y.jsonl", "cache_dir": tmp_path / "c"}
     with pytest.raises(UsageError, match="--max-length: only for a cross-encoder"):
-        api.score(saved, data, tmp_path / "y.jsonl", max_length=128, cache_dir=tmp_path / "c")
+        api.score(saved, max_length=128, **paths)
+    with pytest.raises(UsageError, match=r"--query-max-len: 9999 is outside 1\.\.512"):
+        api.score(saved, query_max_len=9999, **paths)
 
 
 def test_every_option_of_the_command_is_a_parameter_with_its_default() -> None:

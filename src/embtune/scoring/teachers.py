@@ -43,7 +43,7 @@ from transformers import (
 from embtune.data.store import tokenizer_fingerprint
 from embtune.errors import UsageError
 from embtune.eval.retrieval import weights_fingerprint
-from embtune.models.encoder import SETTINGS_FILE, Encoder, model_file
+from embtune.models.encoder import SETTINGS_FILE, Encoder, check_max_lengths, model_file
 
 # Part of every cache key: a change of how scores are computed must not meet old entries.
 IDENTITY_FORMAT = 1
@@ -117,7 +117,7 @@ def teacher_kind(name: str, config: PretrainedConfig) -> tuple[str, str]:
     found = [f for f in EMBEDDER_FILES if model_file(name, f) is not None]
     if found:
         return "bi-encoder", f"it has {found[0]}"
-    if architectures and all(a.endswith("Model") for a in architectures):
+    if architectures and all(_bare_encoder(a) for a in architectures):
         return "bi-encoder", (
             f"config.json architecture {architectures[0]} without sentence-transformers files: "
             "cls pooling and normalization assumed"
@@ -127,6 +127,11 @@ def teacher_kind(name: str, config: PretrainedConfig) -> tuple[str, str]:
         f"--teacher-kind auto: cannot tell what kind of teacher {name} is (config.json "
         f"architectures: {shown}); pass --teacher-kind cross-encoder or bi-encoder"
     )
+
+
+def _bare_encoder(architecture: str) -> bool:
+    """``BertModel``, ``XLMRobertaModel``: no head (``GPT2LMHeadModel`` has one)."""
+    return architecture.endswith("Model") and "LMHead" not in architecture
 
 
 def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSettings) -> None:
@@ -141,9 +146,10 @@ def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSetting
             )
         length = settings.pair_max_length
         if length < MIN_MAX_LENGTH or (limit and length > limit):
+            given = "the default " if settings.max_length is None else ""
             raise UsageError(
-                f"--max-length: {length} is outside {MIN_MAX_LENGTH}..{limit or 'any'} (the "
-                "model's position limit)"
+                f"--max-length: {given}{length} is outside {MIN_MAX_LENGTH}..{limit or 'any'} "
+                "(the model's position limit)"
             )
         for option in ("query_max_len", "passage_max_len"):
             if getattr(settings, option) is not None:
@@ -154,6 +160,8 @@ def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSetting
             "--max-length: only for a cross-encoder teacher; use --query-max-len / "
             "--passage-max-len"
         )
+    else:
+        check_max_lengths(config, settings.query_max_len or 1, settings.passage_max_len or 1)
 
 
 def _device() -> torch.device:
