@@ -23,3 +23,6 @@ ENCODE_PRECISIONS = ("fp32", "bf16")
 
 KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "margin_mse")
 """Distillation losses of ``--kd-loss-type`` (objectives/distillation.py)."""
+
+TEACHER_KINDS = ("auto", "cross-encoder", "bi-encoder")
+"""What `embtune score --teacher-kind` accepts (scoring/teachers.py ``teacher_kind``)."""

@@ -7,6 +7,7 @@
     metrics = api.evaluate(result.output_dir, "data/scifact", split="test")
     print(metrics["ndcg@10"])
     print(api.inspect("train.jsonl", train_group_size=16).text)
+    api.score("BAAI/bge-reranker-base", "train.jsonl", "scored.jsonl")  # teacher scores
 
 Each function takes the options of its command under the same names (``--train-group-size`` is
 ``train_group_size``) with the same defaults, checks them the same way, and raises
@@ -23,6 +24,7 @@ from embtune.api.evaluation import Metrics, evaluate
 from embtune.api.inspection import InspectResult, format_inspect_report, inspect
 from embtune.api.mining import MineResult, format_mining_report, mine
 from embtune.api.options import PathLike
+from embtune.api.scoring import ScoreResult, format_score_report, score
 from embtune.api.training import train
 
 __all__ = [
@@ -30,10 +32,13 @@ __all__ = [
     "Metrics",
     "MineResult",
     "PathLike",
+    "ScoreResult",
     "evaluate",
     "format_inspect_report",
     "format_mining_report",
+    "format_score_report",
     "inspect",
     "mine",
+    "score",
     "train",
 ]

@@ -395,7 +395,30 @@ def read_flag_jsonl(
     own = problems is None
     problems = problems or ProblemCollector(skip_bad_rows=skip_bad_rows)
     already_rejected = len(problems.rejected)
-    records: list[Record] = []
+    records = [
+        Record(
+            query=row["query"],
+            pos=list(row["pos"]),
+            neg=list(row.get("neg") or []),
+            pos_scores=_floats(row.get("pos_scores")),
+            neg_scores=_floats(row.get("neg_scores")),
+            prompt=row.get("prompt"),
+            source=f"{path}:{number}",
+        )
+        for path, number, row in flag_rows(paths, problems)
+    ]
+    if own:
+        problems.raise_if_any()
+    return RecordList(records, problems.rejected[already_rejected:])
+
+
+def flag_rows(paths: list[Path], problems: ProblemCollector) -> Iterator[tuple[Path, int, dict]]:
+    """(file, line, the JSON object as read) of each valid FlagEmbedding row of ``paths``.
+
+    The objects are the parsed lines themselves, every field kept in its order, for writers
+    that pass rows through (`embtune score`); the problems of the other rows go to
+    ``problems`` (with its skip_bad_rows, those rows are only left out and listed).
+    """
     for path in paths:
         for number, element, row in json_values(path, problems):
             found = _row_problems(row)
@@ -405,20 +428,7 @@ def read_flag_jsonl(
             if found:
                 continue
             assert isinstance(row, dict)
-            records.append(
-                Record(
-                    query=row["query"],
-                    pos=list(row["pos"]),
-                    neg=list(row.get("neg") or []),
-                    pos_scores=_floats(row.get("pos_scores")),
-                    neg_scores=_floats(row.get("neg_scores")),
-                    prompt=row.get("prompt"),
-                    source=f"{path}:{number}",
-                )
-            )
-    if own:
-        problems.raise_if_any()
-    return RecordList(records, problems.rejected[already_rejected:])
+            yield path, number, row
 
 
 @dataclass
@@ -813,6 +823,7 @@ __all__ = [
     "Record",
     "TrainingData",
     "beir_training_records",
+    "flag_rows",
     "is_beir_dir",
     "load_beir",
     "load_training_data",

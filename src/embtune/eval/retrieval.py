@@ -257,7 +257,11 @@ def model_fingerprint(encoder: Encoder) -> str:
     or re-saved to the same folder gets a new fingerprint. sha256 runs at about 1.5 GB/s, so
     this costs ~0.1 s for a MiniLM and a few seconds for a multi-GB model.
     """
-    model = encoder.model
+    return weights_fingerprint(encoder.model)
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """:func:`model_fingerprint` of any Hugging Face model (a reranker's too)."""
     digest = hashlib.sha256()
     digest.update(type(model).__name__.encode())
     digest.update(model.config.to_json_string(use_diff=False).encode())

@@ -80,7 +80,7 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _model_file(name_or_path: str, filename: str) -> Path | None:
+def model_file(name_or_path: str, filename: str) -> Path | None:
     """A file of a local model folder or, for hub names, of the cached/downloaded repo."""
     local = Path(name_or_path)
     if local.is_dir():
@@ -99,19 +99,19 @@ def saved_settings(name_or_path: str) -> EncoderSettings:
 
     A model without either gets ``cls`` pooling (the BERT convention) and normalization on.
     """
-    own = _model_file(name_or_path, SETTINGS_FILE)
+    own = model_file(name_or_path, SETTINGS_FILE)
     if own and (data := _read_json(own)):
         known = EncoderSettings.__dataclass_fields__
         return EncoderSettings(**{k: v for k, v in data.items() if k in known})
     settings = EncoderSettings()
-    modules_file = _model_file(name_or_path, "modules.json")
+    modules_file = model_file(name_or_path, "modules.json")
     modules = _read_json(modules_file) if modules_file else None
     if not isinstance(modules, list):
         return settings
     settings.normalize = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     for module in modules:
         if str(module.get("type", "")).endswith("Pooling"):
-            cfg_file = _model_file(name_or_path, f"{module.get('path', '')}/config.json")
+            cfg_file = model_file(name_or_path, f"{module.get('path', '')}/config.json")
             cfg = (_read_json(cfg_file) if cfg_file else None) or {}
             mode = cfg.get("pooling_mode")
             if isinstance(mode, list | tuple):
@@ -120,7 +120,7 @@ def saved_settings(name_or_path: str) -> EncoderSettings:
             mode = {"lasttoken": "last_token"}.get(mode, mode) or (legacy[0] if legacy else None)
             if mode in POOLING_MODES:
                 settings.pooling = mode
-    st_cfg_file = _model_file(name_or_path, "config_sentence_transformers.json")
+    st_cfg_file = model_file(name_or_path, "config_sentence_transformers.json")
     prompts = ((_read_json(st_cfg_file) if st_cfg_file else None) or {}).get("prompts") or {}
     settings.query_instruction = prompts.get("query") or ""
     settings.passage_instruction = prompts.get("document") or prompts.get("passage") or ""
