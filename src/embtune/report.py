@@ -69,17 +69,18 @@ def plot_dimensions(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     matplotlib.use("Agg")  # no display on servers
     import matplotlib.pyplot as plt
 
+    # The first evaluation (grey) against the last (red): what training did for each size.
     shown = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    for (step, points), style in zip(shown, (":", "-"), strict=False):
-        ax.plot(*zip(*points, strict=True), "o" + style, color="tab:red", label=f"step {step}")
+    for (step, points), color in zip(shown, ("tab:gray", "tab:red"), strict=False):
+        ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"step {step}")
     dims = [dim for dim, _ in evaluations[-1][1]]
     ax.set_xscale("log", base=2)  # Matryoshka sizes halve: equal steps on a log axis
     ax.set_xticks(dims, [str(d) for d in dims])
     ax.minorticks_off()
     ax.set_xlabel("embedding dimension")
     ax.set_ylabel("dev nDCG@10")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
     ax.set_title("dev retrieval quality at each Matryoshka dimension")
     fig.tight_layout()
     fig.savefig(path)
