@@ -237,7 +237,7 @@ def evaluate(
     import time
 
     from embtune.eval.retrieval import check_k_values
-    from embtune.models.encoder import Encoder, check_dimensions
+    from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
     k_values = check_k_values([k] if isinstance(k, int) else k)
@@ -263,8 +263,6 @@ def evaluate(
         passage_max_len=passage_max_len,
         encode_precision=precision(bf16),
     ).to(torch_device)
-    if dim_list:
-        check_dimensions(encoder.model.config, dim_list, "--dims")
     scores, by_dim = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )
@@ -310,6 +308,7 @@ def _scores(
     """(the metrics, None) of the full embedding, or with ``dims`` (the first dimension's
     metrics, every dimension's) from one encoding."""
     from embtune.eval.retrieval import evaluate_dimensions, evaluate_retrieval
+    from embtune.models.encoder import check_dimensions
 
     options = {
         "k_values": k_values,
@@ -320,5 +319,6 @@ def _scores(
     }
     if not dims:
         return evaluate_retrieval(encoder, dataset, **options), None
+    check_dimensions(encoder.model.config, dims, "--dims")
     by_dim = evaluate_dimensions(encoder, dataset, dims, **options)
     return by_dim[dims[0]], by_dim

@@ -12,6 +12,10 @@ Example::
     q = enc.encode_queries(["what is a cell?"])
     p = enc.encode_passages(["A cell is the basic unit of life."])
     score = q @ p.T
+
+A Matryoshka model (docs/matryoshka.md) at a smaller size, as
+``SentenceTransformer(path, truncate_dim=128)``: ``Encoder.from_pretrained(path,
+truncate_dim=128)``.
 """
 
 from __future__ import annotations
@@ -189,6 +193,26 @@ def load_model_config(name_or_path: str | Path) -> object:
         raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
 
 
+def _load_model(
+    name: str, attn_implementation: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and its tokenizer; a model or an attention kind that cannot load is a
+    one-line UsageError."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModel.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+    except (ImportError, ValueError) as exc:
+        if not attn_implementation:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
+    return model, tokenizer
+
+
 class Encoder(torch.nn.Module):
     """Hugging Face encoder + pooling + optional L2 normalization + instructions."""
 
@@ -260,18 +284,7 @@ class Encoder(torch.nn.Module):
         for key, value in overrides.items():
             if value is not None:
                 setattr(settings, key, value)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = AutoModel.from_pretrained(name, **kwargs)
-        except OSError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
-        except (ImportError, ValueError) as exc:
-            if not attn_implementation:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
+        model, tokenizer = _load_model(name, attn_implementation)
         check_max_lengths(model.config, settings.query_max_len, settings.passage_max_len)
         if truncate_dim is not None:
             check_dimensions(model.config, [truncate_dim], "truncate_dim")
