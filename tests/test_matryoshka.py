@@ -145,6 +145,70 @@ def test_the_cached_strategy_gives_the_plain_gradient(tiny_model: Path, inner) -
     assert (grads[0] - grads[1]).abs().max().item() < 1e-5
 
 
+def _objective() -> Matryoshka:
+    return Matryoshka(InfoNCE(0.05), DIMS, [1.0, 0.5, 0.25], normalize=True)
+
+
+def _cross_device_worker(rank: int, world: int, port: int, model: str, out: str) -> None:
+    """This process's share of tests/test_train_step.py's union batch, cached, with
+    cross-device negatives (its tokens drawn as make_batch draws them)."""
+    import torch.distributed as dist
+
+    from tests.test_train_step import gradients, load, make_batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        _, rows = make_batch(queries=6)
+        rng = np.random.default_rng(0)
+        queries = [rng.integers(1000, 2000, size=rng.integers(3, 9)) for _ in range(6)]
+        passages = [rng.integers(1000, 2000, size=rng.integers(4, 20)) for _ in range(18)]
+        share = np.array_split(np.arange(6), world)[rank]
+        groups = [Group(row=b, query=b, passages=list(range(b * 3, b * 3 + 3))) for b in share]
+        local = collate(groups, rows, TokenTable.from_lists(queries),
+                        TokenTable.from_lists(passages), 0)  # fmt: skip
+        settings = StepSettings(cache_chunk_size=2, negatives_cross_device=True,
+                                shared_parts=("passages",))  # fmt: skip
+        encoder = load(Path(model), dropout=False)
+        result = forward_backward(
+            encoder, local, _objective(), settings, lambda loss: loss.backward(),
+            lambda loss: True, loss_weight=len(share) * world / 6,
+        )  # fmt: skip
+        grad = gradients(encoder)
+        dist.all_reduce(grad)  # what DDP does, then divides by the process count
+        loss = torch.tensor([result.loss.item() * len(share) / 6])
+        dist.all_reduce(loss)
+        if rank == 0:
+            torch.save({"loss": loss.item(), "grad": grad / world}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_device_negatives_with_the_cache_equal_one_process(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """2 processes (gloo), cached, against one process on the union batch, plain."""
+    import torch.multiprocessing as mp
+
+    from tests.test_train_step import _free_port, gradients, load, make_batch
+
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_cross_device_worker, args=(2, _free_port(), str(tiny_model), str(out)), nprocs=2)
+    two = torch.load(out)
+    union, _ = make_batch(queries=6)
+    with single_thread():
+        encoder = load(tiny_model, dropout=False)
+        single = forward_backward(
+            encoder, union, _objective(), StepSettings(), lambda loss: loss.backward(),
+            lambda loss: True,
+        )  # fmt: skip
+    assert two["loss"] == pytest.approx(single.loss.item(), abs=1e-6)
+    grad = gradients(encoder)
+    # float32 sums in another order across processes; the largest gradient here is ~17.
+    assert (two["grad"] - grad).abs().max().item() < 1e-5 * max(1.0, grad.abs().max().item())
+
+
 def _beir_training_data(folder: Path) -> Path:
     folder.mkdir()
     with open(folder / "corpus.jsonl", "w") as fh:
