@@ -1,4 +1,4 @@
-"""Human-readable results: metric comparison tables and training-curve plots."""
+"""Human-readable results: metric comparison tables, training-curve and Matryoshka plots."""
 
 from __future__ import annotations
 
@@ -45,6 +45,47 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def dimension_points(record: Mapping[str, float]) -> list[tuple[int, float]]:
+    """(dimension, nDCG@10) of a dev record's Matryoshka metrics (``dev_ndcg@10_dim<d>``),
+    smallest dimension first."""
+    points = []
+    for key, value in record.items():
+        dim = key.removeprefix("dev_ndcg@10_dim")
+        if dim != key and dim.isdigit():
+            points.append((int(dim), value))
+    return sorted(points)
+
+
+def plot_dimensions(history: Sequence[Mapping[str, float]], path: Path) -> bool:
+    """Dev nDCG@10 against the Matryoshka dimension, one PNG: the first and the last dev
+    evaluation that has per-dimension metrics. False (nothing written) when none has them."""
+    evaluations = [(h["step"], points) for h in history if (points := dimension_points(h))]
+    if not evaluations:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    # The first evaluation (grey) against the last (red): what training did for each size.
+    shown = [evaluations[0], evaluations[-1]] if len(evaluations) > 1 else evaluations
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    for (step, points), color in zip(shown, ("tab:gray", "tab:red"), strict=False):
+        ax.plot(*zip(*points, strict=True), "o-", color=color, label=f"step {step}")
+    dims = [dim for dim, _ in evaluations[-1][1]]
+    ax.set_xscale("log", base=2)  # Matryoshka sizes halve: equal steps on a log axis
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.minorticks_off()
+    ax.set_xlabel("embedding dimension")
+    ax.set_ylabel("dev nDCG@10")
+    ax.legend(loc="best")
+    ax.set_title("dev retrieval quality at each Matryoshka dimension")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
 
 
 def write_demo_report(out: Path, payload: Mapping, history: Sequence[Mapping[str, float]]) -> None:

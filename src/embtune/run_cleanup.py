@@ -17,7 +17,13 @@ import shutil
 from pathlib import Path
 
 from embtune.manifest import MANIFEST_KEY, file_manifest
-from embtune.run_files import BEST_DIR, DEV_SPLIT_FILE, TENSORBOARD_DIR, TRAINER_STATE_FILE
+from embtune.run_files import (
+    BEST_DIR,
+    DEV_SPLIT_FILE,
+    DIMENSIONS_PLOT,
+    TENSORBOARD_DIR,
+    TRAINER_STATE_FILE,
+)
 
 BEST_MANIFEST = ".embtune-files.json"  # in best/: the files the save wrote, with checksums
 
@@ -109,7 +115,7 @@ def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
             _remove_saved_files(path, kept)
         elif name == TENSORBOARD_DIR and path.is_dir():
             _remove_events(path, kept)
-        elif name in (TRAINER_STATE_FILE, DEV_SPLIT_FILE) and path.is_file():
+        elif name in (TRAINER_STATE_FILE, DEV_SPLIT_FILE, DIMENSIONS_PLOT) and path.is_file():
             path.unlink()
         else:
             continue

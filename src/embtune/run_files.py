@@ -13,6 +13,7 @@ BUDGET_FILE = "negatives_budget.json"  # the negatives budget printed before tra
 SUMMARY_FILE = "train_summary.json"  # written when the run finished
 DEV_SPLIT_FILE = "dev_split.json"  # the rows --dev-fraction held out
 REJECTED_FILE = "rejected_rows.jsonl"  # --skip-bad-rows: the rows left out and why
+DIMENSIONS_PLOT = "matryoshka_dims.png"  # --matryoshka-dims with dev data: nDCG@10 by dim
 BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
 TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the real imports pull in torch / transformers
 
     from embtune.data.formats import BeirDataset
     from embtune.errors import InputProblem
-    from embtune.models.encoder import EncoderSettings
+    from embtune.models.encoder import Encoder, EncoderSettings
 
 
 class Metrics(dict):
@@ -37,7 +37,9 @@ class Metrics(dict):
 
     It also carries what was evaluated, for reports: ``model``, ``data``, ``split``,
     ``queries`` (judged queries evaluated), ``corpus_size``, ``seconds`` and ``settings`` (the
-    :class:`~embtune.models.encoder.EncoderSettings` used).
+    :class:`~embtune.models.encoder.EncoderSettings` used). Evaluated at several Matryoshka
+    dimensions (``dims``), ``by_dim`` holds ``{dim: metrics}`` and the dict itself the first
+    dimension's metrics.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class Metrics(dict):
         settings: EncoderSettings | None = None,
         rejected: list[InputProblem] | None = None,
         rejected_report: Path | None = None,
+        by_dim: dict[int, dict[str, float]] | None = None,
     ) -> None:
         # Every argument has a default so that copy and pickle, which call cls(), work.
         super().__init__(metrics or {})
@@ -62,6 +65,7 @@ class Metrics(dict):
         # skip_bad_rows: the problems of the data rows left out (None: not skipping), and the
         # file listing them (beside the --json file; None without one).
         self.rejected, self.rejected_report = rejected, rejected_report
+        self.by_dim = by_dim
 
     @property
     def rejected_rows(self) -> int | None:
@@ -84,15 +88,18 @@ class Metrics(dict):
         )
 
     def table(self) -> str:
-        """The metrics as a table: one row per metric, one column per cut-off."""
-        from embtune.eval.retrieval import format_metrics
+        """The metrics as a table: one row per metric, one column per cut-off; with
+        ``by_dim``, one row per dimension, one column per metric and cut-off."""
+        from embtune.eval.retrieval import format_dimension_table, format_metrics
 
-        return format_metrics(self)
+        return format_dimension_table(self.by_dim) if self.by_dim else format_metrics(self)
 
     def to_json(self) -> dict:
-        """The record `embtune eval --json` writes: the metrics, then what was evaluated."""
+        """The record `embtune eval --json` writes: the metrics (with ``by_dim``, a block
+        ``"dims": {"<dim>": metrics}`` instead), then what was evaluated."""
+        scores = {"dims": {str(d): m for d, m in self.by_dim.items()}} if self.by_dim else self
         return {
-            **self,
+            **scores,
             "model": self.model,
             "data": self.data,
             "split": self.split,
@@ -181,6 +188,7 @@ def evaluate(
     device: str | None = None,
     bf16: bool = False,
     skip_bad_rows: bool = False,
+    dims: Sequence[int] | None = None,
     show_progress: bool = True,
 ) -> Metrics:
     """Retrieval metrics of a model on one split of a BEIR folder, as `embtune eval` computes.
@@ -203,6 +211,10 @@ def evaluate(
             them) are left out and counted (``Metrics.rejected_rows``) instead of refusing the
             whole input; with ``json`` they are listed in ``<json stem>.rejected_rows.jsonl``
             beside it (``Metrics.rejected_report``).
+        dims: Matryoshka dimensions to evaluate at: embedded once, each dimension's vectors
+            cut to their first ``dim`` components and re-normalized as
+            ``Encoder.from_pretrained(model, truncate_dim=dim)`` makes them
+            (``Metrics.by_dim``; None: the full embedding only).
         show_progress: show encoding progress bars.
 
     Returns:
@@ -224,7 +236,7 @@ def evaluate(
     """
     import time
 
-    from embtune.eval.retrieval import check_k_values, evaluate_retrieval
+    from embtune.eval.retrieval import check_k_values
     from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
@@ -234,6 +246,7 @@ def evaluate(
     query_max_len = optional_int(query_max_len, "--query-max-len", 1)
     passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
     choice(pooling, "--pooling", POOLING_MODES)
+    dim_list = _dims(dims)
     json_path, report = _output_paths(json, Path(data), split, skip_bad_rows)
     torch_device = _device(device)
 
@@ -250,14 +263,8 @@ def evaluate(
         passage_max_len=passage_max_len,
         encode_precision=precision(bf16),
     ).to(torch_device)
-    scores = evaluate_retrieval(
-        encoder,
-        dataset,
-        k_values=k_values,
-        batch_size=batch_size,
-        show_progress=show_progress,
-        cache_dir=cache_dir,
-        use_faiss=faiss,
+    scores, by_dim = _scores(
+        encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )
     metrics = Metrics(
         scores,
@@ -270,6 +277,48 @@ def evaluate(
         settings=encoder.settings,
         rejected=dataset.rejected if skip_bad_rows else None,
         rejected_report=report,
+        by_dim=by_dim,
     )
     _save(metrics, json_path, report)
     return metrics
+
+
+def _dims(dims: Sequence[int] | None) -> list[int]:
+    """``--dims`` as a list of distinct positive whole numbers ([] when not given)."""
+    if dims is None:
+        return []
+    values = [int_option(d, "--dims", 1) for d in ([dims] if isinstance(dims, int) else dims)]
+    if not values:
+        raise UsageError("--dims: give at least one dimension")
+    if len(set(values)) != len(values):
+        raise UsageError(f"--dims: a dimension is given twice: {values}")
+    return values
+
+
+def _scores(
+    encoder: Encoder,
+    dataset: BeirDataset,
+    dims: list[int],
+    k_values: tuple[int, ...],
+    batch_size: int,
+    show_progress: bool,
+    cache_dir: PathLike | None,
+    faiss: bool,
+) -> tuple[dict[str, float], dict[int, dict[str, float]] | None]:
+    """(the metrics, None) of the full embedding, or with ``dims`` (the first dimension's
+    metrics, every dimension's) from one encoding."""
+    from embtune.eval.retrieval import evaluate_dimensions, evaluate_retrieval
+    from embtune.models.encoder import check_dimensions
+
+    options = {
+        "k_values": k_values,
+        "batch_size": batch_size,
+        "show_progress": show_progress,
+        "cache_dir": cache_dir,
+        "use_faiss": faiss,
+    }
+    if not dims:
+        return evaluate_retrieval(encoder, dataset, **options), None
+    check_dimensions(encoder.model.config, dims, "--dims")
+    by_dim = evaluate_dimensions(encoder, dataset, dims, **options)
+    return by_dim[dims[0]], by_dim

@@ -19,9 +19,14 @@ exactly as trec_eval / pytrec_eval (and so BEIR and MTEB) compute them.
 The model's saved settings (embtune_encoder.json, else its sentence-transformers config) are
 used; the options below override them for this run only.
 
-example:
+With --dims, the embeddings are computed once and evaluated at each leading size
+(Matryoshka): cut to their first DIM components and re-normalized, as
+SentenceTransformer(model, truncate_dim=DIM) with cosine similarity scores them.
+
+examples:
   embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact --split test \\
       --json results/scifact.json --cache-dir .cache/embeddings
+  embtune eval --model runs/mrl --data data/scifact --dims 384 128 64
 """
 
 
@@ -84,6 +89,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="search with a faiss IndexFlatIP (exact, faster on large corpora; needs "
         "`pip install faiss-cpu`) instead of chunked torch search (default: off)",
+    )
+    p.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        metavar="DIM",
+        help="evaluate at each of these embedding sizes (Matryoshka): encoded once, each "
+        "truncated to its first DIM components and re-normalized; one table row and one JSON "
+        'block (under "dims") per dimension (default: the full size only)',
     )
     _add_encoder_options(p)
     p.add_argument(
@@ -177,6 +191,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         bf16=args.bf16,
         skip_bad_rows=args.skip_bad_rows,
+        dims=args.dims,
         show_progress=sys.stderr.isatty(),
     )
     print(metrics.summary())

@@ -308,6 +308,9 @@ def corpus_cache_key(
         "ids": _hash_strings(ids) if ids is not None else None,
         "count": len(texts),
     }
+    if encoder.truncate_dim is not None:
+        # Only when set, so the keys of entries cached before truncation existed still match.
+        parts["truncate_dim"] = encoder.truncate_dim
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
@@ -379,26 +382,16 @@ def corpus_embeddings(
     return embeddings
 
 
-def evaluate_retrieval(
+def _embed(
     encoder: Encoder,
     data: BeirDataset,
-    k_values: Iterable[int] = (10, 100),
-    batch_size: int = 64,
-    show_progress: bool = True,
-    corpus_vectors: torch.Tensor | None = None,
-    cache_dir: str | Path | None = None,
-    use_faiss: bool = False,
-    ignore_identical_ids: bool = True,
-) -> dict[str, float]:
-    """Embed the judged queries and the corpus, search, and score: {"ndcg@10": ..., ...}.
-
-    Every metric of :data:`METRICS` is reported at every cut-off in ``k_values``. Queries are
-    those with judgements in ``data.qrels``; the whole corpus is searched. Pass
-    ``corpus_vectors`` (rows in ``data.corpus`` order, e.g. from :func:`corpus_embeddings`
-    with the same encoder) to skip encoding the corpus. Like BEIR, a hit whose document id
-    equals the query id is dropped unless ``ignore_identical_ids`` is False.
-    """
-    ks = check_k_values(k_values)
+    batch_size: int,
+    show_progress: bool,
+    corpus_vectors: torch.Tensor | None,
+    cache_dir: str | Path | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(judged query embeddings, corpus embeddings), the corpus from ``corpus_vectors`` or
+    :func:`corpus_embeddings` (cached in ``cache_dir``)."""
     doc_ids = list(data.corpus)
     if corpus_vectors is None:
         corpus_vectors = corpus_embeddings(
@@ -423,16 +416,105 @@ def evaluate_retrieval(
             f"query embeddings have {query_embeddings.shape[1]} dimensions but corpus "
             f"embeddings {corpus_vectors.shape[1]}: were they made by another model?"
         )
+    return query_embeddings, corpus_vectors
+
+
+def _score(
+    query_embeddings: torch.Tensor,
+    corpus_vectors: torch.Tensor,
+    data: BeirDataset,
+    ks: tuple[int, ...],
+    use_faiss: bool,
+    ignore_identical_ids: bool,
+) -> dict[str, float]:
+    """Search the corpus for the judged queries and score the run against the judgements."""
     run = retrieve(
         query_embeddings,
         corpus_vectors,
-        list(queries),
-        doc_ids,
+        list(data.split_queries()),
+        list(data.corpus),
         max(ks),
         use_faiss=use_faiss,
         ignore_identical_ids=ignore_identical_ids,
     )
     return retrieval_metrics(run, data.qrels, ks)
+
+
+def evaluate_retrieval(
+    encoder: Encoder,
+    data: BeirDataset,
+    k_values: Iterable[int] = (10, 100),
+    batch_size: int = 64,
+    show_progress: bool = True,
+    corpus_vectors: torch.Tensor | None = None,
+    cache_dir: str | Path | None = None,
+    use_faiss: bool = False,
+    ignore_identical_ids: bool = True,
+) -> dict[str, float]:
+    """Embed the judged queries and the corpus, search, and score: {"ndcg@10": ..., ...}.
+
+    Every metric of :data:`METRICS` is reported at every cut-off in ``k_values``. Queries are
+    those with judgements in ``data.qrels``; the whole corpus is searched. Pass
+    ``corpus_vectors`` (rows in ``data.corpus`` order, e.g. from :func:`corpus_embeddings`
+    with the same encoder) to skip encoding the corpus. Like BEIR, a hit whose document id
+    equals the query id is dropped unless ``ignore_identical_ids`` is False.
+    """
+    ks = check_k_values(k_values)
+    queries, corpus = _embed(encoder, data, batch_size, show_progress, corpus_vectors, cache_dir)
+    return _score(queries, corpus, data, ks, use_faiss, ignore_identical_ids)
+
+
+def evaluate_dimensions(
+    encoder: Encoder,
+    data: BeirDataset,
+    dims: Sequence[int],
+    k_values: Iterable[int] = (10, 100),
+    batch_size: int = 64,
+    show_progress: bool = True,
+    corpus_vectors: torch.Tensor | None = None,
+    cache_dir: str | Path | None = None,
+    use_faiss: bool = False,
+    ignore_identical_ids: bool = True,
+) -> dict[int, dict[str, float]]:
+    """:func:`evaluate_retrieval` at each Matryoshka dimension: {dim: {"ndcg@10": ...}}.
+
+    Queries and corpus are embedded once; for each dimension both are cut to their first
+    ``dim`` components and re-normalized when the encoder normalizes
+    (:func:`~embtune.models.encoder.truncate_embeddings`), so each block equals evaluating
+    ``Encoder.from_pretrained(model, truncate_dim=dim)``. A dimension of at least the width
+    is the full embedding. Other arguments as for :func:`evaluate_retrieval`.
+    """
+    from embtune.models.encoder import truncate_embeddings
+
+    ks = check_k_values(k_values)
+    queries, corpus = _embed(encoder, data, batch_size, show_progress, corpus_vectors, cache_dir)
+    if too_large := [d for d in dims if d > queries.shape[1]]:
+        raise UsageError(
+            f"--dims: {too_large[0]} is larger than the embeddings ({queries.shape[1]})"
+        )
+    normalize = encoder.settings.normalize
+    return {
+        dim: _score(
+            truncate_embeddings(queries, dim, normalize),
+            truncate_embeddings(corpus, dim, normalize),
+            data,
+            ks,
+            use_faiss,
+            ignore_identical_ids,
+        )
+        for dim in dict.fromkeys(dims)
+    }
+
+
+def format_dimension_table(by_dim: Mapping[int, Mapping[str, float]]) -> str:
+    """A plain-text table for the screen: one row per dimension, one column per metric@k."""
+    keys = list(next(iter(by_dim.values()), {}))
+    labels = [METRIC_LABELS.get(k.partition("@")[0], k) + "@" + k.partition("@")[2] for k in keys]
+    width = max([len(label) for label in labels] + [8]) + 1
+    lines = [f"{'dim':>5}" + "".join(f"{label:>{width}}" for label in labels)]
+    for dim, metrics in by_dim.items():
+        lines.append(f"{dim:>5}" + "".join(f"{metrics[k]:>{width}.4f}" for k in keys))
+    return "\n".join(lines)
 
 
 __all__ = [
@@ -441,7 +523,9 @@ __all__ = [
     "corpus_cache_key",
     "corpus_cache_path",
     "corpus_embeddings",
+    "evaluate_dimensions",
     "evaluate_retrieval",
+    "format_dimension_table",
     "format_metrics",
     "map_at_k",
     "model_fingerprint",

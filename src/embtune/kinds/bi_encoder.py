@@ -21,7 +21,12 @@ from embtune.data.formats import BeirDataset, TrainingData
 from embtune.data.groups import Group, TrainingTexts, TrainRow
 from embtune.data.pipeline import training_texts
 from embtune.data.store import TokenTable, tokenize_store, usable_cache_dir
-from embtune.models.encoder import Encoder, check_max_lengths, load_model_config
+from embtune.models.encoder import (
+    Encoder,
+    check_dimensions,
+    check_max_lengths,
+    load_model_config,
+)
 from embtune.models.speedups.activation_recompute import (
     recompute_feed_forward_activations,
     recompute_norm_outputs,
@@ -78,6 +83,7 @@ class BiEncoder:
         """Refuse options the model cannot take, from its config alone (no weights loaded)."""
         model_config = load_model_config(config.model)
         check_max_lengths(model_config, config.query_max_len, config.passage_max_len)
+        check_dimensions(model_config, config.matryoshka_dims, "--matryoshka-dims")
 
     def load(self, config: TrainConfig, weights_from: Path | None = None) -> Encoder:
         """The encoder to train; a resumed run takes its weights (and settings) from the
@@ -91,6 +97,7 @@ class BiEncoder:
             query_max_len=config.query_max_len,
             passage_max_len=config.passage_max_len,
             attn_implementation=config.attn_implementation,
+            matryoshka_dims=config.matryoshka_dims,
         )
 
     def prepare_texts(
@@ -181,10 +188,20 @@ class BiEncoder:
         encoder.to(device)  # before the optimizer, which picks its kernel by device
 
     def evaluate(self, encoder: Encoder, dev_data: BeirDataset) -> dict[str, float]:
-        """Retrieval metrics (nDCG@10, MRR@10, Recall@k, ...) on a BEIR-style dev set."""
-        from embtune.eval.retrieval import evaluate_retrieval
+        """Retrieval metrics (nDCG@10, MRR@10, Recall@k, ...) on a BEIR-style dev set; with
+        Matryoshka dimensions also each one's, suffixed ``_dim<d>`` (``ndcg@10_dim64``),
+        from one encoding. The unsuffixed metrics are the full embedding's."""
+        from embtune.eval.retrieval import evaluate_dimensions, evaluate_retrieval
 
-        return evaluate_retrieval(encoder, dev_data, show_progress=False)
+        dims = encoder.settings.matryoshka_dims
+        if not dims:
+            return evaluate_retrieval(encoder, dev_data, show_progress=False)
+        width = encoder.model.config.hidden_size
+        by_dim = evaluate_dimensions(encoder, dev_data, [width, *dims], show_progress=False)
+        metrics = dict(by_dim[width])
+        for dim in dims:
+            metrics.update({f"{key}_dim{dim}": value for key, value in by_dim[dim].items()})
+        return metrics
 
     def save(self, encoder: Encoder, path: Path) -> None:
         """A folder that transformers, sentence-transformers and embtune load identically."""

@@ -12,6 +12,10 @@ Example::
     q = enc.encode_queries(["what is a cell?"])
     p = enc.encode_passages(["A cell is the basic unit of life."])
     score = q @ p.T
+
+A Matryoshka model (docs/matryoshka.md) at a smaller size, as
+``SentenceTransformer(path, truncate_dim=128)``: ``Encoder.from_pretrained(path,
+truncate_dim=128)``.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,6 +56,27 @@ class EncoderSettings:
     passage_instruction: str = ""
     query_max_len: int = 64
     passage_max_len: int = 256
+    # The Matryoshka dimensions the model was trained at (--matryoshka-dims): the leading
+    # slices that were trained to be embeddings on their own (docs/matryoshka.md).
+    matryoshka_dims: list[int] = field(default_factory=list)
+
+
+def truncate_embeddings(embeddings: torch.Tensor, dim: int | None, normalize: bool) -> torch.Tensor:
+    """The first ``dim`` components of each embedding, L2-normalized again when ``normalize``.
+
+    sentence-transformers' ``truncate_dim`` cuts after its Normalize module and does not
+    normalize again (``util.truncate_embeddings``: ``embeddings[..., :dim]``); its cosine
+    similarity, which a normalized model saved by embtune declares (``similarity_fn_name``),
+    and ``encode(normalize_embeddings=True)`` do. Normalizing here keeps the inner product a
+    cosine, so search, mining and the Matryoshka objective need no other change: the vectors
+    equal ``SentenceTransformer(path, truncate_dim=dim).encode(texts,
+    normalize_embeddings=True)``. ``None`` or a ``dim`` of at least the width returns the
+    embeddings unchanged (the encoder normalized them already).
+    """
+    if dim is None or dim >= embeddings.shape[-1]:
+        return embeddings
+    truncated = embeddings[..., :dim]
+    return F.normalize(truncated, dim=-1) if normalize else truncated
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -140,6 +165,19 @@ def check_max_lengths(model_config: object, query_max_len: int, passage_max_len:
             )
 
 
+def check_dimensions(model_config: object, dims: Sequence[int], option: str) -> None:
+    """Refuse embedding dimensions that are not positive or larger than the model's (its
+    hidden size: the width of a pooled embedding)."""
+    width = getattr(model_config, "hidden_size", None)
+    if any(d < 1 for d in dims):
+        raise UsageError(f"{option}: dimensions must be positive, got {list(dims)}")
+    too_large = [d for d in dims if width and d > width]
+    if too_large:
+        raise UsageError(
+            f"{option}: {too_large[0]} is larger than the model's embedding size ({width})"
+        )
+
+
 def load_model_config(name_or_path: str | Path) -> object:
     """The model's ``config.json`` only (no weights): enough to check options before loading."""
     from transformers import AutoConfig
@@ -153,6 +191,26 @@ def load_model_config(name_or_path: str | Path) -> object:
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+
+
+def _load_model(
+    name: str, attn_implementation: str | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model and its tokenizer; a model or an attention kind that cannot load is a
+    one-line UsageError."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model = AutoModel.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
+    except (ImportError, ValueError) as exc:
+        if not attn_implementation:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
+    return model, tokenizer
 
 
 class Encoder(torch.nn.Module):
@@ -176,6 +234,8 @@ class Encoder(torch.nn.Module):
         # Precision of encode*(): "fp32" by default (embeddings equal sentence-transformers' to
         # 1e-5); "bf16" autocasts (CPUs with AVX-512 BF16 / AMX and GPUs run it ~2x faster).
         self.encode_precision = "fp32"
+        # Leading components encode*() keep (None: all); training (forward) always sees all.
+        self.truncate_dim: int | None = None
 
     @classmethod
     def from_pretrained(
@@ -189,12 +249,18 @@ class Encoder(torch.nn.Module):
         passage_max_len: int | None = None,
         attn_implementation: str | None = None,
         encode_precision: str = "fp32",
+        matryoshka_dims: Sequence[int] | None = None,
+        truncate_dim: int | None = None,
     ) -> Encoder:
         """Load a hub name or local folder; arguments left as None keep the model's own settings.
 
         Pooling defaults to what the model's sentence-transformers config says, else ``cls``.
         ``attn_implementation`` is passed to transformers (sdpa, eager, flash_attention_2);
         ``encode_precision`` ("fp32" or "bf16") is the precision of :meth:`encode_tokens`.
+        ``matryoshka_dims`` is recorded with the model when it is saved (the dimensions it is
+        trained at); ``truncate_dim``, as in ``SentenceTransformer(path, truncate_dim=d)``,
+        makes the ``encode*`` methods return the first ``d`` components, re-normalized when the
+        model normalizes (:func:`truncate_embeddings`).
         """
         if encode_precision not in ENCODE_PRECISIONS:
             raise UsageError(
@@ -213,28 +279,21 @@ class Encoder(torch.nn.Module):
             "passage_instruction": passage_instruction,
             "query_max_len": query_max_len,
             "passage_max_len": passage_max_len,
+            "matryoshka_dims": list(matryoshka_dims) if matryoshka_dims is not None else None,
         }
         for key, value in overrides.items():
             if value is not None:
                 setattr(settings, key, value)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = AutoModel.from_pretrained(name, **kwargs)
-        except OSError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--model: cannot load {name!r}: {first}") from exc
-        except (ImportError, ValueError) as exc:
-            if not attn_implementation:
-                raise
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
+        model, tokenizer = _load_model(name, attn_implementation)
         check_max_lengths(model.config, settings.query_max_len, settings.passage_max_len)
+        if truncate_dim is not None:
+            check_dimensions(model.config, [truncate_dim], "truncate_dim")
         if tokenizer.pad_token is None:
             # Decoder-style models (last_token pooling) often ship without a pad token.
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         encoder = cls(model, tokenizer, settings)
         encoder.encode_precision = encode_precision
+        encoder.truncate_dim = truncate_dim
         return encoder
 
     # --- embedding -------------------------------------------------------------------------
@@ -270,7 +329,8 @@ class Encoder(torch.nn.Module):
         show_progress: bool = False,
         desc: str = "encoding",
     ) -> torch.Tensor:
-        """Embed pre-tokenized texts; float32 [N, H] on the CPU, in input order.
+        """Embed pre-tokenized texts; float32 [N, H] on the CPU, in input order (H is
+        :attr:`truncate_dim` when set).
 
         Texts are batched in order of length so little padding is computed.
         """
@@ -288,12 +348,13 @@ class Encoder(torch.nn.Module):
                 device.type, dtype=torch.bfloat16, enabled=self.encode_precision == "bf16"
             ):
                 emb = self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-            chunks.append(emb.float().cpu())
+            emb = truncate_embeddings(emb.float(), self.truncate_dim, self.settings.normalize)
+            chunks.append(emb.cpu())
             bar.update(len(batch["input_ids"]))
         bar.close()
         self.train(was_training)
         if not chunks:
-            return torch.empty(0, self.model.config.hidden_size)
+            return torch.empty(0, self.truncate_dim or self.model.config.hidden_size)
         stacked = torch.cat(chunks)
         result = torch.empty_like(stacked)
         result[torch.tensor(order)] = stacked

@@ -34,6 +34,15 @@ class ObjectiveOutput:
     details: Any = None  # the objective's own output (e.g. the score matrix), for tests
 
 
+def term_values(output: ObjectiveOutput) -> dict[str, float]:
+    """The terms of a trained step as floats for the log (one device transfer), or nothing
+    when there is at most one term (it is the loss, logged already)."""
+    if len(output.terms) < 2:
+        return {}
+    values = torch.stack([term.detach().float() for term in output.terms.values()]).tolist()
+    return dict(zip(output.terms, values, strict=True))
+
+
 class Objective(Protocol):
     """A training objective: see the module docstring and objectives/infonce.py."""
 

@@ -29,8 +29,8 @@ def evaluate_dev(session: Session, step: int) -> None:
         metrics = session.kind.evaluate(unwrapped, session.dev_data)
         session.model.train()
         session.logbook.write({"step": step, **{f"dev_{k}": v for k, v in metrics.items()}})
-        ndcg = metrics["ndcg@10"]
-        tqdm.write(f"step {step}: dev nDCG@10 {ndcg:.4f}, MRR@10 {metrics['mrr@10']:.4f}")
+        ndcg = metrics["ndcg@10"]  # the full embedding's: --save-best chooses on it
+        tqdm.write(f"step {step}: dev {_headline(metrics)}")
         best = session.run.best
         if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
             try:
@@ -50,3 +50,11 @@ def save_best(session: Session, model: object, folder: Path) -> None:
     """The best model, with the record of its files that --overwrite-output-dir goes by."""
     session.kind.save(model, folder)
     record_best_files(folder)
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """nDCG@10 and MRR@10, then nDCG@10 at each Matryoshka dimension (``ndcg@10_dim<d>``)."""
+    line = f"nDCG@10 {metrics['ndcg@10']:.4f}, MRR@10 {metrics['mrr@10']:.4f}"
+    dims = [(key.removeprefix("ndcg@10_dim"), v) for key, v in metrics.items()]
+    shown = ", ".join(f"{dim}: {value:.4f}" for dim, value in dims if dim.isdigit())
+    return f"{line} (nDCG@10 at dim {shown})" if shown else line

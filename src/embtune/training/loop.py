@@ -23,6 +23,7 @@ from embtune.checkpoint import (
 from embtune.data.batching import Batch
 from embtune.distributed import end_distributed
 from embtune.errors import TrainingStopped
+from embtune.objectives.base import term_values
 from embtune.run_files import LOG_FILE
 from embtune.training.dev_eval import evaluate_dev, is_dev_step
 from embtune.training.session import Session
@@ -145,11 +146,14 @@ def log_window(session: Session, done: int, epoch: int, bar: tqdm) -> None:
     """Write the logging window's record (means over its steps) and start a new window."""
     progress = session.run.progress
     loss = progress.window_loss / progress.window_steps
+    terms = progress.window_terms
     learning_rate = session.scheduler.get_last_lr()[0]
     record = {
         "step": done,
         "epoch": epoch,
         "loss": loss,
+        # An objective of several terms logs each, as this process's mean like the loss.
+        **{f"loss_{name}": total / progress.window_steps for name, total in terms.items()},
         **session.objective.window_record(window_sums(session), loss),
         "learning_rate": learning_rate,
         "texts_per_second": progress.window_texts / progress.window_seconds,
@@ -231,7 +235,8 @@ def one_step(session: Session, step: int, bar: tqdm) -> bool:
     if problem:
         record_skip(session, done, epoch, rows, problem)
     else:
-        progress.add_signals(result.loss.item(), result.output.signal_sums())
+        output = result.output
+        progress.add_signals(result.loss.item(), output.signal_sums(), term_values(output))
     if (done % config.logging_steps == 0 or done == session.total_steps) and (
         progress.window_steps
     ):

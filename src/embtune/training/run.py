@@ -45,6 +45,7 @@ from embtune.run_files import (
     BUDGET_FILE,
     CONFIG_FILE,
     DEV_SPLIT_FILE,
+    DIMENSIONS_PLOT,
     LOG_FILE,
     REJECTED_FILE,
     SUMMARY_FILE,
@@ -341,6 +342,7 @@ def finish(session: Session) -> TrainResult:
             if not is_write_failure(exc, session.out):
                 raise
             raise stopped_writing("could not write the final model", exc, session.out) from exc
+        write_dimension_plot(session)
     end_distributed(accelerator)
     best = session.run.best
     return TrainResult(
@@ -357,6 +359,19 @@ def finish(session: Session) -> TrainResult:
         peak_memory_bytes=peak,
         negative_coverage=coverage.fraction,
     )
+
+
+def write_dimension_plot(session: Session) -> None:
+    """With --matryoshka-dims and dev evaluations: dev nDCG@10 against the dimension. Written
+    after the run is complete, so a plot that fails only warns."""
+    if not session.config.matryoshka_dims:
+        return
+    from embtune.report import plot_dimensions
+
+    try:
+        plot_dimensions(session.run.history, session.out / DIMENSIONS_PLOT)
+    except Exception as exc:  # matplotlib's errors have no common type
+        print(f"embtune train: could not write {DIMENSIONS_PLOT}: {exc}")
 
 
 def write_final_files(session: Session, texts_per_second: float, peak: int) -> None:

@@ -29,6 +29,8 @@ class Progress:
     skipped_steps: int = 0
     # Sums of the objective's signals over the window, and token positions computed / real.
     window_signals: dict = field(default_factory=dict)
+    # Sums of the objective's terms (its named parts of the loss) over the window's steps.
+    window_terms: dict = field(default_factory=dict)
     window_padded_tokens: int = 0
     window_real_tokens: int = 0
     # Widest padded query and passage batch of the window: on a GPU a step meeting a batch
@@ -55,19 +57,24 @@ class Progress:
         self.padded_tokens += padded
         self.real_tokens += real
 
-    def add_signals(self, loss: float, signals: dict[str, float]) -> None:
-        """Add a trained step's loss and signal sums to the window."""
+    def add_signals(
+        self, loss: float, signals: dict[str, float], terms: dict[str, float] | None = None
+    ) -> None:
+        """Add a trained step's loss, signal sums and loss terms to the window."""
         self.nonfinite_in_row = 0
         self.window_loss += loss
         self.window_steps += 1
         for key, value in signals.items():
             self.window_signals[key] = self.window_signals.get(key, 0.0) + value
+        for key, value in (terms or {}).items():
+            self.window_terms[key] = self.window_terms.get(key, 0.0) + value
 
     def start_window(self) -> None:
         """Empty the logging window (after it was logged)."""
         self.window_loss, self.window_steps = 0.0, 0
         self.window_texts, self.window_seconds = 0, 0.0
         self.window_signals = {}
+        self.window_terms = {}
         self.window_padded_tokens = self.window_real_tokens = 0
         self.window_query_width = self.window_passage_width = 0
 
