@@ -180,3 +180,24 @@ def test_inspect_reports_the_teachers_suspects(
     check = json.loads(report.read_text())["audit"]["teacher_check"]
     assert check["suspects"] == 4 and len(check["worst"]) == 4
     assert check["worst"][0]["excess"] == pytest.approx(0.5)
+
+
+def test_rows_scored_by_embtune_score_train_with_distillation(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = tmp_path / "rows.jsonl"
+    with open(rows, "w") as fh:
+        for i in range(8):
+            row = {"query": f"topic {i}", "pos": [f"doc {i}"], "neg": [f"other {i}", f"x {i}"]}
+            fh.write(json.dumps(row) + "\n")
+    scored = tmp_path / "scored.jsonl"
+    argv = ["score", "--teacher", str(tiny_model), "--teacher-kind", "bi-encoder"]
+    argv += ["--train-data", str(rows), "-o", str(scored), "--cache-dir", str(tmp_path / "c")]
+    assert main(argv) == 0
+    out = tmp_path / "run"
+    kd = ("--knowledge-distillation", "--teacher-temperature", "0.05", "--max-steps", "2")
+    assert run_in_process(train_argv(tiny_model, scored, out, *kd)) == 0
+    log = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    assert all(r["kl_div_kd_queries"] == 4 and r["kl_div_unscored_group_slots"] == 0 for r in log)
+    assert {"loss_infonce", "loss_kl_div"} <= set(log[0])
+    assert log[0]["loss"] == pytest.approx(log[0]["loss_infonce"] + log[0]["loss_kl_div"])
