@@ -201,3 +201,25 @@ def test_rows_scored_by_embtune_score_train_with_distillation(
     assert all(r["kl_div_kd_queries"] == 4 and r["kl_div_unscored_group_slots"] == 0 for r in log)
     assert {"loss_infonce", "loss_kl_div"} <= set(log[0])
     assert log[0]["loss"] == pytest.approx(log[0]["loss_infonce"] + log[0]["loss_kl_div"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            ["--kd-loss-type", "m3_kd_loss"],
+            "--kd-loss-type m3_kd_loss needs --knowledge-distillation",
+        ),
+        (["--teacher-temperature", "0.5"], "--teacher-temperature only applies with"),
+        (["--allow-unscored-rows"], "--allow-unscored-rows only applies with"),
+        (["--knowledge-distillation", "--teacher-temperature", "0"], "must be a positive number"),
+        (["--drop-teacher-false-negatives", "nan"], "must be a finite number"),
+    ],
+)
+def test_distillation_options_without_effect_or_out_of_range_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], message: str
+) -> None:
+    argv = ["train", "--model", "m", "--train-data", "t.jsonl", "-o", str(tmp_path / "o")]
+    assert main([*argv, *options]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

@@ -244,7 +244,8 @@ class TrainConfig:
     )
     save_best: bool = option(
         False,
-        help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best",
+        help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best (with "
+        "--matryoshka-dims: the full-size embedding's nDCG@10)",
         resume_may_change=True,
     )
     # --- output -----------------------------------------------------------------------------
@@ -388,11 +389,13 @@ class TrainConfig:
             )
         if self.allow_unscored_rows and not self.knowledge_distillation:
             raise UsageError("--allow-unscored-rows only applies with --knowledge-distillation")
+        if self.teacher_temperature != 1.0 and not self.knowledge_distillation:
+            raise UsageError("--teacher-temperature only applies with --knowledge-distillation")
         if self.kd_loss_type != "kl_div" and not self.knowledge_distillation:
             raise UsageError(f"--kd-loss-type {self.kd_loss_type} needs --knowledge-distillation")
 
     def _validate_matryoshka(self) -> None:
-        """Dimensions positive, distinct and decreasing; one weight each."""
+        """Dimensions positive and distinct (in any order); one weight each."""
         dims, weights = self.matryoshka_dims, self.matryoshka_weights
         if any(d < 1 for d in dims):
             raise OptionError("matryoshka_dims", f"must be positive, got {dims}")
