@@ -145,7 +145,8 @@ class TrainConfig:
     teacher_temperature: float = option(
         1.0,
         help="teacher scores are divided by it before their softmax (1.0 = FlagEmbedding, "
-        "which has none); above 1 flattens the targets, below 1 sharpens them",
+        "which has none); above 1 flattens the targets, below 1 sharpens them. A reranker's "
+        "logits suit 1.0; a bi-encoder teacher's cosines want about --temperature",
     )
     allow_unscored_rows: bool = option(
         False,
