@@ -150,8 +150,8 @@ def score(work: Path) -> None:
 def ndcg_by_dim(result: dict) -> dict[str, float]:
     """nDCG@10 of a test.json, by dimension ("full" without --dims)."""
     if "dims" in result:
-        return {str(d): block["metrics"]["ndcg@10"] for d, block in result["dims"].items()}
-    return {"full": result["metrics"]["ndcg@10"]}
+        return {str(d): block["ndcg@10"] for d, block in result["dims"].items()}
+    return {"full": result["ndcg@10"]}
 
 
 def report(work: Path) -> None:
