@@ -13,6 +13,7 @@ used to choose anything. Stages, each resumable (a stage whose output exists is 
         --teacher-temperature 0.05 --drop-teacher-false-negatives 0
     python bench/distillation.py run mrl --matryoshka-dims 384 256 128 64
     python bench/distillation.py run plain --dims   # the plain model truncated the same way
+    python bench/distillation.py run drop --drop-teacher-false-negatives 0
     python bench/distillation.py report             # markdown table of every run
 
 Runs whose options name `--knowledge-distillation` or `--drop-teacher-false-negatives` train
@@ -158,14 +159,18 @@ def report(work: Path) -> None:
     """One markdown row per run: the command's extra options and test nDCG@10."""
     prepared = json.loads((work / "prepared.json").read_text())
     print(f"base model before training: test nDCG@10 {prepared['before_test']['ndcg@10']:.4f}")
-    print("| run | options | best dev step | test nDCG@10 |\n|---|---|---|---|")
+    print("| run | options | best dev step | dev nDCG@10 | test nDCG@10 |\n|---|---|---|---|---|")
     for folder in sorted(p for p in work.iterdir() if (p / "train_summary.json").exists()):
         summary = json.loads((folder / "train_summary.json").read_text())
         results = [folder / "test-dims.json", folder / "test.json"]
         result = json.loads(next(r for r in results if r.exists()).read_text())
         options = json.loads((folder / "bench_options.json").read_text())
         scores = ", ".join(f"{d}: {v:.4f}" for d, v in ndcg_by_dim(result).items())
-        print(f"| {folder.name} | `{' '.join(options)}` | {summary.get('best_step')} | {scores} |")
+        dev = summary.get("best_dev_ndcg@10")
+        print(
+            f"| {folder.name} | `{' '.join(options)}` | {summary.get('best_step')} | "
+            f"{dev:.4f} | {scores} |"
+        )
 
 
 def main() -> int:
