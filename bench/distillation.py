@@ -162,8 +162,10 @@ def report(work: Path) -> None:
     print("| run | options | best dev step | dev nDCG@10 | test nDCG@10 |\n|---|---|---|---|---|")
     for folder in sorted(p for p in work.iterdir() if (p / "train_summary.json").exists()):
         summary = json.loads((folder / "train_summary.json").read_text())
-        results = [folder / "test-dims.json", folder / "test.json"]
-        result = json.loads(next(r for r in results if r.exists()).read_text())
+        results = [r for r in (folder / "test-dims.json", folder / "test.json") if r.exists()]
+        if not results:
+            continue  # trained, not yet evaluated
+        result = json.loads(results[0].read_text())
         options = json.loads((folder / "bench_options.json").read_text())
         scores = ", ".join(f"{d}: {v:.4f}" for d, v in ndcg_by_dim(result).items())
         dev = summary.get("best_dev_ndcg@10")
