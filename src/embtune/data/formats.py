@@ -27,7 +27,7 @@ import math
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -788,16 +788,23 @@ def load_training_data(
                     "folder has no .json/.jsonl files and is not BEIR layout",
                 )
             records.extend(read_flag_jsonl(files, problems))
-    if not problems.problems and not records:
-        left_out = f" ({rejected_row_count(problems.rejected)} bad rows left out)"
-        problems.add(
-            ", ".join(map(str, paths)),
-            None,
-            None,
-            "no training rows found" + (left_out if problems.rejected else ""),
-        )
+    refuse_no_rows(problems, paths, found=bool(records))
     problems.raise_if_any()
     return TrainingData(records, corpus, problems.rejected, ignored)
+
+
+def refuse_no_rows(problems: ProblemCollector, paths: Sequence[Path | str], found: bool) -> None:
+    """Input that held no usable row at all is a problem (saying how many bad rows were left
+    out), unless a problem is already recorded: that one explains the emptiness."""
+    if problems.problems or found:
+        return
+    left_out = f" ({rejected_row_count(problems.rejected)} bad rows left out)"
+    problems.add(
+        ", ".join(map(str, paths)),
+        None,
+        None,
+        "no training rows found" + (left_out if problems.rejected else ""),
+    )
 
 
 def rejected_row_count(rejected: list[InputProblem]) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from embtune.atomic import atomic_write
-from embtune.data.formats import flag_rows, is_beir_dir, rejected_row_count, training_files
+from embtune.data.formats import flag_rows, is_beir_dir, refuse_no_rows, training_files
 from embtune.errors import InputProblem, ProblemCollector
 
 # Scores as mine writes them: float32 logits and cosines hold no more than this.
@@ -76,14 +76,7 @@ def read_rows(entries: Sequence[Path | str], *, skip_bad_rows: bool = False) -> 
         problems.add("--train-data", None, None, "no training data given")
     files = _input_files(entries, problems)
     rows = [row for _, _, row in flag_rows(files, problems)]
-    if not problems.problems and not rows:
-        left_out = f" ({rejected_row_count(problems.rejected)} bad rows left out)"
-        problems.add(
-            ", ".join(map(str, entries)),
-            None,
-            None,
-            "no training rows found" + (left_out if problems.rejected else ""),
-        )
+    refuse_no_rows(problems, entries, found=bool(rows))
     problems.raise_if_any()
     return ScoreInput(rows, files, problems.rejected)
 
