@@ -115,29 +115,37 @@ def agreement_sums(view: TeacherView) -> dict[str, float]:
         teacher = view.teacher[chosen]
         student = view.student_in_group().detach()[chosen].masked_fill(~scored, float("-inf"))
         logs = torch.where(targets > 0, targets.clamp_min(1e-30).log(), torch.zeros_like(targets))
-        entropy = -(targets * logs).sum()
-        top1 = (teacher.argmax(1) == student.argmax(1)).sum()
-        correlation = sum(
-            (_spearman(teacher[i][scored[i]], student[i][scored[i]]) for i in range(len(scored))),
-            0.0,
-        )
-        return {
-            "kd_queries": float(chosen.sum().item()),
-            "teacher_entropy": float(entropy.item()),
-            "top1_agreement": float(top1.item()),
-            "rank_correlation": float(correlation),
-            "unscored_group_slots": float((view.in_group & ~view.scored).sum().item()),
-            "group_slots": float(view.in_group.sum().item()),
+        sums = {
+            "kd_queries": chosen.sum(),
+            "teacher_entropy": -(targets * logs).sum(),
+            "top1_agreement": (teacher.argmax(1) == student.argmax(1)).sum(),
+            "rank_correlation": _spearman(teacher, student, scored).sum(),
+            "unscored_group_slots": (view.in_group & ~view.scored).sum(),
+            "group_slots": view.in_group.sum(),
         }
+        # One transfer for all of them, as InfoNCE's signals (a GPU waits once).
+        values = torch.stack([v.double() for v in sums.values()]).tolist()
+        return dict(zip(sums, values, strict=True))
 
 
-def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman's rank correlation of two score vectors (ties ranked by position; 0 when a
-    side is constant)."""
-    ranks = [x.argsort().argsort().double() for x in (a, b)]
-    ranks = [r - r.mean() for r in ranks]
-    denominator = (ranks[0].norm() * ranks[1].norm()).item()
-    return float((ranks[0] @ ranks[1]).item() / denominator) if denominator else 0.0
+def _ranks(scores: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """[B, G] each scored slot's rank among its row's scored slots (ties by position)."""
+    below = scores.unsqueeze(1) < scores.unsqueeze(2)  # [b, i, j]: slot j below slot i
+    tied_before = (scores.unsqueeze(1) == scores.unsqueeze(2)) & torch.ones_like(below).tril(-1)
+    counted = (below | tied_before) & scored.unsqueeze(1) & scored.unsqueeze(2)
+    return counted.sum(2).double()
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    """[B] Spearman's rank correlation of two score rows over their scored slots (0 when a side
+    is constant)."""
+    mask = scored.double()
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    ranks = [_ranks(x, scored) for x in (a, b)]
+    centred = [(r - (r * mask).sum(1, keepdim=True) / count) * mask for r in ranks]
+    covariance = (centred[0] * centred[1]).sum(1)
+    scale = centred[0].norm(dim=1) * centred[1].norm(dim=1)
+    return torch.where(scale > 0, covariance / scale.clamp_min(1e-300), torch.zeros_like(scale))
 
 
 class _TeacherObjective:
