@@ -151,6 +151,17 @@ class GroupLayout:
         return GroupLayout(**moved)
 
 
+def own_group_mask(
+    passage_owner: torch.Tensor, query_index: torch.Tensor | None, queries: int
+) -> torch.Tensor:
+    """[B, P] True where a passage belongs to the query's own group (``query_index``: the
+    numbers ``passage_owner`` uses for the queries, default 0..B-1)."""
+    number = query_index
+    if number is None:
+        number = torch.arange(queries, device=passage_owner.device)
+    return passage_owner.unsqueeze(0) == number.unsqueeze(1)
+
+
 def group_layout(groups: list[Group], rows: list[TrainRow]) -> GroupLayout:
     """The layout of ``groups`` laid out one after another, each with its positive first."""
     passage_ids = np.array([pid for g in groups for pid in g.passages], dtype=np.int64)

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from embtune.config import TrainConfig
-from embtune.data.batching import GroupLayout
+from embtune.data.batching import GroupLayout, own_group_mask
 from embtune.objectives.base import Objective, ObjectiveOutput, WeightedSum
 from embtune.objectives.infonce import InfoNCE
 
@@ -57,6 +57,7 @@ class TeacherView:
     scored: torch.Tensor  # [B, G] True where the slot exists and has a teacher score
     teacher: torch.Tensor  # [B, G] t / teacher_temperature, -inf where not scored
     student: torch.Tensor  # [B, P] q.p / temperature against every passage
+    own: torch.Tensor  # [B, P] True where the passage is in the query's own group
 
     @property
     def distilled(self) -> torch.Tensor:
@@ -83,12 +84,7 @@ def teacher_view(
     """Student scores against every passage, and both sides' scores slot by slot per group."""
     queries, passages = representations["queries"], representations["passages"]
     student = queries.float() @ passages.float().T / temperature
-    number = (
-        layout.query_index
-        if layout.query_index is not None
-        else torch.arange(layout.queries, device=student.device)
-    )
-    own = layout.passage_owner.unsqueeze(0) == number.unsqueeze(1)  # [B, P]
+    own = own_group_mask(layout.passage_owner, layout.query_index, layout.queries)
     sizes = own.sum(1)
     width = max(int(sizes.max().item()), 1) if own.numel() else 1
     # Group passages are contiguous and in order, so a stable sort of ~own lists each query's
@@ -102,7 +98,7 @@ def teacher_view(
         raw = layout.teacher_scores.to(student.device).float()[columns]
     scored = in_group & torch.isfinite(raw)
     teacher = (raw / teacher_temperature).masked_fill(~scored, float("-inf"))
-    return TeacherView(columns, in_group, scored, teacher, student)
+    return TeacherView(columns, in_group, scored, teacher, student, own)
 
 
 def agreement_sums(view: TeacherView) -> dict[str, float]:
@@ -270,8 +266,7 @@ class M3Distillation(_TeacherObjective):
 
     def _candidates(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
         """[B, P] InfoNCE's candidates: every passage (or the own group), no false negative."""
-        own = torch.zeros_like(view.student, dtype=torch.bool)
-        own.scatter_(1, view.columns, view.in_group)
+        own = view.own
         candidate = torch.ones_like(own) if self.in_batch_negatives else own
         return candidate & ~layout.false_negative_mask.to(own.device)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from embtune.data.batching import GroupLayout
+from embtune.data.batching import GroupLayout, own_group_mask
 from embtune.objectives.base import ObjectiveOutput
 
 
@@ -66,8 +66,7 @@ def contrastive_loss(
     """
     scores = query_emb.float() @ passage_emb.float().T / temperature
     batch = torch.arange(query_emb.shape[0], device=scores.device)
-    owner_of_query = batch if query_index is None else query_index
-    own_group = passage_owner.unsqueeze(0) == owner_of_query.unsqueeze(1)
+    own_group = own_group_mask(passage_owner, query_index, query_emb.shape[0])
     candidate = torch.ones_like(scores, dtype=torch.bool) if in_batch_negatives else own_group
     masked = torch.zeros_like(candidate)
     if false_negative_mask is not None:
