@@ -1,0 +1,118 @@
+"""Retrieve-then-rerank evaluation: a retriever's top-k per query, scored again by a reranker.
+
+A run is ``{query id: {doc id: score}}`` as in eval/retrieval.py. :func:`first_stage_run` is
+the bi-encoder's top-k; :func:`rerank_run` replaces each candidate's score by the reranker's
+score of the (query, passage) pair, so the reranked order is the reranker's and documents the
+retriever did not return stay unretrieved (they score 0 in every metric, as in
+sentence-transformers' CrossEncoderRerankingEvaluator and BEIR's reranking). Metrics are then
+:func:`~embtune.eval.retrieval.retrieval_metrics` of either run, so first-stage and reranked
+figures are comparable line by line.
+
+The scorer is anything with ``score_pairs(queries, passages) -> list[float]``: a
+:class:`~embtune.scoring.teachers.CrossEncoderTeacher` (a saved reranker, or the model being
+trained during dev evaluation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from tqdm.auto import tqdm
+
+from embtune.eval.retrieval import check_k_values, corpus_embeddings, retrieval_metrics, retrieve
+
+if TYPE_CHECKING:
+    from embtune.data.formats import BeirDataset
+    from embtune.models.encoder import Encoder
+
+Run = dict[str, dict[str, float]]
+
+
+class PairScorer(Protocol):
+    """What reranking needs: one score per (query, passage) pair."""
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
+        """One score per (queries[i], passages[i]) pair, in input order."""
+        ...
+
+
+def first_stage_run(
+    encoder: Encoder,
+    data: BeirDataset,
+    top_k: int,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    cache_dir: str | Path | None = None,
+    use_faiss: bool = False,
+) -> Run:
+    """The retriever's top ``top_k`` documents of every judged query (BEIR's rule: a document
+    whose id is the query's is dropped)."""
+    doc_ids = list(data.corpus)
+    corpus = corpus_embeddings(
+        encoder,
+        list(data.corpus.values()),
+        doc_ids,
+        cache_dir=cache_dir,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    queries = data.split_queries()
+    query_vectors = encoder.encode_queries(
+        list(queries.values()), batch_size=batch_size, show_progress=show_progress
+    )
+    return retrieve(query_vectors, corpus, list(queries), doc_ids, top_k, use_faiss)
+
+
+def top_candidates(run: Mapping[str, Mapping[str, float]], top_k: int) -> dict[str, list[str]]:
+    """Each query's ``top_k`` documents of ``run``, best first (ties by doc id, as the metrics
+    rank them)."""
+    return {qid: sorted(docs, key=lambda d: (-docs[d], d))[:top_k] for qid, docs in run.items()}
+
+
+def rerank_run(
+    scorer: PairScorer,
+    data: BeirDataset,
+    candidates: Mapping[str, Sequence[str]],
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> Run:
+    """Every candidate of every query scored by ``scorer``: the reranked run.
+
+    Pairs are scored in batches of similar length (longest first), so little padding is
+    computed and a batch too large for memory fails at once.
+    """
+    pairs = [(qid, pid) for qid, pids in candidates.items() for pid in pids]
+    order = sorted(
+        range(len(pairs)),
+        key=lambda i: len(data.queries[pairs[i][0]]) + len(data.corpus[pairs[i][1]]),
+        reverse=True,
+    )
+    run: Run = {qid: {} for qid in candidates}
+    bar = tqdm(total=len(pairs), desc="reranking", unit="pair", disable=not show_progress)
+    for start in range(0, len(order), batch_size):
+        batch = [pairs[i] for i in order[start : start + batch_size]]
+        scores = scorer.score_pairs(
+            [data.queries[qid] for qid, _ in batch], [data.corpus[pid] for _, pid in batch]
+        )
+        for (qid, pid), score in zip(batch, scores, strict=True):
+            run[qid][pid] = float(score)
+        bar.update(len(batch))
+    bar.close()
+    return run
+
+
+def evaluate_reranking(
+    scorer: PairScorer,
+    data: BeirDataset,
+    candidates: Mapping[str, Sequence[str]],
+    k_values: Sequence[int] = (10, 100),
+    batch_size: int = 32,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Retrieval metrics of the reranked ``candidates`` ({"ndcg@10": ...})."""
+    ks = check_k_values(k_values)
+    return retrieval_metrics(
+        rerank_run(scorer, data, candidates, batch_size, show_progress), data.qrels, ks
+    )
