@@ -26,3 +26,9 @@ KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "margin_mse")
 
 TEACHER_KINDS = ("auto", "cross-encoder", "bi-encoder")
 """What `embtune score --teacher-kind` accepts (scoring/teachers.py ``teacher_kind``)."""
+
+MODEL_KINDS = ("bi-encoder", "cross-encoder")
+"""What `embtune train --model-kind` trains (embtune/kinds: one module per kind)."""
+
+RERANKER_LOSSES = ("listwise", "pointwise")
+"""A cross-encoder's hard objective, ``--reranker-loss`` (objectives/reranking.py)."""

@@ -22,9 +22,11 @@ from pathlib import Path
 from embtune.choices import (
     ATTENTION_IMPLEMENTATIONS,
     KD_LOSS_TYPES,
+    MODEL_KINDS,
     NEGATIVE_FILL_POLICIES,
     NEGATIVE_SAMPLING_POLICIES,
     POOLING_MODES,
+    RERANKER_LOSSES,
 )
 from embtune.errors import UsageError, shorten
 from embtune.text_files import foreign_encoding
@@ -73,6 +75,13 @@ class TrainConfig:
     )
     # --- model ------------------------------------------------------------------------------
     model: str = option("", help="Hugging Face model name or local folder")
+    model_kind: str = option(
+        "bi-encoder",
+        help="bi-encoder = an embedder (queries and passages embedded apart); cross-encoder = "
+        "a reranker scoring each (query, passage) pair read together (docs/reranker.md): any "
+        "encoder checkpoint starts one with a new one-label head",
+        choices=MODEL_KINDS,
+    )
     pooling: str | None = option(
         None,
         help="how token states become one vector; default: the model's sentence-transformers "
@@ -92,6 +101,19 @@ class TrainConfig:
     )
     query_max_len: int = option(64, help="queries are truncated to this many tokens")
     passage_max_len: int = option(256, help="passages are truncated to this many tokens")
+    max_len: int = option(
+        0,
+        help="cross-encoder: tokens of a whole (query, passage) pair, special tokens included; "
+        "the passage is cut to fit (0 = query_max_len + passage_max_len, as FlagEmbedding)",
+    )
+    query_instruction_for_rerank: str | None = option(
+        None,
+        help="cross-encoder: text put before every query (FlagEmbedding's name); default: "
+        "the reranker's own, else none",
+    )
+    passage_instruction_for_rerank: str | None = option(
+        None, help="cross-encoder: text put before every passage; default: the reranker's own"
+    )
     # --- groups and loss --------------------------------------------------------------------
     train_group_size: int = option(
         8,
@@ -121,9 +143,16 @@ class TrainConfig:
         help="under torchrun / accelerate launch, score each query against the passages of "
         "every process (the global batch), with gradients flowing back to each process",
     )
+    reranker_loss: str = option(
+        "listwise",
+        help="cross-encoder objective: listwise = cross-entropy over the group, positive as "
+        "target (FlagEmbedding); pointwise = binary cross-entropy per pair, positive 1, "
+        "negatives 0 (sentence-transformers' BinaryCrossEntropyLoss)",
+        choices=RERANKER_LOSSES,
+    )
     temperature: float = option(
         0.02,
-        help="scores are q.p / temperature before the softmax",
+        help="bi-encoder: scores are q.p / temperature before the softmax",
         sweep={"order": 4, "label": "t", "header": "temp"},
     )
     # --- distillation from teacher scores (rows' pos_scores / neg_scores) -------------------
@@ -243,6 +272,18 @@ class TrainConfig:
     eval_steps: int = option(
         0, help="evaluate every N steps (0 = only at the end)", resume_may_change=True
     )
+    dev_retriever: str = option(
+        "",
+        help="cross-encoder: the bi-encoder whose top --rerank-top-k passages per dev query "
+        "are reranked in dev evaluation (retrieved once, before training); default: --model "
+        "when it is an embedder",
+        metavar="MODEL",
+    )
+    rerank_top_k: int = option(
+        100,
+        help="cross-encoder: candidates per dev query reranked in dev evaluation",
+        metavar="K",
+    )
     save_best: bool = option(
         False,
         help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best (with "
@@ -316,6 +357,7 @@ class TrainConfig:
             "epochs",
             "query_max_len",
             "passage_max_len",
+            "rerank_top_k",
         )
         for name in (*positive_ints, "max_nonfinite_steps"):
             if getattr(self, name) < 1:
@@ -327,6 +369,7 @@ class TrainConfig:
             "save_total_limit",
             "cache_chunk_size",
             "pad_to_multiple_of",
+            "max_len",
         ):
             # `not >=` also refuses NaN, which every comparison calls False.
             if not getattr(self, name) >= 0:

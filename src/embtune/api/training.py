@@ -76,7 +76,7 @@ def train(
             ``WeightedSum([(1.0, InfoNCE(0.02)), (0.5, mine)])``); default: the model kind's
             (InfoNCE for a bi-encoder). docs/architecture.md, "Adding an objective".
         kind_name: a name registered in ``embtune.kinds.MODEL_KINDS``; default: the
-            bi-encoder.
+            ``model_kind`` option (``"bi-encoder"``, or ``"cross-encoder"`` for a reranker).
         **options: any :class:`~embtune.config.TrainConfig` field (the command's option without
             ``--``, dashes as underscores: ``train_group_size=4``); they override ``config``.
             ``model``, ``train_data`` and ``output_dir`` are required (here or in ``config``).
@@ -107,10 +107,10 @@ def train(
             given["config"] = os.fspath(config)
         config = resolve_config(argparse.Namespace(**given))
 
-    from embtune.kinds import DEFAULT_KIND, MODEL_KINDS
+    from embtune.kinds import MODEL_KINDS
     from embtune.training.run import train as run_training
 
-    kind_name = kind_name or DEFAULT_KIND
+    kind_name = kind_name or config.model_kind
     if kind_name not in MODEL_KINDS:
         raise UsageError(f"unknown model kind {kind_name!r}; known: {', '.join(MODEL_KINDS)}")
     return run_training(

@@ -17,7 +17,7 @@ through :class:`TokenBatch`, so no code path cuts real tokens of a left-padded r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,6 +46,8 @@ class TokenBatch:
     input_ids: torch.Tensor  # [N, width]
     attention_mask: torch.Tensor  # [N, width], 1 = real token
     padding_side: str = "right"
+    # [N, width] segment of each token (a cross-encoder's pair: 0 = query, 1 = passage), or None
+    token_type_ids: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -64,8 +66,12 @@ class TokenBatch:
 
     def to(self, device: torch.device) -> TokenBatch:
         """The same part on ``device``."""
+        types = self.token_type_ids
         return replace(
-            self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device)
+            self,
+            input_ids=self.input_ids.to(device),
+            attention_mask=self.attention_mask.to(device),
+            token_type_ids=types.to(device) if types is not None else None,
         )
 
     def chunks(self, size: int, multiple: int = 1) -> Iterator[tuple[slice, TokenBatch]]:
@@ -77,12 +83,14 @@ class TokenBatch:
             rows = slice(start, start + size)
             width = padded_width(max(lengths[rows], default=1), multiple, self.width)
             columns = slice(0, width) if self.padding_side == "right" else slice(-width, None)
+            types = self.token_type_ids
             yield (
                 rows,
                 TokenBatch(
                     self.input_ids[rows, columns],
                     self.attention_mask[rows, columns],
                     self.padding_side,
+                    types[rows, columns] if types is not None else None,
                 ),
             )
 
@@ -93,8 +101,10 @@ def pad_tokens(
     multiple: int = 1,
     cap: int | None = None,
     padding_side: str = "right",
+    token_types: list[Sequence[int]] | None = None,
 ) -> TokenBatch:
-    """Padded ids and attention mask for a list of id arrays.
+    """Padded ids and attention mask for a list of id arrays (and their token types, padded
+    with 0, when given).
 
     The width is the longest sequence's, rounded by :func:`padded_width`.
     """
@@ -103,11 +113,19 @@ def pad_tokens(
     width = padded_width(max((len(s) for s in sequences), default=1), multiple, cap)
     ids = np.full((len(sequences), width), pad_id, dtype=np.int64)
     mask = np.zeros((len(sequences), width), dtype=np.int64)
+    types = np.zeros((len(sequences), width), dtype=np.int64) if token_types else None
     for i, seq in enumerate(sequences):
         at = slice(0, len(seq)) if padding_side == "right" else slice(width - len(seq), width)
         ids[i, at] = seq
         mask[i, at] = 1
-    return TokenBatch(torch.from_numpy(ids), torch.from_numpy(mask), padding_side)
+        if types is not None:
+            types[i, at] = token_types[i]
+    return TokenBatch(
+        torch.from_numpy(ids),
+        torch.from_numpy(mask),
+        padding_side,
+        torch.from_numpy(types) if types is not None else None,
+    )
 
 
 def false_negative_mask(passage_ids: np.ndarray, positive_ids: list[np.ndarray]) -> np.ndarray:

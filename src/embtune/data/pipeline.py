@@ -41,14 +41,16 @@ def run_epochs(config: TrainConfig, rows: int, world: int = 1) -> float:
 
 
 def negatives_budget_for(
-    config: TrainConfig, rows: list[TrainRow], world: int = 1
+    config: TrainConfig, rows: list[TrainRow], world: int = 1, in_batch_scoring: bool = True
 ) -> NegativesBudget:
-    """The negatives budget of ``config`` on ``rows`` launched with ``world`` processes."""
+    """The negatives budget of ``config`` on ``rows`` launched with ``world`` processes;
+    ``in_batch_scoring`` False for a model kind that scores a query against its own group
+    only (a cross-encoder)."""
     return negatives_budget(
         rows,
         config.train_group_size,
         config.batch_size,
-        config.in_batch_negatives,
+        config.in_batch_negatives and in_batch_scoring,
         config.negative_fill,
         epochs=run_epochs(config, len(rows), world),
         sampling=config.negative_sampling,

@@ -114,9 +114,13 @@ def _save_table(table: TokenTable, tmp: Path) -> None:
 
 
 def tokenize_texts(
-    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_len: int
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_len: int,
+    special_tokens: bool = True,
 ) -> list[list[int]]:
-    """Token ids of ``texts``, truncated to ``max_len`` (special tokens included).
+    """Token ids of ``texts``, truncated to ``max_len`` (special tokens included, unless
+    ``special_tokens`` is False: a cross-encoder adds them when it pairs two texts).
 
     With a fast tokenizer a very long text is tokenized from a prefix that provably gives the
     same ids (:func:`tokenize_long_text`): tokenizers cut only after tokenizing everything,
@@ -124,17 +128,18 @@ def tokenize_texts(
     """
     texts = list(texts)
     short = first_prefix_chars(max_len)
+    options = {"truncation": True, "max_length": max_len, "add_special_tokens": special_tokens}
     if not tokenizer.is_fast or all(len(t) <= short for t in texts):
-        return tokenizer(texts, truncation=True, max_length=max_len)["input_ids"]
+        return tokenizer(texts, **options)["input_ids"]
     ids: list[list[int] | None] = [None] * len(texts)
     usual = [i for i, t in enumerate(texts) if len(t) <= short]
     if usual:
-        found = tokenizer([texts[i] for i in usual], truncation=True, max_length=max_len)
+        found = tokenizer([texts[i] for i in usual], **options)
         for i, row in zip(usual, found["input_ids"], strict=True):
             ids[i] = row
     for i, text in enumerate(texts):
         if ids[i] is None:
-            ids[i] = tokenize_long_text(tokenizer, text, max_len)
+            ids[i] = tokenize_long_text(tokenizer, text, max_len, special_tokens)
     return ids  # type: ignore[return-value]
 
 
@@ -153,7 +158,9 @@ def first_prefix_chars(max_len: int) -> int:
 CUT_MARGIN = 512
 
 
-def tokenize_long_text(tokenizer: PreTrainedTokenizerBase, text: str, max_len: int) -> list[int]:
+def tokenize_long_text(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_len: int, special_tokens: bool = True
+) -> list[int]:
     """``tokenizer(text, truncation=True, max_length=max_len)`` ids, from a prefix of ``text``.
 
     A prefix decides when its tokens go past the ones kept, and the last kept token's word is
@@ -168,14 +175,15 @@ def tokenize_long_text(tokenizer: PreTrainedTokenizerBase, text: str, max_len: i
     A tokenizer without word splits (every token in word 0) never decides and so reads the
     whole text, as does any text the doubling reaches the end of.
     """
-    keep = max_len - tokenizer.num_special_tokens_to_add(pair=False)
+    options = {"truncation": True, "max_length": max_len, "add_special_tokens": special_tokens}
+    keep = max_len - (tokenizer.num_special_tokens_to_add(pair=False) if special_tokens else 0)
     size = first_prefix_chars(max_len)
     while size < len(text) and keep > 0:
         prefix = text[:size]
         if _prefix_decides(tokenizer, prefix, keep):
-            return tokenizer(prefix, truncation=True, max_length=max_len)["input_ids"]
+            return tokenizer(prefix, **options)["input_ids"]
         size *= 2
-    return tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
+    return tokenizer(text, **options)["input_ids"]
 
 
 def _prefix_decides(tokenizer: PreTrainedTokenizerBase, prefix: str, keep: int) -> bool:
@@ -198,7 +206,11 @@ SPOT_CHECKS = 8  # texts re-tokenized to check a loaded cache against the tokeni
 
 
 def cache_problem(
-    table: TokenTable, store: TextStore, tokenizer: PreTrainedTokenizerBase, max_len: int
+    table: TokenTable,
+    store: TextStore,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    special_tokens: bool = True,
 ) -> str | None:
     """Why a token table loaded from disk cannot be trusted for ``store``, or None.
 
@@ -227,7 +239,7 @@ def cache_problem(
     # Spread over the store, always the first and last text: a table shifted by a row, or made
     # for other texts of the same count, differs somewhere among them.
     sample = np.unique(np.linspace(0, len(store) - 1, SPOT_CHECKS).round().astype(np.int64))
-    fresh = tokenize_texts(tokenizer, [store.texts[i] for i in sample], max_len)
+    fresh = tokenize_texts(tokenizer, [store.texts[i] for i in sample], max_len, special_tokens)
     for i, ids in zip(sample, fresh, strict=True):
         if table[int(i)].tolist() != list(ids):
             return f"row {int(i)} differs from the tokenizer's ids"
@@ -283,17 +295,21 @@ def tokenize_store(
     cache_dir: Path | None = None,
     desc: str = "tokenizing",
     show_progress: bool = True,
+    special_tokens: bool = True,
 ) -> tuple[TokenTable, bool]:
-    """Token table for every text of ``store`` at ``max_len``; (table, loaded_from_cache)."""
+    """Token table for every text of ``store`` at ``max_len``; (table, loaded_from_cache).
+    ``special_tokens=False`` keeps the bare tokens (a cross-encoder pairs them later)."""
+    # Tables with special tokens keep the key they always had (existing caches stay valid).
+    bare = "" if special_tokens else "|no-special-tokens"
     key = hashlib.sha256(
-        f"{tokenizer_fingerprint(tokenizer)}|{max_len}|{store.content_hash()}".encode()
+        f"{tokenizer_fingerprint(tokenizer)}|{max_len}|{store.content_hash()}{bare}".encode()
     ).hexdigest()[:32]
     path = Path(cache_dir) / f"tokens-{key}.npz" if cache_dir else None
     if path and path.is_file():
         try:
             with np.load(path) as saved:
                 table = TokenTable(saved["flat"], saved["offsets"])
-            if cache_problem(table, store, tokenizer, max_len) is None:
+            if cache_problem(table, store, tokenizer, max_len, special_tokens) is None:
                 return table, True
         except Exception:
             pass  # any unreadable cache (truncated zip, empty file) is simply rebuilt below
@@ -301,7 +317,7 @@ def tokenize_store(
     bar = tqdm(total=len(store), desc=desc, unit="text", disable=not show_progress, leave=False)
     for start in range(0, len(store), TOKENIZE_CHUNK):
         chunk = store.texts[start : start + TOKENIZE_CHUNK]
-        token_lists.extend(tokenize_texts(tokenizer, chunk, max_len))
+        token_lists.extend(tokenize_texts(tokenizer, chunk, max_len, special_tokens))
         bar.update(len(chunk))
     bar.close()
     table = TokenTable.from_lists(token_lists)

@@ -29,6 +29,17 @@ class ModelKind(Protocol):
 
     name: str
     shared_parts: tuple[str, ...]  # parts gathered across processes (cross-device negatives)
+    in_batch_scoring: bool  # False: a query is scored against its own group only
+
+    def announce_lines(self, model: Model) -> list[str]:
+        """What the run prints about the loaded model before training (may be none)."""
+        ...
+
+    def prepare_dev(
+        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool
+    ) -> list[str]:
+        """Whatever dev evaluation needs computed once before training; lines saying what."""
+        ...
 
     def check_options(self, config: TrainConfig) -> None:
         """Refuse options the model cannot take, before any weights are loaded."""

@@ -27,11 +27,7 @@ from embtune.models.encoder import (
     check_max_lengths,
     load_model_config,
 )
-from embtune.models.speedups.activation_recompute import (
-    recompute_feed_forward_activations,
-    recompute_norm_outputs,
-)
-from embtune.models.speedups.dropout import use_fast_cpu_dropout
+from embtune.models.speedups.for_training import apply_training_speedups
 from embtune.objectives.base import Objective
 from embtune.objectives.from_options import objective_from_options
 
@@ -78,6 +74,17 @@ class BiEncoder:
 
     name = "bi-encoder"
     shared_parts = ("passages",)
+    in_batch_scoring = True  # every passage of the batch is a candidate (--in-batch-negatives)
+
+    def announce_lines(self, encoder: Encoder) -> list[str]:
+        """Nothing to add: the negatives budget says it all."""
+        return []
+
+    def prepare_dev(
+        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool
+    ) -> list[str]:
+        """Nothing: dev evaluation searches the dev corpus afresh each time."""
+        return []
 
     def check_options(self, config: TrainConfig) -> None:
         """Refuse options the model cannot take, from its config alone (no weights loaded)."""
@@ -161,21 +168,7 @@ class BiEncoder:
         self, encoder: Encoder, config: TrainConfig, device: torch.device
     ) -> None:
         """Memory and speed measures that keep results as they are, then the device."""
-        if config.gradient_checkpointing:
-            encoder.model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        if device.type == "cpu" and config.attn_implementation == "sdpa":
-            # Same dropout, drawn and applied without the unfused attention path
-            # (models/speedups/dropout.py).
-            use_fast_cpu_dropout(encoder.model)
-        if device.type == "cpu" and not (
-            config.bf16 or config.fp16 or config.gradient_checkpointing
-        ):
-            # Same results, less kept for backward: cheap activations are recomputed instead
-            # (models/speedups/activation_recompute.py).
-            recompute_feed_forward_activations(encoder.model)
-            recompute_norm_outputs(encoder.model)
+        apply_training_speedups(encoder.model, config, device)
         pooler = getattr(encoder.model, "pooler", None)
         if isinstance(pooler, torch.nn.Module):
             # BERT's pooler head is computed but never used by our pooling: frozen, it keeps

@@ -81,6 +81,75 @@ def is_reranker_config(config: object) -> bool:
     )
 
 
+@dataclass
+class PairTemplate:
+    """Where a tokenizer puts its special tokens around a text pair, and the token types of
+    each piece: ``[CLS] A [SEP] B [SEP]`` (types 0, 0, 0, 1, 1) for BERT, ``<s> A </s></s> B
+    </s>`` for RoBERTa.
+
+    Read once from the tokenizer's own pair encoding of two placeholder texts, so pairs built
+    from token tables equal ``tokenizer(query, passage)`` of the same tokens. (transformers 5
+    has no ``prepare_for_model`` for already tokenized ids.)
+    """
+
+    before: list[int]  # special tokens before the query
+    between: list[int]  # between query and passage
+    after: list[int]  # after the passage
+    types: tuple[int, int, int, int, int] | None  # type of each piece; None: no token types
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> PairTemplate:
+        """The template of ``tokenizer`` (a fast tokenizer: it reports sequence ids)."""
+        encoded = tokenizer("a", "b", return_token_type_ids=True)
+        ids, sequence = encoded["input_ids"], encoded.sequence_ids()
+        first = [i for i, s in enumerate(sequence) if s == 0]
+        second = [i for i, s in enumerate(sequence) if s == 1]
+        if not first or not second or first[-1] > second[0]:
+            raise UsageError(
+                f"--model: the tokenizer {type(tokenizer).__name__} does not encode a text "
+                "pair as query then passage; it cannot build reranker pairs"
+            )
+        pieces = (
+            range(0, first[0]),
+            first,
+            range(first[-1] + 1, second[0]),
+            second,
+            range(second[-1] + 1, len(ids)),
+        )
+        found = encoded.get("token_type_ids")
+        types = (
+            tuple(found[p[0]] if len(p) else 0 for p in pieces)  # type: ignore[arg-type]
+            if found is not None and any(found)
+            else None
+        )
+        return cls(
+            [ids[i] for i in pieces[0]],
+            [ids[i] for i in pieces[2]],
+            [ids[i] for i in pieces[4]],
+            types,
+        )
+
+    @property
+    def special_tokens(self) -> int:
+        """Special tokens one pair adds."""
+        return len(self.before) + len(self.between) + len(self.after)
+
+    def join(
+        self, query: list[int], passage: list[int], max_len: int
+    ) -> tuple[list[int], list[int] | None]:
+        """The pair's ids (and token types), the passage cut to fit ``max_len``; a query
+        that alone would not fit is cut too, keeping one passage token."""
+        room = max_len - self.special_tokens
+        query = query[: max(room - 1, 1)]
+        passage = passage[: max(room - len(query), 0)]
+        ids = self.before + query + self.between + passage + self.after
+        if self.types is None:
+            return ids, None
+        lengths = (len(self.before), len(query), len(self.between), len(passage), len(self.after))
+        types = [t for t, n in zip(self.types, lengths, strict=True) for _ in range(n)]
+        return ids, types
+
+
 class CrossEncoder(torch.nn.Module):
     """A reranker being trained: ``forward(input_ids, attention_mask, token_type_ids)`` gives
     one logit per pair, shape [N]."""
@@ -97,6 +166,7 @@ class CrossEncoder(torch.nn.Module):
         self.tokenizer = tokenizer
         self.settings = settings
         self.head_added = head_added  # True when the classification head is new (random)
+        self._template: PairTemplate | None = None
 
     @classmethod
     def from_pretrained(
@@ -135,15 +205,11 @@ class CrossEncoder(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).logits[:, 0]
 
     def pair(self, query: list[int], passage: list[int]) -> tuple[list[int], list[int] | None]:
-        """(input ids, token type ids or None) of one pair from its kept tokens."""
-        encoded = self.tokenizer.prepare_for_model(
-            query,
-            passage,
-            truncation="only_second",
-            max_length=self.settings.max_len,
-            return_attention_mask=False,
-        )
-        return encoded["input_ids"], encoded.get("token_type_ids")
+        """(input ids, token type ids or None) of one pair from its kept tokens, the passage
+        cut so that the pair fits ``max_len`` (FlagEmbedding's ``truncation='only_second'``)."""
+        if self._template is None:
+            self._template = PairTemplate.of(self.tokenizer)
+        return self._template.join(query, passage, self.settings.max_len)
 
     def save(self, path: str | Path) -> None:
         """A folder that AutoModelForSequenceClassification, sentence-transformers'

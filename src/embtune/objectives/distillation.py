@@ -46,6 +46,7 @@ from embtune.config import TrainConfig
 from embtune.data.batching import GroupLayout, own_group_mask
 from embtune.objectives.base import Objective, ObjectiveOutput, WeightedSum
 from embtune.objectives.infonce import InfoNCE
+from embtune.objectives.scores import Scores, SimilarityScores
 
 
 @dataclass
@@ -81,9 +82,16 @@ def teacher_view(
     temperature: float,
     teacher_temperature: float,
 ) -> TeacherView:
-    """Student scores against every passage, and both sides' scores slot by slot per group."""
-    queries, passages = representations["queries"], representations["passages"]
-    student = queries.float() @ passages.float().T / temperature
+    """A bi-encoder's view: student scores q.p / temperature against every passage."""
+    student = SimilarityScores(temperature)(representations, layout)
+    return group_view(student, layout, teacher_temperature)
+
+
+def group_view(
+    student: torch.Tensor, layout: GroupLayout, teacher_temperature: float
+) -> TeacherView:
+    """Both sides' scores slot by slot per group, from the student's [B, P] scores (any
+    model kind's: :mod:`embtune.objectives.scores`)."""
     own = own_group_mask(layout.passage_owner, layout.query_index, layout.queries)
     sizes = own.sum(1)
     width = max(int(sizes.max().item()), 1) if own.numel() else 1
@@ -145,19 +153,28 @@ def _spearman(a: torch.Tensor, b: torch.Tensor, scored: torch.Tensor) -> torch.T
 
 
 class _TeacherObjective:
-    """What the three distillation losses share: the view, the logged agreement signals."""
+    """What the three distillation losses share: the view, the logged agreement signals.
+
+    ``scores`` makes the student's [B, P] scores from the representations: by default a
+    bi-encoder's q.p / temperature; a cross-encoder's pair logits with
+    :class:`~embtune.objectives.scores.PairScores` (``temperature`` is then unused).
+    """
 
     name = "kd"
 
-    def __init__(self, temperature: float, teacher_temperature: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float, teacher_temperature: float = 1.0, scores: Scores | None = None
+    ) -> None:
         self.temperature = temperature
         self.teacher_temperature = teacher_temperature
+        self.scores = scores or SimilarityScores(temperature)
 
     def __call__(
         self, representations: Mapping[str, torch.Tensor], layout: GroupLayout
     ) -> ObjectiveOutput:
         """The loss of :meth:`loss` with the agreement signals of :func:`agreement_sums`."""
-        view = teacher_view(representations, layout, self.temperature, self.teacher_temperature)
+        student = self.scores(representations, layout)
+        view = group_view(student, layout, self.teacher_temperature)
         loss = self.loss(view, layout)
         return ObjectiveOutput(
             loss=loss,
@@ -239,9 +256,13 @@ class M3Distillation(_TeacherObjective):
     name = "m3_kd_loss"
 
     def __init__(
-        self, temperature: float, teacher_temperature: float = 1.0, in_batch_negatives: bool = True
+        self,
+        temperature: float,
+        teacher_temperature: float = 1.0,
+        in_batch_negatives: bool = True,
+        scores: Scores | None = None,
     ) -> None:
-        super().__init__(temperature, teacher_temperature)
+        super().__init__(temperature, teacher_temperature, scores)
         self.in_batch_negatives = in_batch_negatives
 
     def loss(self, view: TeacherView, layout: GroupLayout) -> torch.Tensor:
@@ -251,7 +272,9 @@ class M3Distillation(_TeacherObjective):
         weights[unscored, 0] = 1.0  # the positive: plain InfoNCE for a row without scores
         candidate = self._candidates(view, layout)
         rows = torch.arange(view.columns.shape[0], device=view.student.device)
-        loss = view.student.sum() * 0.0
+        # From the group's scores, which are finite for every model kind (a cross-encoder's
+        # [B, P] scores are -inf outside the own group: their sum times 0 would be NaN).
+        loss = view.student_in_group().sum() * 0.0
         for j in range(view.columns.shape[1]):
             target = view.columns[:, j]
             allowed = candidate.clone()
@@ -301,15 +324,21 @@ class MarginMSE(_TeacherObjective):
         return F.mse_loss(student_margin[pairs], teacher_margin[pairs])
 
 
-def distillation_objective(config: TrainConfig) -> Objective:
-    """``--kd-loss-type``'s objective: ``kl_div`` joined with InfoNCE (FlagEmbedding adds the
-    hard term for it), the others alone."""
+def distillation_objective(
+    config: TrainConfig, hard: Objective | None = None, scores: Scores | None = None
+) -> Objective:
+    """``--kd-loss-type``'s objective: ``kl_div`` joined with the hard objective (FlagEmbedding
+    adds it, for embedders and rerankers alike), the others alone.
+
+    ``hard`` defaults to InfoNCE and ``scores`` to the bi-encoder's similarities; a
+    cross-encoder passes its listwise objective and :class:`~embtune.objectives.scores.
+    PairScores`.
+    """
     temperature, teacher_temperature = config.temperature, config.teacher_temperature
     if config.kd_loss_type == "kl_div":
-        infonce = InfoNCE(temperature, config.in_batch_negatives)
-        return WeightedSum(
-            [(1.0, infonce), (1.0, KLDistillation(temperature, teacher_temperature))]
-        )
+        hard = hard or InfoNCE(temperature, config.in_batch_negatives)
+        soft = KLDistillation(temperature, teacher_temperature, scores)
+        return WeightedSum([(1.0, hard), (1.0, soft)])
     if config.kd_loss_type == "m3_kd_loss":
-        return M3Distillation(temperature, teacher_temperature, config.in_batch_negatives)
-    return MarginMSE(temperature, teacher_temperature)
+        return M3Distillation(temperature, teacher_temperature, config.in_batch_negatives, scores)
+    return MarginMSE(temperature, teacher_temperature, scores)

@@ -39,7 +39,7 @@ from embtune.data.pipeline import negatives_budget_for
 from embtune.data.teacher_scores import teacher_check
 from embtune.distributed import end_distributed
 from embtune.errors import UsageError
-from embtune.kinds import DEFAULT_KIND, ModelKind, model_kind
+from embtune.kinds import ModelKind, model_kind
 from embtune.objectives.base import Objective
 from embtune.run_files import (
     BUDGET_FILE,
@@ -111,23 +111,26 @@ def train(
     dev_data: BeirDataset | None = None,
     *,
     objective: Objective | None = None,
-    kind_name: str = DEFAULT_KIND,
+    kind_name: str | None = None,
 ) -> TrainResult:
     """Fine-tune ``config.model`` on ``config.train_data``; the model is saved to output_dir.
 
     ``dev_data`` (a caller-made dev set, e.g. the demo's) replaces --eval-data/--dev-fraction;
     ``objective`` replaces the model kind's default (InfoNCE for a bi-encoder); ``kind_name``
-    names the model kind (embtune.kinds.MODEL_KINDS). With --resume /
+    names the model kind (embtune.kinds.MODEL_KINDS; default ``config.model_kind``). With --resume /
     --resume-from the run continues from a checkpoint and ends exactly as the uninterrupted run
     would have (same seed: same batches, dropout, updates and log).
     """
     inputs = load_inputs(config, dev_data)
     accelerator = start_accelerator(config, inputs.out)
-    kind = model_kind(kind_name)
+    kind = model_kind(kind_name or config.model_kind)
     lock = RunLock(inputs.out)  # one run per folder, held until the run ends
     try:
         resume = refuse_before_work(config, inputs, accelerator, kind, lock)
         session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
+        if session.main:
+            session.model_lines = kind.announce_lines(session.encoder)
+            session.model_lines += kind.prepare_dev(config, session.dev_data, session.show)
         announce(session, inputs, resume)
         prepare_model(session)
         restore_training_state(session, resume)
@@ -213,7 +216,7 @@ def prepare_run(
         objective=objective or kind.objective(config),
         pad_multiple=pad_multiple_for(config.pad_to_multiple_of, accelerator.device),
         fingerprint=resume.fingerprint,
-        budget=negatives_budget_for(config, kind.rows(texts), world),
+        budget=negatives_budget_for(config, kind.rows(texts), world, kind.in_batch_scoring),
         dev_data=inputs.dev_data,
         show=show,
         rejected=inputs.data.rejected,
@@ -233,6 +236,8 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
         return
     config, out, plan = session.config, session.out, session.plan
     replace_previous_run(config, out, resume)
+    for line in session.model_lines:
+        print(f"embtune train: {line}")
     print("embtune train: negatives budget")
     for line in session.budget.lines():
         print(f"  {line}")

@@ -44,6 +44,7 @@ class Session:
     show: bool = True
     rejected: list = field(default_factory=list)  # --skip-bad-rows: the rows' problems
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
+    model_lines: list[str] = field(default_factory=list)  # what the kind says before training
     model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None

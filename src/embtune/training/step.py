@@ -66,7 +66,9 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 
 def _encode(model: torch.nn.Module, part: TokenBatch) -> torch.Tensor:
-    return model(part.input_ids, part.attention_mask)
+    if part.token_type_ids is None:
+        return model(part.input_ids, part.attention_mask)
+    return model(part.input_ids, part.attention_mask, part.token_type_ids)
 
 
 def _objective(
