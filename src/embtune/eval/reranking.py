@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from tqdm.auto import tqdm
 
-from embtune.eval.retrieval import check_k_values, corpus_embeddings, retrieval_metrics, retrieve
+from embtune.eval.retrieval import (
+    check_k_values,
+    corpus_embeddings,
+    rank_documents,
+    retrieval_metrics,
+    retrieve,
+)
 
 if TYPE_CHECKING:
     from embtune.data.formats import BeirDataset
@@ -66,9 +72,10 @@ def first_stage_run(
 
 
 def top_candidates(run: Mapping[str, Mapping[str, float]], top_k: int) -> dict[str, list[str]]:
-    """Each query's ``top_k`` documents of ``run``, best first (ties by doc id, as the metrics
-    rank them)."""
-    return {qid: sorted(docs, key=lambda d: (-docs[d], d))[:top_k] for qid, docs in run.items()}
+    """Each query's ``top_k`` documents of ``run``, best first, ranked as the metrics rank them
+    (ties by doc id, descending: trec_eval's order), so the candidates cut at ``top_k`` are the
+    documents the first-stage metrics count."""
+    return {qid: rank_documents(docs)[:top_k] for qid, docs in run.items()}
 
 
 def rerank_run(
