@@ -17,9 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
-
-from tqdm.auto import tqdm
+from typing import TYPE_CHECKING
 
 from embtune.eval.retrieval import (
     check_k_values,
@@ -28,20 +26,15 @@ from embtune.eval.retrieval import (
     retrieval_metrics,
     retrieve,
 )
+from embtune.scoring.pairs import PairCounts, score_all
+from embtune.scoring.teachers import PairScorer
 
 if TYPE_CHECKING:
     from embtune.data.formats import BeirDataset
     from embtune.models.encoder import Encoder
+    from embtune.scoring.cache import ScoreCache
 
 Run = dict[str, dict[str, float]]
-
-
-class PairScorer(Protocol):
-    """What reranking needs: one score per (query, passage) pair."""
-
-    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
-        """One score per (queries[i], passages[i]) pair, in input order."""
-        ...
 
 
 def first_stage_run(
@@ -84,30 +77,23 @@ def rerank_run(
     candidates: Mapping[str, Sequence[str]],
     batch_size: int = 32,
     show_progress: bool = True,
-) -> Run:
-    """Every candidate of every query scored by ``scorer``: the reranked run.
+    cache: ScoreCache | None = None,
+) -> tuple[Run, PairCounts]:
+    """Every candidate of every query scored by ``scorer``: the reranked run, and how its
+    scores were found.
 
-    Pairs are scored in batches of similar length (longest first), so little padding is
-    computed and a batch too large for memory fails at once.
+    Pairs go through :func:`~embtune.scoring.pairs.score_all`: each distinct (query, passage)
+    text pair once, those in ``cache`` looked up, the rest in batches of similar length
+    (longest first, so little padding is computed and a batch too large for memory fails at
+    once), each batch stored in ``cache`` before the next.
     """
     pairs = [(qid, pid) for qid, pids in candidates.items() for pid in pids]
-    order = sorted(
-        range(len(pairs)),
-        key=lambda i: len(data.queries[pairs[i][0]]) + len(data.corpus[pairs[i][1]]),
-        reverse=True,
-    )
+    texts = [(data.queries[qid], data.corpus[pid]) for qid, pid in pairs]
+    scores, counts = score_all(scorer, texts, cache, batch_size, show_progress)
     run: Run = {qid: {} for qid in candidates}
-    bar = tqdm(total=len(pairs), desc="reranking", unit="pair", disable=not show_progress)
-    for start in range(0, len(order), batch_size):
-        batch = [pairs[i] for i in order[start : start + batch_size]]
-        scores = scorer.score_pairs(
-            [data.queries[qid] for qid, _ in batch], [data.corpus[pid] for _, pid in batch]
-        )
-        for (qid, pid), score in zip(batch, scores, strict=True):
-            run[qid][pid] = float(score)
-        bar.update(len(batch))
-    bar.close()
-    return run
+    for (qid, pid), score in zip(pairs, scores, strict=True):
+        run[qid][pid] = float(score)
+    return run, counts
 
 
 def evaluate_reranking(
@@ -120,6 +106,5 @@ def evaluate_reranking(
 ) -> dict[str, float]:
     """Retrieval metrics of the reranked ``candidates`` ({"ndcg@10": ...})."""
     ks = check_k_values(k_values)
-    return retrieval_metrics(
-        rerank_run(scorer, data, candidates, batch_size, show_progress), data.qrels, ks
-    )
+    run, _ = rerank_run(scorer, data, candidates, batch_size, show_progress)
+    return retrieval_metrics(run, data.qrels, ks)

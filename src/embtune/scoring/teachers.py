@@ -57,16 +57,22 @@ DEFAULT_MAX_LENGTH = 512  # FlagEmbedding's reranker default
 MIN_MAX_LENGTH = 32
 
 
-class Teacher(Protocol):
-    """What scoring needs from a teacher."""
+class PairScorer(Protocol):
+    """What scoring pairs needs: one score per (query, passage) pair (a teacher, a reranker,
+    the reranker being trained)."""
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
+        """One score per (queries[i], passages[i]) pair, in input order."""
+        ...
+
+
+class Teacher(PairScorer, Protocol):
+    """What `embtune score` needs from a teacher: its scores and what decides them."""
 
     kind: str
 
     def identity(self) -> dict[str, object]:
         """Everything that decides the scores: model, weights hash, settings, precision."""
-
-    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
-        """One score per (queries[i], passages[i]) pair, in input order."""
 
 
 @dataclass
