@@ -9,8 +9,8 @@ sentence-transformers' CrossEncoderRerankingEvaluator and BEIR's reranking). Met
 figures are comparable line by line.
 
 The scorer is anything with ``score_pairs(queries, passages) -> list[float]``: a
-:class:`~embtune.scoring.teachers.CrossEncoderTeacher` (a saved reranker, or the model being
-trained during dev evaluation).
+:class:`~embtune.scoring.teachers.CrossEncoderTeacher` (a saved reranker, loaded by
+:func:`load_reranker`, or the model being trained during dev evaluation).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from embtune.errors import UsageError
 from embtune.eval.retrieval import (
     check_k_values,
     corpus_embeddings,
@@ -26,15 +27,66 @@ from embtune.eval.retrieval import (
     retrieval_metrics,
     retrieve,
 )
+from embtune.models.cross_encoder import is_reranker_config, saved_reranker_settings
 from embtune.scoring.pairs import PairCounts, score_all
-from embtune.scoring.teachers import PairScorer
+from embtune.scoring.teachers import (
+    CrossEncoderTeacher,
+    PairScorer,
+    TeacherSettings,
+    check_pair_length,
+    teacher_config,
+)
 
 if TYPE_CHECKING:
+    import torch
+
     from embtune.data.formats import BeirDataset
     from embtune.models.encoder import Encoder
     from embtune.scoring.cache import ScoreCache
 
 Run = dict[str, dict[str, float]]
+
+
+def load_reranker(
+    name: str,
+    max_length: int | None = None,
+    precision: str = "fp32",
+    query_instruction: str | None = None,
+    passage_instruction: str | None = None,
+    device: torch.device | None = None,
+) -> CrossEncoderTeacher:
+    """A saved reranker as the pair scorer of ``embtune eval --reranker``, on ``device`` (None:
+    cuda when there is one).
+
+    A reranker embtune saved gives the pair length (``max_len``) and the instructions of its
+    embtune_reranker.json; another tool's (a bge-reranker, a sentence-transformers
+    CrossEncoder) gets 512 tokens and no instructions, FlagReranker's defaults; the arguments
+    given override either. Pairs are cut as FlagReranker cuts them when scoring (the query at
+    most 3/4 of the pair). A model that is not a one-label sequence classifier is refused
+    before its weights load: transformers would add a random head and score noise.
+    """
+    config = teacher_config(name, option="--reranker")
+    if not is_reranker_config(config):
+        shown = ", ".join(getattr(config, "architectures", None) or []) or "none recorded"
+        raise UsageError(
+            f"--reranker: {name} is not a reranker (a sequence classifier with one label): "
+            f"its config.json has architectures {shown} and num_labels {config.num_labels}"
+        )
+    saved = saved_reranker_settings(name)
+    if saved is not None:
+        max_length = max_length or saved.max_len
+        if query_instruction is None:
+            query_instruction = saved.query_instruction
+        if passage_instruction is None:
+            passage_instruction = saved.passage_instruction
+    settings = TeacherSettings(
+        max_length=max_length,
+        query_instruction=query_instruction,
+        passage_instruction=passage_instruction,
+        precision=precision,
+    )
+    check_pair_length(config, settings, "--rerank-max-length")
+    return CrossEncoderTeacher.from_pretrained(name, settings, "--reranker", device)
 
 
 def first_stage_run(
