@@ -23,6 +23,7 @@ from embtune.errors import UsageError
 from embtune.eval.retrieval import (
     check_k_values,
     corpus_embeddings,
+    metric_label,
     rank_documents,
     retrieval_metrics,
     retrieve,
@@ -160,3 +161,15 @@ def evaluate_reranking(
     ks = check_k_values(k_values)
     run, _ = rerank_run(scorer, data, candidates, batch_size, show_progress)
     return retrieval_metrics(run, data.qrels, ks)
+
+
+def format_comparison(first_stage: Mapping[str, float], reranked: Mapping[str, float]) -> str:
+    """A plain-text table for the screen: one row per metric and cut-off, with the first
+    stage's value, the reranked one and the change."""
+    labels = {key: metric_label(key) for key in first_stage}
+    width = max([len(label) for label in labels.values()] + [len("metric")]) + 2
+    lines = [f"{'metric':<{width}}{'first stage':>12}{'reranked':>10}{'change':>10}"]
+    for key, label in labels.items():
+        before, after = first_stage[key], reranked[key]
+        lines.append(f"{label:<{width}}{before:>12.4f}{after:>10.4f}{after - before:>+10.4f}")
+    return "\n".join(lines)
