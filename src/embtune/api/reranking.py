@@ -52,6 +52,8 @@ if TYPE_CHECKING:  # the real imports pull in torch / transformers
     from embtune.scoring.teachers import CrossEncoderTeacher, TeacherSettings
 
 Lists = dict[str, list[str]]  # query id -> doc ids, best first
+RERANK_TOP_K = 100
+RERANK_BATCH_SIZE = 32
 
 
 @dataclasses.dataclass
@@ -242,8 +244,8 @@ def evaluate_reranking(
     *,
     model: PathLike | None = None,
     candidates: PathLike | None = None,
-    rerank_top_k: int = 100,
-    rerank_batch_size: int = 32,
+    rerank_top_k: int | None = None,
+    rerank_batch_size: int | None = None,
     rerank_max_length: int | None = None,
     rerank_query_instruction: str | None = None,
     rerank_passage_instruction: str | None = None,
@@ -273,8 +275,8 @@ def evaluate_reranking(
         data, split: the BEIR folder, and which qrels/<split>.tsv to evaluate.
         model: the retriever, folder or hub name; exactly one of ``model`` and ``candidates``.
         candidates: a TREC run or jsonl file of the lists to rerank (:mod:`.eval.candidates`).
-        rerank_top_k: candidates reranked per query.
-        rerank_batch_size: pairs per forward pass of the reranker.
+        rerank_top_k: candidates reranked per query (None: 100).
+        rerank_batch_size: pairs per forward pass of the reranker (None: 32).
         rerank_max_length: tokens of a pair (None: the reranker's saved setting, else 512);
             the query takes at most 3/4 of them.
         rerank_query_instruction, rerank_passage_instruction: text put before every query /
@@ -300,8 +302,9 @@ def evaluate_reranking(
     k_values = check_k_values([k] if isinstance(k, int) else k)
     batch_size = int_option(batch_size, "--batch-size", 1)
     limit_queries = optional_int(limit_queries, "--limit-queries", 1)
-    top_k = int_option(rerank_top_k, "--rerank-top-k", 1)
-    rerank_batch_size = int_option(rerank_batch_size, "--rerank-batch-size", 1)
+    # None stands for the default, as on the command line, where it tells "not given".
+    top_k = optional_int(rerank_top_k, "--rerank-top-k", 1) or RERANK_TOP_K
+    pairs_per_batch = optional_int(rerank_batch_size, "--rerank-batch-size", 1) or RERANK_BATCH_SIZE
     max_length = optional_int(rerank_max_length, "--rerank-max-length", 1)
     overrides = EncoderOverrides(
         query_max_len, passage_max_len, pooling, normalize, query_instruction, passage_instruction
@@ -341,7 +344,7 @@ def evaluate_reranking(
         rejected_report=report,
     )
     reranked, reranking = _rerank(
-        scorer, dataset, lists, top_k, k_values, rerank_batch_size, scores_dir, show_progress
+        scorer, dataset, lists, top_k, k_values, pairs_per_batch, scores_dir, show_progress
     )
     result = RerankMetrics(
         first_stage,

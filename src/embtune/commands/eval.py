@@ -297,16 +297,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rejected_note(metrics: Metrics) -> str:
-    """How many rows --skip-bad-rows left out, and where they are listed."""
-    left_out = f"{metrics.rejected_rows} bad rows of --data left out (--skip-bad-rows)"
-    if metrics.rejected_report is not None:
-        return f"{left_out}, listed in {metrics.rejected_report}"
-    if not metrics.rejected:
-        return left_out
-    return f"{left_out}, the first: {metrics.rejected[0]}; add --json FILE to list them all"
-
-
 def _run_reranking(args: argparse.Namespace) -> int:
     """Rerank (embtune.api.evaluate_reranking checks the options), print the two columns."""
     from embtune import api
@@ -317,21 +307,15 @@ def _run_reranking(args: argparse.Namespace) -> int:
         raise UsageError(f"--{given.replace('_', '-')}: only with --reranker")
     if args.dims:
         raise UsageError(
-            "--dims: not with --reranker (the reranker reorders documents, whatever the "
-            "embedding size); evaluate the sizes without it"
+            "--dims: not with --reranker (the reranker scores texts, not embeddings); evaluate "
+            "the dimensions without it"
         )
-    # Left out when not given, so the API's defaults apply.
-    sizes = {o: getattr(args, o) for o in ("rerank_top_k", "rerank_batch_size")}
     result = api.evaluate_reranking(
         args.reranker,
         args.data,
         args.split,
         model=args.model,
-        candidates=args.candidates,
-        **{option: value for option, value in sizes.items() if value is not None},
-        rerank_max_length=args.rerank_max_length,
-        rerank_query_instruction=args.rerank_query_instruction,
-        rerank_passage_instruction=args.rerank_passage_instruction,
+        **{option: getattr(args, option) for option in RERANK_OPTIONS},
         **_shared(args),
         show_progress=sys.stderr.isatty(),
     )
@@ -342,3 +326,13 @@ def _run_reranking(args: argparse.Namespace) -> int:
     if result.first_stage.rejected is not None:
         print(f"embtune eval: {_rejected_note(result.first_stage)}")
     return 0
+
+
+def _rejected_note(metrics: Metrics) -> str:
+    """How many rows --skip-bad-rows left out, and where they are listed."""
+    left_out = f"{metrics.rejected_rows} bad rows of --data left out (--skip-bad-rows)"
+    if metrics.rejected_report is not None:
+        return f"{left_out}, listed in {metrics.rejected_report}"
+    if not metrics.rejected:
+        return left_out
+    return f"{left_out}, the first: {metrics.rejected[0]}; add --json FILE to list them all"
