@@ -18,7 +18,6 @@ import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
-    BertConfig,
     BertForSequenceClassification,
 )
 
@@ -32,26 +31,17 @@ from embtune.eval.retrieval import retrieval_metrics
 from embtune.models.cross_encoder import CrossEncoder, RerankerSettings
 from tests.conftest import minilm_path, single_thread, subprocess_env
 from tests.test_eval_cli import write_beir
+from tests.test_score import tiny_config
 
 K = ["--k", "1", "3", "10"]
 KS = (1, 3, 10)
 
 
-def tiny_classifier(folder: Path, labels: int = 1, seed: int = 0) -> Path:
+def tiny_classifier(folder: Path, labels: int = 1) -> Path:
     """A 2-layer, 32-wide BERT sequence classifier with random weights and MiniLM's tokenizer."""
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=labels,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    BertForSequenceClassification(tiny_config(num_labels=labels)).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return folder
 
 
