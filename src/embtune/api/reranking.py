@@ -121,9 +121,8 @@ class RerankMetrics:
                 f"no list in {self.candidates}: they score 0 in both columns"
             )
         top_k = self.reranking.top_k
-        if beyond := sorted({int(key.partition("@")[2]) for key in self.reranked} - {top_k}):
-            beyond = [k for k in beyond if k > top_k]
-        if beyond:
+        cut_offs = {int(key.partition("@")[2]) for key in self.reranked}
+        if beyond := sorted(k for k in cut_offs if k > top_k):
             notes.append(
                 f"reranked metrics at {', '.join(f'@{k}' for k in beyond)} count only the top "
                 f"{top_k} candidates of each query; documents below them are unretrieved"
@@ -216,11 +215,11 @@ def _rerank(
 
     started = time.perf_counter()
     candidates = {qid: docs[:top_k] for qid, docs in lists.items()}
-    cache = ScoreCache.in_folder(cache_dir, scorer.identity()) if cache_dir else None
+    cache = None if cache_dir is None else ScoreCache.in_folder(cache_dir, scorer.identity())
     with cache or contextlib.nullcontext():
         run, counts = rerank_run(scorer, dataset, candidates, batch_size, show_progress, cache)
     seconds = time.perf_counter() - started
-    cache_file = cache.path if cache else None
+    cache_file = None if cache is None else cache.path
     report = Reranking(scorer.name, scorer.settings, top_k, counts, seconds, cache_file)
     return retrieval_metrics(run, dataset.qrels, k_values), report
 

@@ -43,11 +43,11 @@ def score_all(
     one); the scores committed before it stay cached.
     """
     # Without a cache the pair itself is its key: equal texts are still scored once.
-    keys: list[Hashable] = [cache.key(q, p) for q, p in pairs] if cache else list(pairs)
+    keys: list[Hashable] = list(pairs) if cache is None else [cache.key(q, p) for q, p in pairs]
     first: dict[Hashable, int] = {}  # each distinct pair's key -> its first place
     for i, key in enumerate(keys):
         first.setdefault(key, i)
-    known: dict[Hashable, float] = dict(cache.lookup(first)) if cache else {}
+    known: dict[Hashable, float] = {} if cache is None else dict(cache.lookup(first))
     todo = [i for key, i in first.items() if key not in known]
     todo.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
     bar = tqdm(
@@ -58,7 +58,7 @@ def score_all(
         scores = teacher.score_pairs([pairs[i][0] for i in batch], [pairs[i][1] for i in batch])
         _refuse_non_finite(scores, [pairs[i] for i in batch], len(todo) - start, cache)
         found = {keys[i]: score for i, score in zip(batch, scores, strict=True)}
-        if cache:
+        if cache is not None:
             cache.store(found)
         known.update(found)
         bar.update(len(batch))
@@ -71,7 +71,7 @@ def _refuse_non_finite(
     scores: list[float], pairs: list[tuple[str, str]], left: int, cache: ScoreCache | None
 ) -> None:
     """Stop before a NaN or infinite score is cached or written (no reader accepts one)."""
-    kept = ", the scores before this batch are cached" if cache else ""
+    kept = "" if cache is None else ", the scores before this batch are cached"
     for score, (query, passage) in zip(scores, pairs, strict=True):
         if not math.isfinite(score):
             raise TrainingStopped(
