@@ -8,6 +8,7 @@ against the one line it must produce.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -186,6 +187,35 @@ def test_pair_scores_are_cached_across_evaluations(
     lists = write_jsonl(tmp_path / "c.jsonl", [{"query_id": "q1", "doc_ids": ["d1", "d2"]}])
     assert run_eval(*base, "--candidates", lists, "--json", other) == 0
     assert json.loads(other.read_text())["pairs"]["scored"] == 0
+
+
+def test_a_non_finite_reranker_score_stops_with_status_3_and_no_json(
+    tiny_model, reranker, beir, tmp_path, capsys, monkeypatch
+) -> None:
+    from embtune.scoring.teachers import CrossEncoderTeacher
+
+    monkeypatch.setattr(CrossEncoderTeacher, "score_pairs", lambda self, q, p: [math.nan] * len(q))
+    out = tmp_path / "out.json"
+    args = ["--model", tiny_model, "--data", beir, "--reranker", reranker, "--json", out]
+    assert run_eval(*args) == 3
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("embtune eval: stopped: the teacher scored the pair (query ")
+    assert line.endswith("pairs were not scored (is the model broken, or overflowing in --bf16?)")
+    assert not out.exists()
+
+
+def test_skip_bad_rows_reports_the_rows_left_out(tiny_model, reranker, tmp_path, capsys) -> None:
+    beir = write_beir(tmp_path / "with-a-bad-row")
+    with (beir / "corpus.jsonl").open("a") as f:
+        f.write('{"_id": "d7", "text": }\n')
+    out, report = tmp_path / "r.json", tmp_path / "r.rejected_rows.jsonl"
+    args = ["--model", tiny_model, "--data", beir, "--reranker", reranker, "--json", out]
+    assert run_eval(*args, "--skip-bad-rows") == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    left_out = "embtune eval: 1 bad rows of --data left out (--skip-bad-rows)"
+    assert last == f"{left_out}, listed in {report}"
+    assert json.loads(out.read_text())["rejected_rows"] == 1
+    assert "corpus.jsonl" in report.read_text()
 
 
 # --- with a candidates file ----------------------------------------------------------------
