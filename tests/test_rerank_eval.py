@@ -421,8 +421,17 @@ def test_an_embtune_reranker_scores_with_its_saved_settings(reranker, tmp_path) 
 
 def test_the_api_returns_both_columns_and_the_pairs(reranker, beir, candidates) -> None:
     result = api.evaluate_reranking(
-        reranker, beir, candidates=candidates, k=[1, 3], show_progress=False
+        reranker,
+        beir,
+        candidates=candidates,
+        k=[1, 3],
+        rerank_max_length="64",  # text, as the command line passes it
+        query_instruction_for_rerank="query: ",
+        show_progress=False,
     )
+    settings = result.reranking.settings
+    assert (settings.pair_max_length, settings.query_instruction) == (64, "query: ")
+    assert result.to_json()["reranker_settings"]["query_instruction"] == "query: "
     assert (
         set(result.first_stage)
         == set(result.reranked)

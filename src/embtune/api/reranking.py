@@ -246,8 +246,8 @@ def evaluate_reranking(
     rerank_top_k: int | None = None,
     rerank_batch_size: int | None = None,
     rerank_max_length: int | None = None,
-    rerank_query_instruction: str | None = None,
-    rerank_passage_instruction: str | None = None,
+    query_instruction_for_rerank: str | None = None,
+    passage_instruction_for_rerank: str | None = None,
     k: Sequence[int] = (10, 100),
     batch_size: int = 64,
     json: PathLike | None = None,
@@ -278,8 +278,9 @@ def evaluate_reranking(
         rerank_batch_size: pairs per forward pass of the reranker (None: 32).
         rerank_max_length: tokens of a pair (None: the reranker's saved setting, else 512);
             the query takes at most 3/4 of them.
-        rerank_query_instruction, rerank_passage_instruction: text put before every query /
-            passage the reranker reads (None: its saved setting, else none).
+        query_instruction_for_rerank, passage_instruction_for_rerank: text put before every
+            query / passage the reranker reads (None: its saved setting, else none), as
+            FlagEmbedding and `embtune train --model-kind cross-encoder` name them.
         cache_dir: keeps corpus embeddings and the reranker's pair scores (keyed by its
             weights, settings and the texts): shared pairs of two evaluations score once.
         Others: as for :func:`~embtune.api.evaluate`; the retriever's options only with
@@ -320,8 +321,8 @@ def evaluate_reranking(
         os.fspath(reranker),
         max_length,
         precision(bf16),
-        rerank_query_instruction,
-        rerank_passage_instruction,
+        query_instruction_for_rerank,
+        passage_instruction_for_rerank,
         where,
     )
     first_started, settings = time.perf_counter(), None

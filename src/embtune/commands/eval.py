@@ -67,8 +67,8 @@ RERANK_OPTIONS = (
     "rerank_top_k",
     "rerank_batch_size",
     "rerank_max_length",
-    "rerank_query_instruction",
-    "rerank_passage_instruction",
+    "query_instruction_for_rerank",
+    "passage_instruction_for_rerank",
 )
 
 
@@ -253,13 +253,13 @@ def _add_reranker_options(p: argparse.ArgumentParser) -> None:
         "them (default: the reranker's saved setting, else 512)",
     )
     p.add_argument(
-        "--rerank-query-instruction",
+        "--query-instruction-for-rerank",
         metavar="TEXT",
         help="text put before every query the reranker reads (default: the reranker's saved "
         "setting, else none)",
     )
     p.add_argument(
-        "--rerank-passage-instruction",
+        "--passage-instruction-for-rerank",
         metavar="TEXT",
         help="text put before every passage the reranker reads (default: the reranker's saved "
         "setting, else none)",
