@@ -183,7 +183,7 @@ def test_pair_scores_are_cached_across_evaluations(
     assert record["pairs"] == {"total": 18, "distinct": 18, "cached": 18, "scored": 0}
     assert record["reranked"] == json.loads(first.read_text())["reranked"]
     monkeypatch.undo()
-    # Another first stage's lists: only the pairs not seen before are scored.
+    # Another first stage's lists: the pairs scored before (here all of them) are not again.
     lists = write_jsonl(tmp_path / "c.jsonl", [{"query_id": "q1", "doc_ids": ["d1", "d2"]}])
     assert run_eval(*base, "--candidates", lists, "--json", other) == 0
     assert json.loads(other.read_text())["pairs"]["scored"] == 0
