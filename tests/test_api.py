@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import inspect as signatures
 import json
 import subprocess
@@ -48,29 +49,39 @@ def test_importing_the_api_loads_neither_torch_nor_transformers() -> None:
 
 
 @pytest.mark.parametrize(
-    ("command", "function"), [("eval", "evaluate"), ("mine", "mine"), ("inspect", "inspect")]
+    ("command", "functions"),
+    [
+        ("eval", ("evaluate", "evaluate_reranking")),  # eval --reranker: evaluate_reranking
+        ("mine", ("mine",)),
+        ("inspect", ("inspect",)),
+    ],
 )
 def test_every_option_of_the_command_is_a_parameter_with_its_default(
-    command: str, function: str
+    command: str, functions: tuple[str, ...]
 ) -> None:
     subcommands = build_parser()._subparsers._group_actions[0].choices
-    params = signatures.signature(getattr(api, function)).parameters
+    signatures_of = [signatures.signature(getattr(api, f)).parameters for f in functions]
     for action in subcommands[command]._actions:
         if action.dest in ("help", "func"):
             continue
+        found = [params[action.dest] for params in signatures_of if action.dest in params]
         if action.dest == "no_progress":  # the Python spelling is the positive one
-            assert params["show_progress"].default is True
+            assert all(params["show_progress"].default is True for params in signatures_of)
             continue
-        assert action.dest in params, f"--{action.dest} of `embtune {command}` is missing"
-        default = params[action.dest].default
-        if default is signatures.Parameter.empty:  # a required option: a positional here
-            assert action.required, action.dest
-            continue
-        cli = action.default
-        # The command line passes numbers as text to check them itself; Python takes numbers.
-        cli = int(cli) if isinstance(cli, str) and cli.isdigit() else cli
-        cli = tuple(cli) if isinstance(cli, list) else cli
-        assert cli == (tuple(default) if isinstance(default, list) else default), action.dest
+        assert found, f"--{action.dest} of `embtune {command}` is missing"
+        assert all(_same_default(action, param.default) for param in found), action.dest
+
+
+def _same_default(action: argparse.Action, default: object) -> bool:
+    """The option's default is the parameter's; a positional parameter is a required option,
+    or (eval's --model, --reranker) one whose absence calls the command's other function."""
+    if default is signatures.Parameter.empty:
+        return action.required or action.default is None
+    cli = action.default
+    # The command line passes numbers as text to check them itself; Python takes numbers.
+    cli = int(cli) if isinstance(cli, str) and cli.isdigit() else cli
+    cli = tuple(cli) if isinstance(cli, list) else cli
+    return cli == (tuple(default) if isinstance(default, list) else default)
 
 
 def test_train_from_keywords_then_evaluate(tiny_model: Path, beir: Path, tmp_path: Path) -> None:

@@ -6,6 +6,9 @@
                        output_dir="out", train_group_size=4, max_steps=100)
     metrics = api.evaluate(result.output_dir, "data/scifact", split="test")
     print(metrics["ndcg@10"])
+    reranked = api.evaluate_reranking("BAAI/bge-reranker-base", "data/scifact",
+                                      model=result.output_dir, rerank_top_k=100)
+    print(reranked.table())  # first stage | reranked | change
     print(api.inspect("train.jsonl", train_group_size=16).text)
     api.score("BAAI/bge-reranker-base", "train.jsonl", "scored.jsonl")  # teacher scores
 
@@ -24,6 +27,7 @@ from embtune.api.evaluation import Metrics, evaluate
 from embtune.api.inspection import InspectResult, format_inspect_report, inspect
 from embtune.api.mining import MineResult, format_mining_report, mine
 from embtune.api.options import PathLike
+from embtune.api.reranking import Reranking, RerankMetrics, evaluate_reranking
 from embtune.api.scoring import ScoreResult, format_score_report, score
 from embtune.api.training import train
 
@@ -32,8 +36,11 @@ __all__ = [
     "Metrics",
     "MineResult",
     "PathLike",
+    "RerankMetrics",
+    "Reranking",
     "ScoreResult",
     "evaluate",
+    "evaluate_reranking",
     "format_inspect_report",
     "format_mining_report",
     "format_score_report",

@@ -111,7 +111,45 @@ class Metrics(dict):
         }
 
 
-def _device(name: str | None) -> torch.device:
+@dataclasses.dataclass(frozen=True)
+class EncoderOverrides:
+    """The options that override a retriever's saved settings for one run (None: keep)."""
+
+    query_max_len: int | None = None
+    passage_max_len: int | None = None
+    pooling: str | None = None
+    normalize: bool | None = None
+    query_instruction: str | None = None
+    passage_instruction: str | None = None
+
+    def checked(self) -> EncoderOverrides:
+        """These overrides, their values checked (the command's messages), numbers as ints."""
+        query_max_len = optional_int(self.query_max_len, "--query-max-len", 1)
+        passage_max_len = optional_int(self.passage_max_len, "--passage-max-len", 1)
+        choice(self.pooling, "--pooling", POOLING_MODES)
+        return dataclasses.replace(
+            self, query_max_len=query_max_len, passage_max_len=passage_max_len
+        )
+
+    def given(self) -> list[str]:
+        """The options set, as the command spells them (``--pooling``)."""
+        return [
+            "--" + f.name.replace("_", "-")
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        ]
+
+    def load(self, model: PathLike, device: torch.device, bf16: bool) -> Encoder:
+        """The retriever ``model`` with these overrides, on ``device``."""
+        from embtune.models.encoder import Encoder
+
+        return Encoder.from_pretrained(
+            os.fspath(model), **dataclasses.asdict(self), encode_precision=precision(bf16)
+        ).to(device)
+
+
+def torch_device(name: str | None) -> torch.device:
+    """The --device option as a torch device (None: cuda when available, else cpu)."""
     import torch
 
     if name is None:
@@ -125,7 +163,7 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _output_paths(
+def output_paths(
     json: PathLike | None, data: Path, split: str, skip_bad_rows: bool
 ) -> tuple[Path | None, Path | None]:
     """The --json file and (skip_bad_rows) the rejected-rows report beside it, checked now, not
@@ -141,7 +179,7 @@ def _output_paths(
     return json_path, report
 
 
-def _load_data(
+def load_data(
     data: Path, split: str, limit_queries: int | None, skip_bad_rows: bool
 ) -> BeirDataset:
     """The split, validated (bad rows left out with ``skip_bad_rows``), its first
@@ -155,17 +193,20 @@ def _load_data(
     return dataset
 
 
-def _save(metrics: Metrics, json_path: Path | None, report: Path | None) -> None:
-    """Write the report of the rows left out (first: it is small), then the metrics."""
+def save_evaluation(
+    json_path: Path | None,
+    report: Path | None,
+    record: dict,
+    rejected: list[InputProblem] | None,
+) -> None:
+    """Write the report of the rows left out (first: it is small), then the metrics' record."""
     from embtune.data.formats import write_rejected_rows
 
     if report is not None:
-        rejected = metrics.rejected or []
-        save_result(
-            report, lambda: write_rejected_rows(report, rejected), "the evaluation", "--json"
-        )
+        rows = rejected or []
+        save_result(report, lambda: write_rejected_rows(report, rows), "the evaluation", "--json")
     if json_path is not None:
-        save_json(json_path, metrics.to_json(), "the evaluation", "--json")
+        save_json(json_path, record, "the evaluation", "--json")
 
 
 def evaluate(
@@ -237,32 +278,22 @@ def evaluate(
     import time
 
     from embtune.eval.retrieval import check_k_values
-    from embtune.models.encoder import Encoder
 
     started = time.perf_counter()
     k_values = check_k_values([k] if isinstance(k, int) else k)
     batch_size = int_option(batch_size, "--batch-size", 1)
     limit_queries = optional_int(limit_queries, "--limit-queries", 1)
-    query_max_len = optional_int(query_max_len, "--query-max-len", 1)
-    passage_max_len = optional_int(passage_max_len, "--passage-max-len", 1)
-    choice(pooling, "--pooling", POOLING_MODES)
+    overrides = EncoderOverrides(
+        query_max_len, passage_max_len, pooling, normalize, query_instruction, passage_instruction
+    ).checked()
     dim_list = _dims(dims)
-    json_path, report = _output_paths(json, Path(data), split, skip_bad_rows)
-    torch_device = _device(device)
+    json_path, report = output_paths(json, Path(data), split, skip_bad_rows)
+    where = torch_device(device)
 
     # Data first: a typo in the data path should fail before a model download or load.
-    dataset = _load_data(Path(data), split, limit_queries, skip_bad_rows)
+    dataset = load_data(Path(data), split, limit_queries, skip_bad_rows)
 
-    encoder = Encoder.from_pretrained(
-        os.fspath(model),
-        pooling=pooling,
-        normalize=normalize,
-        query_instruction=query_instruction,
-        passage_instruction=passage_instruction,
-        query_max_len=query_max_len,
-        passage_max_len=passage_max_len,
-        encode_precision=precision(bf16),
-    ).to(torch_device)
+    encoder = overrides.load(model, where, bf16)
     scores, by_dim = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )
@@ -279,7 +310,7 @@ def evaluate(
         rejected_report=report,
         by_dim=by_dim,
     )
-    _save(metrics, json_path, report)
+    save_evaluation(json_path, report, metrics.to_json(), metrics.rejected)
     return metrics
 
 

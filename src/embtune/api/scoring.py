@@ -129,14 +129,12 @@ def _score_rows(
     teacher: Teacher, source: ScoreInput, cache_dir: Path, batch_size: int, show_progress: bool
 ) -> tuple[list[float], PairCounts, Path]:
     """Every pair of ``source`` scored through the teacher's cache in ``cache_dir``."""
-    from embtune.scoring.cache import ScoreCache, cache_path, teacher_key
+    from embtune.scoring.cache import ScoreCache
     from embtune.scoring.pairs import score_all
 
-    identity = teacher.identity()
-    path = cache_path(cache_dir, teacher_key(identity))
-    with ScoreCache(path, identity) as cache:
+    with ScoreCache.in_folder(cache_dir, teacher.identity()) as cache:
         scores, counts = score_all(teacher, source.pairs(), cache, batch_size, show_progress)
-    return scores, counts, path
+    return scores, counts, cache.path
 
 
 def _notes(source: ScoreInput) -> list[str]:

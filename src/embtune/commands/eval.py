@@ -1,4 +1,5 @@
-"""`embtune eval`: retrieval metrics of a model on one split of a BEIR folder."""
+"""`embtune eval`: retrieval metrics of a model on one split of a BEIR folder; with
+--reranker, the first stage's metrics and the reranked ones side by side."""
 
 from __future__ import annotations
 
@@ -23,11 +24,52 @@ With --dims, the embeddings are computed once and evaluated at each leading size
 (Matryoshka): cut to their first DIM components and re-normalized, as
 SentenceTransformer(model, truncate_dim=DIM) with cosine similarity scores them.
 
+With --reranker, each query's top --rerank-top-k documents are scored again by a reranker (a
+one-label cross-encoder: a reranker embtune saved, a bge-reranker, a sentence-transformers
+CrossEncoder) and both rankings are reported side by side: metric | first stage | reranked |
+change; --json writes both ("first_stage", "reranked"). With --candidates FILE instead of
+--model, the lists of a TREC run or a jsonl file are reranked and compared with their own
+order. Documents below the candidates stay unretrieved, so a reranked metric at a --k above
+--rerank-top-k counts only the candidates.
+
 examples:
   embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact --split test \\
       --json results/scifact.json --cache-dir .cache/embeddings
   embtune eval --model runs/mrl --data data/scifact --dims 384 128 64
+  embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact \\
+      --reranker BAAI/bge-reranker-base --rerank-top-k 100 --json results/rerank.json
+  embtune eval --reranker runs/reranker --candidates runs/bm25.trec --data data/scifact \\
+      --cache-dir .cache/embtune
 """
+
+# The options `embtune eval` passes to embtune.api.evaluate and evaluate_reranking alike,
+# under their own names.
+SHARED_OPTIONS = (
+    "k",
+    "batch_size",
+    "json",
+    "cache_dir",
+    "faiss",
+    "query_max_len",
+    "passage_max_len",
+    "pooling",
+    "normalize",
+    "query_instruction",
+    "passage_instruction",
+    "limit_queries",
+    "device",
+    "bf16",
+    "skip_bad_rows",
+)
+# The reranking options; any of them given means a reranking evaluation (None: not given).
+RERANK_OPTIONS = (
+    "candidates",
+    "rerank_top_k",
+    "rerank_batch_size",
+    "rerank_max_length",
+    "query_instruction_for_rerank",
+    "passage_instruction_for_rerank",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,9 +84,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--model",
-        required=True,
         metavar="M",
-        help="model folder or Hugging Face hub name (required)",
+        help="model folder or Hugging Face hub name: the retriever (required, unless "
+        "--candidates gives the lists for --reranker)",
     )
     p.add_argument(
         "--data",
@@ -82,7 +124,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--cache-dir",
         metavar="DIR",
         help="reuse corpus embeddings cached here, keyed by model weights, settings and "
-        "corpus text; written after encoding (default: no cache)",
+        "corpus text; written after encoding; with --reranker also its pair scores (keyed "
+        "by its weights, settings and the texts), so pairs already scored are not scored "
+        "again (default: no cache)",
     )
     p.add_argument(
         "--faiss",
@@ -100,6 +144,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         'block (under "dims") per dimension (default: the full size only)',
     )
     _add_encoder_options(p)
+    _add_reranker_options(p)
     p.add_argument(
         "--limit-queries",
         type=int,
@@ -110,8 +155,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--device",
         metavar="DEV",
-        help="torch device to encode on, e.g. cpu, cuda, cuda:1 (default: cuda when "
-        "available, else cpu)",
+        help="torch device to encode (and rerank) on, e.g. cpu, cuda, cuda:1 (default: cuda "
+        "when available, else cpu)",
     )
     p.add_argument(
         "--skip-bad-rows",
@@ -123,8 +168,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--bf16",
         action="store_true",
-        help="encode in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 BF16 and on "
-        "GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to sentence-transformers')",
+        help="encode (and rerank) in bfloat16 (autocast): about 2x faster on CPUs with AVX-512 "
+        "BF16 and on GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to "
+        "sentence-transformers')",
     )
     p.set_defaults(func=run)
 
@@ -168,29 +214,79 @@ def _add_encoder_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate (embtune.api.evaluate checks the options), print the table."""
-    from embtune import api
+def _add_reranker_options(p: argparse.ArgumentParser) -> None:
+    """The options of retrieve-then-rerank evaluation."""
+    p.add_argument(
+        "--reranker",
+        metavar="R",
+        help="rerank each query's top candidates with this one-label cross-encoder (folder or "
+        "hub name): a reranker embtune saved (its pair length and instructions are used), a "
+        "bge-reranker, a sentence-transformers CrossEncoder; prints the first stage's metrics "
+        "and the reranked ones side by side (default: no reranking)",
+    )
+    p.add_argument(
+        "--candidates",
+        metavar="FILE",
+        help="with --reranker, rerank the lists of this file instead of retrieving with "
+        "--model: a TREC run ('qid Q0 docid rank score tag' lines, ranked by score as "
+        'trec_eval ranks them) or jsonl ({"query_id": ..., "doc_ids": [...]} lines, best '
+        "first); judged queries without a list score 0 (default: retrieve with --model)",
+    )
+    p.add_argument(
+        "--rerank-top-k",
+        type=int,
+        metavar="N",
+        help="candidates reranked per query; a reranked metric at a --k above N counts only "
+        "these N, the documents below them are unretrieved (default: 100)",
+    )
+    p.add_argument(
+        "--rerank-batch-size",
+        type=int,
+        metavar="N",
+        help="(query, passage) pairs per forward pass of the reranker (default: 32)",
+    )
+    p.add_argument(
+        "--rerank-max-length",
+        type=int,
+        metavar="N",
+        help="tokens of a (query, passage) pair for the reranker, the query at most 3/4 of "
+        "them (default: the reranker's saved setting, else 512)",
+    )
+    p.add_argument(
+        "--query-instruction-for-rerank",
+        metavar="TEXT",
+        help="text put before every query the reranker reads (default: the reranker's saved "
+        "setting, else none)",
+    )
+    p.add_argument(
+        "--passage-instruction-for-rerank",
+        metavar="TEXT",
+        help="text put before every passage the reranker reads (default: the reranker's saved "
+        "setting, else none)",
+    )
 
+
+def _shared(args: argparse.Namespace) -> dict[str, object]:
+    """The values of SHARED_OPTIONS, by name."""
+    return {name: getattr(args, name) for name in SHARED_OPTIONS}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate (embtune.api.evaluate checks the options), print the table; with --reranker
+    (or another reranking option), the reranking evaluation."""
+    from embtune import api
+    from embtune.errors import UsageError
+
+    if args.reranker is not None or any(getattr(args, o) is not None for o in RERANK_OPTIONS):
+        return _run_reranking(args)
+    if args.model is None:
+        # argparse's words, from when --model was required outright.
+        raise UsageError("the following arguments are required: --model")
     metrics = api.evaluate(
         args.model,
         args.data,
         args.split,
-        k=args.k,
-        batch_size=args.batch_size,
-        json=args.json,
-        cache_dir=args.cache_dir,
-        faiss=args.faiss,
-        query_max_len=args.query_max_len,
-        passage_max_len=args.passage_max_len,
-        pooling=args.pooling,
-        normalize=args.normalize,
-        query_instruction=args.query_instruction,
-        passage_instruction=args.passage_instruction,
-        limit_queries=args.limit_queries,
-        device=args.device,
-        bf16=args.bf16,
-        skip_bad_rows=args.skip_bad_rows,
+        **_shared(args),
         dims=args.dims,
         show_progress=sys.stderr.isatty(),
     )
@@ -198,6 +294,37 @@ def run(args: argparse.Namespace) -> int:
     print(metrics.table())
     if metrics.rejected is not None:
         print(f"embtune eval: {_rejected_note(metrics)}")
+    return 0
+
+
+def _run_reranking(args: argparse.Namespace) -> int:
+    """Rerank (embtune.api.evaluate_reranking checks the options), print the two columns."""
+    from embtune import api
+    from embtune.errors import UsageError
+
+    if args.reranker is None:
+        given = next(o for o in RERANK_OPTIONS if getattr(args, o) is not None)
+        raise UsageError(f"--{given.replace('_', '-')}: only with --reranker")
+    if args.dims:
+        raise UsageError(
+            "--dims: not with --reranker (the reranker scores texts, not embeddings); evaluate "
+            "the dimensions without it"
+        )
+    result = api.evaluate_reranking(
+        args.reranker,
+        args.data,
+        args.split,
+        model=args.model,
+        **{option: getattr(args, option) for option in RERANK_OPTIONS},
+        **_shared(args),
+        show_progress=sys.stderr.isatty(),
+    )
+    print(result.summary())
+    print(result.table())
+    for note in result.notes():
+        print(f"note: {note}")
+    if result.first_stage.rejected is not None:
+        print(f"embtune eval: {_rejected_note(result.first_stage)}")
     return 0
 
 

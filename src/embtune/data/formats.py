@@ -120,6 +120,20 @@ def _decode_line(
         return None
 
 
+def text_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) for each non-blank line of a text file (qrels, a TREC run);
+    an unreadable or empty file, or a line that is not UTF-8, becomes a problem."""
+    raw = _read_raw(path, problems)
+    if raw is None:
+        return
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        line = _decode_line(path, number, raw_line, problems)
+        if line is not None:
+            yield number, line
+
+
 def json_lines(path: Path, problems: ProblemCollector) -> Iterator[tuple[int, object]]:
     """Yield (line number, parsed value) for each row; bad lines become problems.
 
@@ -572,16 +586,8 @@ def _parse_qrels(path: Path, problems: ProblemCollector) -> list[_Judgement]:
         hint = f" (available splits: {', '.join(available)})" if available else ""
         problems.add(str(path), None, None, f"qrels file does not exist{hint}")
         return []
-    raw = _read_raw(path, problems)
-    if raw is None:
-        return []
     judgements: list[_Judgement] = []
-    for number, raw_line in enumerate(raw.splitlines(), start=1):
-        if not raw_line.strip():
-            continue
-        line = _decode_line(path, number, raw_line, problems)
-        if line is None:
-            continue
+    for number, line in text_lines(path, problems):
         parts = line.split("\t") if "\t" in line else line.split()
         if number == 1 and parts[0].strip().lower() in {"query-id", "query_id", "qid"}:
             continue  # header

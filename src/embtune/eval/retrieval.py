@@ -161,6 +161,12 @@ def retrieval_metrics(
     return {key: value / len(qrels) for key, value in totals.items()}
 
 
+def metric_label(key: str) -> str:
+    """A metric's key as the tables show it: ``ndcg@10`` -> ``nDCG@10``."""
+    name, _, k = key.partition("@")
+    return f"{METRIC_LABELS.get(name, name)}@{k}"
+
+
 def format_metrics(metrics: Mapping[str, float], title: str | None = None) -> str:
     """A plain-text table for the screen: one row per metric, one column per cut-off."""
     parsed: dict[str, dict[int, float]] = {}
@@ -509,7 +515,7 @@ def evaluate_dimensions(
 def format_dimension_table(by_dim: Mapping[int, Mapping[str, float]]) -> str:
     """A plain-text table for the screen: one row per dimension, one column per metric@k."""
     keys = list(next(iter(by_dim.values()), {}))
-    labels = [METRIC_LABELS.get(k.partition("@")[0], k) + "@" + k.partition("@")[2] for k in keys]
+    labels = [metric_label(key) for key in keys]
     width = max([len(label) for label in labels] + [8]) + 1
     lines = [f"{'dim':>5}" + "".join(f"{label:>{width}}" for label in labels)]
     for dim, metrics in by_dim.items():
@@ -528,6 +534,7 @@ __all__ = [
     "format_dimension_table",
     "format_metrics",
     "map_at_k",
+    "metric_label",
     "model_fingerprint",
     "mrr_at_k",
     "ndcg_at_k",

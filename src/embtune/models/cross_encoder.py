@@ -64,9 +64,12 @@ class RerankerSettings:
 
 
 def saved_reranker_settings(folder: str | Path) -> RerankerSettings | None:
-    """The settings a reranker was saved with by embtune, or None (another tool's model)."""
-    path = Path(folder) / RERANKER_FILE
-    if not path.is_file():
+    """The settings a reranker was saved with by embtune (a folder or a hub name), or None
+    (another tool's model)."""
+    from embtune.models.encoder import model_file
+
+    path = model_file(str(folder), RERANKER_FILE)
+    if path is None:
         return None
     data = json.loads(path.read_text(encoding="utf-8"))
     known = RerankerSettings.__dataclass_fields__

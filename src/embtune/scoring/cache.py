@@ -60,6 +60,11 @@ class ScoreCache:
                 "or choose another --cache-dir"
             ) from None
 
+    @classmethod
+    def in_folder(cls, cache_dir: str | Path, identity: Mapping[str, object]) -> ScoreCache:
+        """The cache of the teacher with this identity in ``cache_dir`` (made when new)."""
+        return cls(cache_path(Path(cache_dir), teacher_key(identity)), identity)
+
     def key(self, query: str, passage: str) -> bytes:
         """The key of one (query, passage) pair under this teacher."""
         digest = hashlib.sha256(self.teacher)

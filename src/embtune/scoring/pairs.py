@@ -9,14 +9,14 @@ characters: tokenizing every pair twice would cost more than the padding it save
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from embtune.errors import TrainingStopped, shorten
 from embtune.scoring.cache import ScoreCache
-from embtune.scoring.teachers import Teacher
+from embtune.scoring.teachers import PairScorer
 
 
 @dataclass
@@ -30,22 +30,24 @@ class PairCounts:
 
 
 def score_all(
-    teacher: Teacher,
+    teacher: PairScorer,
     pairs: Sequence[tuple[str, str]],
-    cache: ScoreCache,
+    cache: ScoreCache | None,
     batch_size: int = 64,
     show_progress: bool = True,
 ) -> tuple[list[float], PairCounts]:
     """The teacher's score of every (query, passage) pair, in input order, and the counts.
 
+    Without a cache (None) each distinct pair is still scored once, and nothing is kept.
     Raises TrainingStopped when the teacher gives a non-finite score (no data format holds
     one); the scores committed before it stay cached.
     """
-    keys = [cache.key(query, passage) for query, passage in pairs]
-    first: dict[bytes, int] = {}  # each distinct pair's key -> its first place
+    # Without a cache the pair itself is its key: equal texts are still scored once.
+    keys: list[Hashable] = list(pairs) if cache is None else [cache.key(q, p) for q, p in pairs]
+    first: dict[Hashable, int] = {}  # each distinct pair's key -> its first place
     for i, key in enumerate(keys):
         first.setdefault(key, i)
-    known = cache.lookup(first)
+    known: dict[Hashable, float] = {} if cache is None else dict(cache.lookup(first))
     todo = [i for key, i in first.items() if key not in known]
     todo.sort(key=lambda i: len(pairs[i][0]) + len(pairs[i][1]), reverse=True)
     bar = tqdm(
@@ -54,9 +56,10 @@ def score_all(
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
         scores = teacher.score_pairs([pairs[i][0] for i in batch], [pairs[i][1] for i in batch])
-        _refuse_non_finite(scores, [pairs[i] for i in batch], len(todo) - start)
+        _refuse_non_finite(scores, [pairs[i] for i in batch], len(todo) - start, cache)
         found = {keys[i]: score for i, score in zip(batch, scores, strict=True)}
-        cache.store(found)
+        if cache is not None:
+            cache.store(found)
         known.update(found)
         bar.update(len(batch))
     bar.close()
@@ -64,12 +67,15 @@ def score_all(
     return [known[key] for key in keys], counts
 
 
-def _refuse_non_finite(scores: list[float], pairs: list[tuple[str, str]], left: int) -> None:
+def _refuse_non_finite(
+    scores: list[float], pairs: list[tuple[str, str]], left: int, cache: ScoreCache | None
+) -> None:
     """Stop before a NaN or infinite score is cached or written (no reader accepts one)."""
+    kept = "" if cache is None else ", the scores before this batch are cached"
     for score, (query, passage) in zip(scores, pairs, strict=True):
         if not math.isfinite(score):
             raise TrainingStopped(
                 f"the teacher scored the pair (query {shorten(query)}, passage "
-                f"{shorten(passage)}) {score}; {left} pairs were not scored, the scores before "
-                "this batch are cached (is the model broken, or overflowing in --bf16?)"
+                f"{shorten(passage)}) {score}; {left} pairs were not scored{kept} (is the model "
+                "broken, or overflowing in --bf16?)"
             )

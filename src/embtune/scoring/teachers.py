@@ -57,16 +57,22 @@ DEFAULT_MAX_LENGTH = 512  # FlagEmbedding's reranker default
 MIN_MAX_LENGTH = 32
 
 
-class Teacher(Protocol):
-    """What scoring needs from a teacher."""
+class PairScorer(Protocol):
+    """What scoring pairs needs: one score per (query, passage) pair (a teacher, a reranker,
+    the reranker being trained)."""
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
+        """One score per (queries[i], passages[i]) pair, in input order."""
+        ...
+
+
+class Teacher(PairScorer, Protocol):
+    """What `embtune score` needs from a teacher: its scores and what decides them."""
 
     kind: str
 
     def identity(self) -> dict[str, object]:
         """Everything that decides the scores: model, weights hash, settings, precision."""
-
-    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> list[float]:
-        """One score per (queries[i], passages[i]) pair, in input order."""
 
 
 @dataclass
@@ -90,17 +96,17 @@ def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def teacher_config(name: str) -> PretrainedConfig:
-    """The teacher's config.json (no weights), or a one-line UsageError."""
+def teacher_config(name: str, option: str = "--teacher") -> PretrainedConfig:
+    """The teacher's config.json (no weights), or a one-line UsageError naming ``option``."""
     local = Path(name)
     if not local.exists() and (local.is_absolute() or name.startswith(".")):
-        raise UsageError(f"--teacher: folder {name} does not exist")
+        raise UsageError(f"{option}: folder {name} does not exist")
     if local.is_dir() and not (local / "config.json").is_file():
-        raise UsageError(f"--teacher: {name} has no config.json (is it a model folder?)")
+        raise UsageError(f"{option}: {name} has no config.json (is it a model folder?)")
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--teacher: cannot load {name!r}: {_first_line(exc)}") from exc
+        raise UsageError(f"{option}: cannot load {name!r}: {_first_line(exc)}") from exc
 
 
 def teacher_kind(name: str, config: PretrainedConfig) -> tuple[str, str]:
@@ -136,7 +142,6 @@ def _bare_encoder(architecture: str) -> bool:
 
 def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSettings) -> None:
     """Refuse options the teacher cannot take, from its config alone (before weights load)."""
-    limit = getattr(config, "max_position_embeddings", None)
     if kind == "cross-encoder":
         labels = getattr(config, "num_labels", 1)
         if labels != 1:
@@ -144,13 +149,7 @@ def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSetting
                 f"--teacher: a cross-encoder teacher needs one output label (one score per "
                 f"pair); this model has {labels} (num_labels in its config.json)"
             )
-        length = settings.pair_max_length
-        if length < MIN_MAX_LENGTH or (limit and length > limit):
-            given = "the default " if settings.max_length is None else ""
-            raise UsageError(
-                f"--max-length: {given}{length} is outside {MIN_MAX_LENGTH}..{limit or 'any'} "
-                "(the model's position limit)"
-            )
+        check_pair_length(config, settings)
         for option in ("query_max_len", "passage_max_len"):
             if getattr(settings, option) is not None:
                 flag = "--" + option.replace("_", "-")
@@ -162,6 +161,20 @@ def check_settings(kind: str, config: PretrainedConfig, settings: TeacherSetting
         )
     else:
         check_max_lengths(config, settings.query_max_len or 1, settings.passage_max_len or 1)
+
+
+def check_pair_length(
+    config: PretrainedConfig, settings: TeacherSettings, option: str = "--max-length"
+) -> None:
+    """Refuse a cross-encoder's pair length outside MIN_MAX_LENGTH..the model's position limit."""
+    limit = getattr(config, "max_position_embeddings", None)
+    length = settings.pair_max_length
+    if length < MIN_MAX_LENGTH or (limit and length > limit):
+        given = "the default " if settings.max_length is None else ""
+        raise UsageError(
+            f"{option}: {given}{length} is outside {MIN_MAX_LENGTH}..{limit or 'any'} "
+            "(the model's position limit)"
+        )
 
 
 def _device() -> torch.device:
@@ -186,19 +199,26 @@ class CrossEncoderTeacher:
         self.name = name
 
     @classmethod
-    def from_pretrained(cls, name: str, settings: TeacherSettings) -> CrossEncoderTeacher:
-        """Load a hub name or local folder (``from_pretrained``), on cuda when there is one."""
+    def from_pretrained(
+        cls,
+        name: str,
+        settings: TeacherSettings,
+        option: str = "--teacher",
+        device: torch.device | None = None,
+    ) -> CrossEncoderTeacher:
+        """Load a hub name or local folder (``from_pretrained``) on ``device`` (None: cuda when
+        there is one); a model that cannot load is a UsageError naming ``option``."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForSequenceClassification.from_pretrained(name)
         except OSError as exc:
-            raise UsageError(f"--teacher: cannot load {name!r}: {_first_line(exc)}") from exc
+            raise UsageError(f"{option}: cannot load {name!r}: {_first_line(exc)}") from exc
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         if model.config.pad_token_id is None:
             # Decoder-based classifiers find each row's last real token through it.
             model.config.pad_token_id = tokenizer.pad_token_id
-        return cls(model.to(_device()), tokenizer, settings, name)
+        return cls(model.to(device or _device()), tokenizer, settings, name)
 
     def identity(self) -> dict[str, object]:
         """What decides this teacher's scores (the key of its score cache)."""
