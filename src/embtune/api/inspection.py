@@ -18,7 +18,7 @@ from embtune.api.options import (
     refuse_input_as_output,
     save_json,
 )
-from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
+from embtune.choices import MODEL_KINDS, NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.config import TrainConfig, flag
 from embtune.errors import UsageError
 
@@ -117,6 +117,7 @@ def inspect(
     negative_fill: str = _TRAIN.negative_fill,
     in_batch_negatives: bool = _TRAIN.in_batch_negatives,
     negatives_cross_device: bool = _TRAIN.negatives_cross_device,
+    model_kind: str = _TRAIN.model_kind,
     nproc: int = 1,
     query_instruction: str | None = None,
     passage_instruction: str | None = None,
@@ -139,6 +140,8 @@ def inspect(
         train_group_size, batch_size, epochs, max_steps, query_max_len, passage_max_len,
             negative_sampling, negative_fill, in_batch_negatives, negatives_cross_device:
             the options of the planned run (`embtune train`'s, with its defaults).
+        model_kind: ``"bi-encoder"`` or ``"cross-encoder"``: a cross-encoder scores a query
+            against its own group only, so its budget has no in-batch negatives.
         nproc: processes the run will be launched with; ``batch_size`` is per process.
         query_instruction, passage_instruction: override the model's saved instructions.
         cache_dir: token cache folder (default: $EMBTUNE_CACHE or ~/.cache/embtune).
@@ -177,6 +180,9 @@ def inspect(
         numbers, negative_sampling, negative_fill, in_batch_negatives, negatives_cross_device
     )
     world = int_option(nproc, "--nproc", 1, sep=" ")
+    choice(model_kind, "--model-kind", MODEL_KINDS)
+    if model_kind == "cross-encoder" and negatives_cross_device:
+        raise UsageError("--negatives-cross-device: a cross-encoder has no in-batch negatives")
     paths = path_list(train_data)
     json_path = None if json is None else _json_path(json, paths, train_split)
 
@@ -210,9 +216,11 @@ def inspect(
             texts.passages, tokenizer, config.passage_max_len, cache, "tokenizing passages",
             show_progress,
         )  # fmt: skip
-    budget = negatives_budget_for(config, texts.rows, world)
+    from embtune.kinds import MODEL_KINDS as KINDS
+
+    budget = negatives_budget_for(config, texts.rows, world, KINDS[model_kind].in_batch_scoring)
     measured_by = None if tokenizer is None else name
-    text = format_inspect_report(paths, measured_by, audit, budget, config, world)
+    text = format_inspect_report(paths, measured_by, audit, budget, config, world, model_kind)
     result = InspectResult(audit, budget, text, measured_by)
     if json_path is not None:
         save_json(json_path, result.to_json(), "the inspection", "--json")
@@ -226,6 +234,7 @@ def format_inspect_report(
     budget: NegativesBudget,
     config: TrainConfig,
     world: int = 1,
+    model_kind: str = "bi-encoder",
 ) -> str:
     """The report: data audit, negatives budget and findings, as titled, indented sections.
 
@@ -238,7 +247,12 @@ def format_inspect_report(
         f"setup: --train-group-size {config.train_group_size} --batch-size {config.batch_size}"
         + (f" --nproc {world}" if world > 1 else "")
         + f" --negative-sampling {budget.sampling} --negative-fill {budget.fill_policy}"
-        + ("" if budget.in_batch_negatives else " --no-in-batch-negatives")
+        + (f" --model-kind {model_kind}" if model_kind != "bi-encoder" else "")
+        + (
+            ""
+            if budget.in_batch_negatives or model_kind != "bi-encoder"
+            else " --no-in-batch-negatives"
+        )
         + (" --negatives-cross-device" if budget.cross_device else "")
     )
     # Findings are sentences with a fix; wrapped, they stay readable in an 100-column terminal.

@@ -6,7 +6,7 @@ import argparse
 from dataclasses import fields
 from pathlib import Path
 
-from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
+from embtune.choices import MODEL_KINDS, NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.config import TrainConfig
 
 DESCRIPTION = """\
@@ -87,6 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for name, choices in (
         ("negative_sampling", NEGATIVE_SAMPLING_POLICIES),
         ("negative_fill", NEGATIVE_FILL_POLICIES),
+        ("model_kind", MODEL_KINDS),
     ):
         default, help_text = _train_field(name)
         p.add_argument(
@@ -150,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
         negative_fill=args.negative_fill,
         in_batch_negatives=args.in_batch_negatives,
         negatives_cross_device=args.negatives_cross_device,
+        model_kind=args.model_kind,
         nproc=args.nproc,
         query_instruction=args.query_instruction,
         passage_instruction=args.passage_instruction,

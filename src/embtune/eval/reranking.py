@@ -28,7 +28,7 @@ from embtune.eval.retrieval import (
     retrieval_metrics,
     retrieve,
 )
-from embtune.models.cross_encoder import is_reranker_config, saved_reranker_settings
+from embtune.models.cross_encoder import is_reranker_config
 from embtune.scoring.pairs import PairCounts, score_all
 from embtune.scoring.teachers import (
     CrossEncoderTeacher,
@@ -36,6 +36,7 @@ from embtune.scoring.teachers import (
     TeacherSettings,
     check_pair_length,
     teacher_config,
+    with_saved_reranker_settings,
 )
 
 if TYPE_CHECKING:
@@ -73,19 +74,13 @@ def load_reranker(
             f"--reranker: {name} is not a reranker (a sequence classifier with one label): "
             f"its config.json has architectures {shown} and num_labels {config.num_labels}"
         )
-    saved = saved_reranker_settings(name)
-    if saved is not None:
-        max_length = max_length or saved.max_len
-        if query_instruction is None:
-            query_instruction = saved.query_instruction
-        if passage_instruction is None:
-            passage_instruction = saved.passage_instruction
-    settings = TeacherSettings(
+    given = TeacherSettings(
         max_length=max_length,
         query_instruction=query_instruction,
         passage_instruction=passage_instruction,
         precision=precision,
     )
+    settings = with_saved_reranker_settings(name, given)
     check_pair_length(config, settings, "--rerank-max-length")
     return CrossEncoderTeacher.from_pretrained(name, settings, "--reranker", device)
 

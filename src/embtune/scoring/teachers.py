@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -175,6 +175,27 @@ def check_pair_length(
             f"{option}: {given}{length} is outside {MIN_MAX_LENGTH}..{limit or 'any'} "
             "(the model's position limit)"
         )
+
+
+def with_saved_reranker_settings(name: str, settings: TeacherSettings) -> TeacherSettings:
+    """``settings`` with what an embtune reranker was saved with (embtune_reranker.json: pair
+    length, instructions) filling the options not given, so it scores pairs as it was trained
+    to; another tool's reranker keeps them as they are (512 tokens, no instructions)."""
+    from embtune.models.cross_encoder import saved_reranker_settings
+
+    saved = saved_reranker_settings(name)
+    if saved is None:
+        return settings
+    return replace(
+        settings,
+        max_length=settings.max_length or saved.max_len,
+        query_instruction=_given(settings.query_instruction, saved.query_instruction),
+        passage_instruction=_given(settings.passage_instruction, saved.passage_instruction),
+    )
+
+
+def _given(option: str | None, saved: str) -> str:
+    return saved if option is None else option
 
 
 def _device() -> torch.device:
@@ -340,9 +361,12 @@ class BiEncoderTeacher:
 
 
 def load_teacher(name: str, kind: str, settings: TeacherSettings) -> Teacher:
-    """The teacher of ``kind`` ("cross-encoder" or "bi-encoder") loaded from ``name``."""
+    """The teacher of ``kind`` ("cross-encoder" or "bi-encoder") loaded from ``name``; an
+    embtune reranker with its saved pair length and instructions unless options give them."""
     if kind == "cross-encoder":
-        return CrossEncoderTeacher.from_pretrained(name, settings)
+        return CrossEncoderTeacher.from_pretrained(
+            name, with_saved_reranker_settings(name, settings)
+        )
     if kind == "bi-encoder":
         return BiEncoderTeacher.from_pretrained(name, settings)
     raise ValueError(f"unknown teacher kind {kind!r}")
