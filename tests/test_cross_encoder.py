@@ -278,3 +278,26 @@ def test_a_reranker_as_model_needs_a_dev_retriever(
     assert (
         "--dev-retriever: dev evaluation reranks a retriever's top 100" in capsys.readouterr().err
     )
+
+
+def test_inspect_gives_a_rerankers_budget_without_in_batch_negatives(data: Path) -> None:
+    from embtune import api
+
+    result = api.inspect(data, model_kind="cross-encoder", train_group_size=3, batch_size=4)
+    assert result.budget.in_batch_negatives is False
+    assert "candidates each query is scored against: 3" in result.text
+    assert "--model-kind cross-encoder" in result.text
+    bi = api.inspect(data, train_group_size=3, batch_size=4)
+    assert "candidates each query is scored against: 12" in bi.text
+
+
+def test_a_saved_reranker_scores_with_its_own_pair_length_and_instructions(
+    trained: tuple[Path, str],
+) -> None:
+    from embtune.scoring.teachers import TeacherSettings, load_teacher
+
+    out, _ = trained
+    teacher = load_teacher(str(out), "cross-encoder", TeacherSettings())
+    assert teacher.identity()["max_length"] == 40
+    given = load_teacher(str(out), "cross-encoder", TeacherSettings(max_length=64))
+    assert given.identity()["max_length"] == 64
