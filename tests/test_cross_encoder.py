@@ -301,3 +301,40 @@ def test_a_saved_reranker_scores_with_its_own_pair_length_and_instructions(
     assert teacher.identity()["max_length"] == 40
     given = load_teacher(str(out), "cross-encoder", TeacherSettings(max_length=64))
     assert given.identity()["max_length"] == 64
+
+
+def test_torchrun_trains_a_reranker_on_two_processes(tiny_model: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import subprocess_env
+    from tests.test_train_step import _free_port
+
+    data = tmp_path / "train.jsonl"
+    with data.open("w") as fh:
+        for i in range(8):
+            record = {
+                "query": f"question {i} about topic {i}",
+                "pos": [f"answer {i} on topic {i}"],
+                "neg": [f"unrelated text {i} {j}" for j in range(3)],
+            }
+            fh.write(json.dumps(record) + "\n")
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(_free_port()), "-m", "embtune", "train", "--model-kind",
+        "cross-encoder", "--model", str(tiny_model), "--train-data", str(data),
+        "--output-dir", str(out), "--batch-size", "2", "--train-group-size", "4",
+        "--max-steps", "2", "--logging-steps", "1", "--save-steps", "0",
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, capture_output=True, text=True, env=subprocess_env(), timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [r for r in log_rows(out) if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    # Nothing is gathered: each query is scored against its own group of 4 only.
+    assert all(r["candidates_per_query"] == 4 for r in steps)
+    assert json.loads((out / "train_summary.json").read_text())["processes"] == 2
+    assert (out / RERANKER_FILE).is_file()
