@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the real imports pull in transformers
     from transformers import PreTrainedTokenizerBase
 
     from embtune.data.audit import DataAudit
-    from embtune.data.groups import NegativesBudget
+    from embtune.data.groups import NegativesBudget, TrainingTexts
 
 # Defaults shared with `embtune train`: read from TrainConfig, the one place they are defined, so
 # the signature of inspect shows the same values as `--help`.
@@ -71,6 +71,7 @@ def _inspect_config(
     negative_fill: str,
     in_batch_negatives: bool,
     negatives_cross_device: bool,
+    model_kind: str = "bi-encoder",
 ) -> TrainConfig:
     """The group options as the TrainConfig a run with them would have (not validated: only
     the options inspect takes are set), checked as the command line checks them."""
@@ -80,6 +81,9 @@ def _inspect_config(
     }
     choice(negative_sampling, "--negative-sampling", NEGATIVE_SAMPLING_POLICIES)
     choice(negative_fill, "--negative-fill", NEGATIVE_FILL_POLICIES)
+    choice(model_kind, "--model-kind", MODEL_KINDS)
+    if model_kind == "cross-encoder" and negatives_cross_device:
+        raise UsageError("--negatives-cross-device: a cross-encoder has no in-batch negatives")
     if checked["train_group_size"] == 1 and not in_batch_negatives:
         raise UsageError(
             "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
@@ -91,6 +95,7 @@ def _inspect_config(
         negative_sampling=negative_sampling,
         in_batch_negatives=in_batch_negatives,
         negatives_cross_device=negatives_cross_device,
+        model_kind=model_kind,
     )
 
 
@@ -177,19 +182,20 @@ def inspect(
         "passage_max_len": passage_max_len,
     }
     config = _inspect_config(
-        numbers, negative_sampling, negative_fill, in_batch_negatives, negatives_cross_device
+        numbers,
+        negative_sampling,
+        negative_fill,
+        in_batch_negatives,
+        negatives_cross_device,
+        model_kind,
     )
     world = int_option(nproc, "--nproc", 1, sep=" ")
-    choice(model_kind, "--model-kind", MODEL_KINDS)
-    if model_kind == "cross-encoder" and negatives_cross_device:
-        raise UsageError("--negatives-cross-device: a cross-encoder has no in-batch negatives")
     paths = path_list(train_data)
     json_path = None if json is None else _json_path(json, paths, train_split)
 
-    from embtune.data.audit import audit_data, token_lengths
+    from embtune.data.audit import audit_data
     from embtune.data.formats import load_training_data
     from embtune.data.pipeline import negatives_budget_for, training_texts
-    from embtune.data.store import usable_cache_dir
     from embtune.demo import default_model
     from embtune.models.encoder import saved_settings
 
@@ -206,16 +212,7 @@ def inspect(
     )
     audit = audit_data(data.records, texts)
     if tokenizer is not None:
-        # Checked before tokenizing: a read-only cache would fail once the work is done.
-        cache = usable_cache_dir(cache_dir)
-        audit.query_lengths = token_lengths(
-            texts.queries, tokenizer, config.query_max_len, cache, "tokenizing queries",
-            show_progress,
-        )  # fmt: skip
-        audit.passage_lengths = token_lengths(
-            texts.passages, tokenizer, config.passage_max_len, cache, "tokenizing passages",
-            show_progress,
-        )  # fmt: skip
+        _measure_lengths(audit, texts, tokenizer, config, cache_dir, show_progress)
     from embtune.kinds import MODEL_KINDS as KINDS
 
     budget = negatives_budget_for(config, texts.rows, world, KINDS[model_kind].in_batch_scoring)
@@ -225,6 +222,29 @@ def inspect(
     if json_path is not None:
         save_json(json_path, result.to_json(), "the inspection", "--json")
     return result
+
+
+def _measure_lengths(
+    audit: DataAudit,
+    texts: TrainingTexts,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TrainConfig,
+    cache_dir: PathLike | None,
+    show_progress: bool,
+) -> None:
+    """The token lengths of the texts, cut at the max lengths (tokenized once, cached)."""
+    from embtune.data.audit import token_lengths
+    from embtune.data.store import usable_cache_dir
+
+    # Checked before tokenizing: a read-only cache would fail once the work is done.
+    cache = usable_cache_dir(cache_dir)
+    audit.query_lengths = token_lengths(
+        texts.queries, tokenizer, config.query_max_len, cache, "tokenizing queries", show_progress
+    )
+    audit.passage_lengths = token_lengths(
+        texts.passages, tokenizer, config.passage_max_len, cache, "tokenizing passages",
+        show_progress,
+    )  # fmt: skip
 
 
 def format_inspect_report(

@@ -36,7 +36,7 @@ class ModelKind(Protocol):
         ...
 
     def prepare_dev(
-        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool
+        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool, device: torch.device
     ) -> list[str]:
         """Whatever dev evaluation needs computed once before training; lines saying what."""
         ...

@@ -81,7 +81,7 @@ class BiEncoder:
         return []
 
     def prepare_dev(
-        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool
+        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool, device: torch.device
     ) -> list[str]:
         """Nothing: dev evaluation searches the dev corpus afresh each time."""
         return []

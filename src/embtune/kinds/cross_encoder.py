@@ -30,6 +30,7 @@ from embtune.errors import UsageError
 from embtune.models.cross_encoder import (
     CrossEncoder,
     RerankerSettings,
+    instruction_or_saved,
     is_reranker_config,
     saved_reranker_settings,
 )
@@ -59,21 +60,18 @@ class CrossEncoderTexts:
 
 def reranker_settings(config: TrainConfig) -> RerankerSettings:
     """The pair settings of a run: the options, else what an embtune reranker was saved with."""
-    saved = saved_reranker_settings(config.model) if Path(config.model).is_dir() else None
-    saved = saved or RerankerSettings()
+    saved = saved_reranker_settings(config.model) or RerankerSettings()
     return RerankerSettings(
         query_max_len=config.query_max_len,
         passage_max_len=config.passage_max_len,
         max_len=config.max_len or config.query_max_len + config.passage_max_len,
-        query_instruction=_given(config.query_instruction_for_rerank, saved.query_instruction),
-        passage_instruction=_given(
+        query_instruction=instruction_or_saved(
+            config.query_instruction_for_rerank, saved.query_instruction
+        ),
+        passage_instruction=instruction_or_saved(
             config.passage_instruction_for_rerank, saved.passage_instruction
         ),
     )
-
-
-def _given(option: str | None, saved: str) -> str:
-    return saved if option is None else option
 
 
 class CrossEncoderKind:
@@ -213,9 +211,10 @@ class CrossEncoderKind:
         model.to(device)
 
     def prepare_dev(
-        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool
+        self, config: TrainConfig, dev_data: BeirDataset | None, show: bool, device: torch.device
     ) -> list[str]:
-        """The dev candidates (the retriever's top-k, once); lines saying what they are."""
+        """The dev candidates (the retriever's top-k on ``device``, once); lines saying what
+        they are."""
         if dev_data is None:
             return []
         from embtune.eval.reranking import first_stage_run, top_candidates
@@ -223,7 +222,7 @@ class CrossEncoderKind:
         from embtune.models.encoder import Encoder
 
         retriever = config.dev_retriever or config.model
-        encoder = Encoder.from_pretrained(retriever)
+        encoder = Encoder.from_pretrained(retriever).to(device)
         run = first_stage_run(encoder, dev_data, config.rerank_top_k, show_progress=show)
         self.dev_candidates = top_candidates(run, config.rerank_top_k)
         first = retrieval_metrics(run, dev_data.qrels, (10,))

@@ -76,6 +76,12 @@ def saved_reranker_settings(folder: str | Path) -> RerankerSettings | None:
     return RerankerSettings(**{k: v for k, v in data.items() if k in known})
 
 
+def instruction_or_saved(option: str | None, saved: str) -> str:
+    """An instruction option, or the reranker's saved one when the option is not given (an
+    empty string given is kept: it turns the saved instruction off)."""
+    return saved if option is None else option
+
+
 def is_reranker_config(config: object) -> bool:
     """True for a one-label sequence classifier (an existing reranker)."""
     architectures = list(getattr(config, "architectures", None) or [])

@@ -181,7 +181,7 @@ def with_saved_reranker_settings(name: str, settings: TeacherSettings) -> Teache
     """``settings`` with what an embtune reranker was saved with (embtune_reranker.json: pair
     length, instructions) filling the options not given, so it scores pairs as it was trained
     to; another tool's reranker keeps them as they are (512 tokens, no instructions)."""
-    from embtune.models.cross_encoder import saved_reranker_settings
+    from embtune.models.cross_encoder import instruction_or_saved, saved_reranker_settings
 
     saved = saved_reranker_settings(name)
     if saved is None:
@@ -189,13 +189,11 @@ def with_saved_reranker_settings(name: str, settings: TeacherSettings) -> Teache
     return replace(
         settings,
         max_length=settings.max_length or saved.max_len,
-        query_instruction=_given(settings.query_instruction, saved.query_instruction),
-        passage_instruction=_given(settings.passage_instruction, saved.passage_instruction),
+        query_instruction=instruction_or_saved(settings.query_instruction, saved.query_instruction),
+        passage_instruction=instruction_or_saved(
+            settings.passage_instruction, saved.passage_instruction
+        ),
     )
-
-
-def _given(option: str | None, saved: str) -> str:
-    return saved if option is None else option
 
 
 def _device() -> torch.device:

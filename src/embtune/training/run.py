@@ -130,7 +130,9 @@ def train(
         session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
         if session.main:
             session.model_lines = kind.announce_lines(session.encoder)
-            session.model_lines += kind.prepare_dev(config, session.dev_data, session.show)
+            session.model_lines += kind.prepare_dev(
+                config, session.dev_data, session.show, accelerator.device
+            )
         announce(session, inputs, resume)
         prepare_model(session)
         restore_training_state(session, resume)
