@@ -308,17 +308,9 @@ def test_torchrun_trains_a_reranker_on_two_processes(tiny_model: Path, tmp_path:
     import sys
 
     from tests.conftest import subprocess_env
-    from tests.test_train_step import _free_port
+    from tests.test_train_step import _free_port, write_topic_rows
 
-    data = tmp_path / "train.jsonl"
-    with data.open("w") as fh:
-        for i in range(8):
-            record = {
-                "query": f"question {i} about topic {i}",
-                "pos": [f"answer {i} on topic {i}"],
-                "neg": [f"unrelated text {i} {j}" for j in range(3)],
-            }
-            fh.write(json.dumps(record) + "\n")
+    data = write_topic_rows(tmp_path / "train.jsonl")
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

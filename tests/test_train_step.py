@@ -281,8 +281,8 @@ def test_cross_device_negatives_equal_one_process_on_the_union_batch(
     assert two["candidates"] == [18, 17, 18]
 
 
-def test_torchrun_trains_with_cross_device_negatives(tiny_model, tmp_path) -> None:
-    data = tmp_path / "train.jsonl"
+def write_topic_rows(data: Path) -> Path:
+    """8 rows, each a question with its answer and 3 unrelated negatives (torchrun tests)."""
     with data.open("w") as fh:
         for i in range(8):
             record = {
@@ -291,6 +291,11 @@ def test_torchrun_trains_with_cross_device_negatives(tiny_model, tmp_path) -> No
                 "neg": [f"unrelated text {i} {j}" for j in range(3)],
             }
             fh.write(json.dumps(record) + "\n")
+    return data
+
+
+def test_torchrun_trains_with_cross_device_negatives(tiny_model, tmp_path) -> None:
+    data = write_topic_rows(tmp_path / "train.jsonl")
     out = tmp_path / "run"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from embtune.errors import UsageError
 from embtune.eval.retrieval import (
     check_k_values,
-    corpus_embeddings,
+    embed_split,
     metric_label,
     rank_documents,
     retrieval_metrics,
@@ -96,20 +96,9 @@ def first_stage_run(
 ) -> Run:
     """The retriever's top ``top_k`` documents of every judged query (BEIR's rule: a document
     whose id is the query's is dropped)."""
-    doc_ids = list(data.corpus)
-    corpus = corpus_embeddings(
-        encoder,
-        list(data.corpus.values()),
-        doc_ids,
-        cache_dir=cache_dir,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    queries = data.split_queries()
-    query_vectors = encoder.encode_queries(
-        list(queries.values()), batch_size=batch_size, show_progress=show_progress
-    )
-    return retrieve(query_vectors, corpus, list(queries), doc_ids, top_k, use_faiss)
+    query_vectors, corpus = embed_split(encoder, data, batch_size, show_progress, None, cache_dir)
+    queries = list(data.split_queries())
+    return retrieve(query_vectors, corpus, queries, list(data.corpus), top_k, use_faiss)
 
 
 def top_candidates(run: Mapping[str, Mapping[str, float]], top_k: int) -> dict[str, list[str]]:

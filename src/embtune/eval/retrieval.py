@@ -388,7 +388,7 @@ def corpus_embeddings(
     return embeddings
 
 
-def _embed(
+def embed_split(
     encoder: Encoder,
     data: BeirDataset,
     batch_size: int,
@@ -466,7 +466,9 @@ def evaluate_retrieval(
     equals the query id is dropped unless ``ignore_identical_ids`` is False.
     """
     ks = check_k_values(k_values)
-    queries, corpus = _embed(encoder, data, batch_size, show_progress, corpus_vectors, cache_dir)
+    queries, corpus = embed_split(
+        encoder, data, batch_size, show_progress, corpus_vectors, cache_dir
+    )
     return _score(queries, corpus, data, ks, use_faiss, ignore_identical_ids)
 
 
@@ -493,7 +495,9 @@ def evaluate_dimensions(
     from embtune.models.encoder import truncate_embeddings
 
     ks = check_k_values(k_values)
-    queries, corpus = _embed(encoder, data, batch_size, show_progress, corpus_vectors, cache_dir)
+    queries, corpus = embed_split(
+        encoder, data, batch_size, show_progress, corpus_vectors, cache_dir
+    )
     if too_large := [d for d in dims if d > queries.shape[1]]:
         raise UsageError(
             f"--dims: {too_large[0]} is larger than the embeddings ({queries.shape[1]})"
