@@ -160,7 +160,8 @@ def log_window(session: Session, done: int, epoch: int, bar: tqdm) -> None:
         "window_texts": progress.window_texts,
         "window_seconds": progress.window_seconds,
         "padding_share": 1 - progress.window_real_tokens / max(progress.window_padded_tokens, 1),
-        "query_width": progress.window_query_width,
+        # A kind without a query part (a cross-encoder: pairs only) logs no query width.
+        "query_width": progress.window_query_width or None,
         "passage_width": progress.window_passage_width,
         "peak_memory_bytes": peak_memory_bytes(session.accelerator.device),
     }
