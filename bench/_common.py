@@ -638,24 +638,57 @@ def _child_embtune(args: argparse.Namespace, rest: list[str]) -> int:
     return code
 
 
-def _st_dataset(path: str, negatives: int) -> Any:
-    """(anchor, positive, negative_1..n): each row's first positive and first n negatives."""
-    from datasets import Dataset
-
-    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
-    columns.update({f"negative_{i + 1}": [] for i in range(negatives)})
+def _st_rows(path: str, negatives: int) -> list[tuple[str, str, list[str]]]:
+    """(query, first positive, first ``negatives`` negatives) of each row of a FlagEmbedding
+    jsonl: fixed for the run, where embtune and FlagEmbedding sample (the bench's rows have
+    exactly that many negatives, so all three see the same texts)."""
+    out = []
     for number, row in enumerate(read_jsonl(Path(path)), 1):
         if len(row["neg"]) < negatives:
             raise SystemExit(f"{path}:{number}: {len(row['neg'])} negatives, need {negatives}")
-        columns["anchor"].append(row["query"])
-        columns["positive"].append(row["pos"][0])
-        for i in range(negatives):
-            columns[f"negative_{i + 1}"].append(row["neg"][i])
+        out.append((row["query"], row["pos"][0], row["neg"][:negatives]))
+    return out
+
+
+def _st_dataset(path: str, negatives: int) -> Any:
+    """(anchor, positive, negative_1..n) columns, as MultipleNegativesRankingLoss reads them."""
+    from datasets import Dataset
+
+    rows = _st_rows(path, negatives)
+    columns: dict[str, list[str]] = {
+        "anchor": [query for query, _, _ in rows],
+        "positive": [positive for _, positive, _ in rows],
+    }
+    for i in range(negatives):
+        columns[f"negative_{i + 1}"] = [negs[i] for _, _, negs in rows]
     return Dataset.from_dict(columns)
 
 
-def _child_st(args: argparse.Namespace) -> int:
-    """sentence-transformers' own trainer with (Cached)MultipleNegativesRankingLoss."""
+def _st_listwise_dataset(path: str, negatives: int) -> Any:
+    """(query, docs, labels) columns, as the cross-encoder ListNetLoss reads them: docs is the
+    positive then the negatives; labels are 0 for the positive and -inf for each negative.
+
+    ListNetLoss takes the softmax of the labels as the target distribution, so one-hot labels
+    (1, 0, 0, 0) would give the negatives a share each (0.17 at group 4); -inf gives them
+    exactly 0 (the loss marks padded documents the same way), and the loss becomes
+    -log softmax(scores)[positive]: the listwise cross-entropy FlagEmbedding and embtune use.
+    """
+    from datasets import Dataset
+
+    rows = _st_rows(path, negatives)
+    labels = [0.0] + [float("-inf")] * negatives
+    return Dataset.from_dict(
+        {
+            "query": [query for query, _, _ in rows],
+            "docs": [[positive, *negs] for _, positive, negs in rows],
+            "labels": [labels] * len(rows),
+        }
+    )
+
+
+def _st_bi_encoder(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, int]:
+    """SentenceTransformer, (Cached)MultipleNegativesRankingLoss, dataset, trainer and
+    training-arguments classes, and texts per step (queries + passages)."""
     from sentence_transformers import (
         SentenceTransformer,
         SentenceTransformerTrainer,
@@ -667,8 +700,6 @@ def _child_st(args: argparse.Namespace) -> int:
     except ImportError:  # releases before the 6.x layout
         from sentence_transformers import losses  # type: ignore[no-redef]
 
-    on_cuda = args.device == "cuda"
-    dataset = _st_dataset(args.train, args.negatives)
     model = SentenceTransformer(args.model, device=args.device)
     # sentence-transformers has one max length for all columns; queries are far shorter than
     # it (each column is padded to its own longest text), so they cost what they would at 64.
@@ -680,7 +711,46 @@ def _child_st(args: argparse.Namespace) -> int:
         )
     else:
         loss = losses.MultipleNegativesRankingLoss(model, scale=scale)
-    training_args = SentenceTransformerTrainingArguments(
+    dataset = _st_dataset(args.train, args.negatives)
+    classes = (SentenceTransformerTrainer, SentenceTransformerTrainingArguments)
+    return model, loss, dataset, classes, args.batch_size * (2 + args.negatives)
+
+
+def _st_cross_encoder(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, int]:
+    """CrossEncoder with a new one-label head, ListNetLoss, dataset, trainer and
+    training-arguments classes, and texts per step (query-passage pairs).
+
+    Why ListNetLoss: of sentence-transformers' cross-encoder losses it is the one that is a
+    softmax cross-entropy over each query's own given documents and nothing else. Its
+    MultipleNegativesRankingLoss adds in-batch negatives that cannot be switched off
+    (num_negatives=0 fails in torch.multinomial; None takes all of them), CrossEntropyLoss is
+    per-pair classification, and ListMLE/PListMLE/LambdaLoss/RankNet are other objectives.
+    With the labels of _st_listwise_dataset its loss equals FlagEmbedding's reranker loss.
+    """
+    from sentence_transformers.cross_encoder import (
+        CrossEncoder,
+        CrossEncoderTrainer,
+        CrossEncoderTrainingArguments,
+        losses,
+    )
+
+    # The pair is truncated to query + passage lengths, FlagEmbedding's pair limit too
+    # (sentence-transformers truncates the longer side first; FlagEmbedding the passage).
+    model = CrossEncoder(args.model, num_labels=1, max_length=args.max_len, device=args.device)
+    # mini_batch_size: pairs per forward; 0 keeps the loss's default (the batch's query count).
+    loss = losses.ListNetLoss(model, mini_batch_size=args.mini_batch_size or None)
+    dataset = _st_listwise_dataset(args.train, args.negatives)
+    classes = (CrossEncoderTrainer, CrossEncoderTrainingArguments)
+    return model, loss, dataset, classes, args.batch_size * (1 + args.negatives)
+
+
+def _child_st(args: argparse.Namespace) -> int:
+    """sentence-transformers' own trainer: a bi-encoder with (Cached)MultipleNegativesRanking
+    Loss, or a cross-encoder with ListNetLoss (``--loss listnet``)."""
+    build = _st_cross_encoder if args.loss == "listnet" else _st_bi_encoder
+    model, loss, dataset, (trainer_class, arguments_class), texts_per_step = build(args)
+    on_cuda = args.device == "cuda"
+    training_args = arguments_class(
         output_dir=args.output,
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
@@ -699,7 +769,7 @@ def _child_st(args: argparse.Namespace) -> int:
         report_to="none",
     )
     timer = _step_timer(on_cuda, model)
-    trainer = SentenceTransformerTrainer(
+    trainer = trainer_class(
         model=model, args=training_args, train_dataset=dataset, loss=loss, callbacks=[timer]
     )
     started = time.perf_counter()
@@ -710,7 +780,7 @@ def _child_st(args: argparse.Namespace) -> int:
         "step_begin": timer.begin,
         "step_end": timer.end,
         "step_shapes": timer.shapes,
-        "texts_per_step": args.batch_size * (2 + args.negatives),
+        "texts_per_step": texts_per_step,
         "versions": _versions("sentence-transformers", "torch", "transformers", "accelerate"),
         "attn_implementation": getattr(
             getattr(getattr(model[0], "auto_model", None), "config", None),
@@ -723,26 +793,41 @@ def _child_st(args: argparse.Namespace) -> int:
     return 0
 
 
+# FlagEmbedding's encoder-only fine-tuning entry points, wired as each one's own __main__
+# wires them: the runner's module, the module of its (model, data, training) argument classes
+# (the reranker's __main__ takes them from FlagEmbedding.abc), their names, the runner's name.
+_FLAG_ENTRY_POINTS = {
+    "embedder": (
+        "FlagEmbedding.finetune.embedder.encoder_only.base",
+        "FlagEmbedding.finetune.embedder.encoder_only.base",
+        (
+            "EncoderOnlyEmbedderModelArguments",
+            "EncoderOnlyEmbedderDataArguments",
+            "EncoderOnlyEmbedderTrainingArguments",
+        ),
+        "EncoderOnlyEmbedderRunner",
+    ),
+    "reranker": (
+        "FlagEmbedding.finetune.reranker.encoder_only.base",
+        "FlagEmbedding.abc.finetune.reranker",
+        ("AbsRerankerModelArguments", "AbsRerankerDataArguments", "AbsRerankerTrainingArguments"),
+        "EncoderOnlyRerankerRunner",
+    ),
+}
+
+
 def _child_flagembedding(args: argparse.Namespace, rest: list[str]) -> int:
-    """FlagEmbedding's own runner (as `python -m FlagEmbedding.finetune.embedder.encoder_only.base
-    ARGS`) with a step-timing callback added to its trainer."""
-    from FlagEmbedding.finetune.embedder.encoder_only.base import (
-        EncoderOnlyEmbedderDataArguments,
-        EncoderOnlyEmbedderModelArguments,
-        EncoderOnlyEmbedderRunner,
-        EncoderOnlyEmbedderTrainingArguments,
-    )
+    """FlagEmbedding's own runner (as `python -m FlagEmbedding.finetune.{embedder,reranker}.
+    encoder_only.base ARGS`) with a step-timing callback added to its trainer."""
+    import importlib
+
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(
-        (
-            EncoderOnlyEmbedderModelArguments,
-            EncoderOnlyEmbedderDataArguments,
-            EncoderOnlyEmbedderTrainingArguments,
-        )
-    )
+    runner_module, arguments_module, argument_names, runner_name = _FLAG_ENTRY_POINTS[args.kind]
+    arguments = importlib.import_module(arguments_module)
+    parser = HfArgumentParser([getattr(arguments, name) for name in argument_names])
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=rest)
-    runner = EncoderOnlyEmbedderRunner(
+    runner = getattr(importlib.import_module(runner_module), runner_name)(
         model_args=model_args, data_args=data_args, training_args=training_args
     )
     timer = _step_timer(
@@ -751,14 +836,16 @@ def _child_flagembedding(args: argparse.Namespace, rest: list[str]) -> int:
     runner.trainer.add_callback(timer)
     started = time.perf_counter()
     runner.run()
+    # Texts encoded per step: the embedder embeds each query and its group's passages; the
+    # reranker scores group-size (query, passage) pairs per query.
+    per_query = data_args.train_group_size + (1 if args.kind == "embedder" else 0)
     data = {
-        "tool": "FlagEmbedding",
+        "tool": f"FlagEmbedding ({args.kind})",
         "train_seconds": time.perf_counter() - started,
         "step_begin": timer.begin,
         "step_end": timer.end,
         "step_shapes": timer.shapes,
-        "texts_per_step": training_args.per_device_train_batch_size
-        * (1 + data_args.train_group_size),
+        "texts_per_step": training_args.per_device_train_batch_size * per_query,
         "versions": _versions("FlagEmbedding", "torch", "transformers", "accelerate"),
         **_device_facts(),
     }
@@ -776,10 +863,22 @@ def child_main(argv: list[str]) -> int:
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--result", required=True, help="JSON file written at the end")
+    flag = sub.choices["flagembedding"]
+    flag.add_argument("--kind", choices=tuple(_FLAG_ENTRY_POINTS), default="embedder")
     st = sub.add_parser("st", help="sentence-transformers trainer")
     st.add_argument("--result", required=True, help="JSON file written at the end")
-    st.add_argument("--loss", choices=("mnrl", "cached"), default="mnrl")
-    st.add_argument("--mini-batch-size", type=int, default=32, help="CachedMNRL mini batch")
+    st.add_argument(
+        "--loss",
+        choices=("mnrl", "cached", "listnet"),
+        default="mnrl",
+        help="bi-encoder (Cached)MultipleNegativesRankingLoss, or cross-encoder ListNetLoss",
+    )
+    st.add_argument(
+        "--mini-batch-size",
+        type=int,
+        default=32,
+        help="CachedMNRL mini batch; ListNet: pairs per forward (0: the loss's default)",
+    )
     st.add_argument("--model", required=True)
     st.add_argument("--train", required=True, help="FlagEmbedding jsonl")
     st.add_argument("--output", required=True)
@@ -788,6 +887,7 @@ def child_main(argv: list[str]) -> int:
     st.add_argument("--negatives", type=int, default=3, help="hard negatives per query")
     st.add_argument("--steps", type=int, required=True)
     st.add_argument("--passage-max-len", type=int, default=256)
+    st.add_argument("--max-len", type=int, default=320, help="cross-encoder pair length")
     st.add_argument("--temperature", type=float, default=0.05)
     st.add_argument("--learning-rate", type=float, default=2e-5)
     st.add_argument("--seed", type=int, default=42)

@@ -8,6 +8,12 @@ steps (after the warm-up steps; model loading and data preparation excluded), pe
 (CPU: the child's peak RSS from os.wait4; GPU: torch.cuda.max_memory_allocated in the child)
 and the ratio to each anchor.
 
+Rerankers (--model-kind cross-encoder): embtune's cross-encoder train vs sentence-transformers'
+CrossEncoder trainer with ListNetLoss (one-hot targets: the listwise cross-entropy; see
+_common._st_cross_encoder for why that loss) vs FlagEmbedding's encoder-only reranker fine-tune:
+a new one-label head on the same model, each query's group of G (query, passage) pairs scored,
+cross-entropy over the group, no in-batch negatives; texts/s counts pairs scored.
+
 Step times: embtune's own per-step log (train_log.jsonl, --logging-steps 1); the anchors' from
 a Hugging Face TrainerCallback as the time between consecutive step ends (batch fetch and
 tokenization, forward, backward, optimizer step: the span embtune's step time covers).
@@ -15,6 +21,9 @@ tokenization, forward, backward, optimizer step: the span embtune's step time co
 CPU (2 cores; all-MiniLM-L6-v2, batch 16, group 4, lengths 64/256, fp32; ~8 min):
     nice -n 19 .venv/bin/python bench/train_throughput.py --cache-chunk-size 16 \\
         --out bench/results/train-throughput-cpu.md --out bench/results/train-throughput-cpu.json
+CPU rerankers (same settings; 1 + 5 steps, ~10-12 min):
+    nice -n 19 .venv/bin/python bench/train_throughput.py --model-kind cross-encoder \
+        --warmup-steps 1 --steps 5 --out bench/results/train-throughput-cross-encoder-cpu.md
 GPU (BERT-base-size config, random init, batch 64, bf16; system python3; ~3-4 min):
     python3 bench/train_throughput.py --device cuda --cache-chunk-size 64 --st-mini-batch-size 64 \
         --out $OUT/tp.md
@@ -34,7 +43,7 @@ import shutil
 import sys
 from pathlib import Path
 from statistics import median
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -69,12 +78,20 @@ from _common import (  # noqa: E402
     write_outputs,
 )
 
-TOOLS = ("embtune", "st-mnrl", "st-cached", "flagembedding")
+# The tools run for each --model-kind, in this order.
+KIND_TOOLS = {
+    "bi-encoder": ("embtune", "st-mnrl", "st-cached", "flagembedding"),
+    "cross-encoder": ("embtune", "st-listnet", "flagembedding"),
+}
+TOOLS = tuple(dict.fromkeys(t for tools in KIND_TOOLS.values() for t in tools))
 ANCHOR_LABELS = {
     "st-mnrl": "ST MNRL",
     "st-cached": "ST CachedMNRL",
+    "st-listnet": "ST ListNet",
     "flagembedding": "FlagEmbedding",
 }
+# sentence-transformers loss (bench/_common.py child st --loss) of each ST tool.
+ST_LOSSES = {"st-mnrl": "mnrl", "st-cached": "cached", "st-listnet": "listnet"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +100,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(default: cpu)")
+    p.add_argument(
+        "--model-kind",
+        choices=tuple(KIND_TOOLS),
+        default="bi-encoder",
+        help="bi-encoder: embtune vs ST (Cached)MNRL vs FlagEmbedding's embedder; cross-encoder "
+        "(reranker): embtune --model-kind cross-encoder vs ST CrossEncoder ListNetLoss vs "
+        "FlagEmbedding's reranker (default: bi-encoder)",
+    )
     p.add_argument(
         "--model",
         help="model folder (default: all-MiniLM-L6-v2 on cpu; a random-init BERT-base-size "
@@ -104,7 +129,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=("fp32", "bf16"), help="(default: fp32 cpu, bf16 cuda)")
     p.add_argument("--warmup-steps", type=int, default=2, help="untimed steps first (2)")
     p.add_argument("--steps", type=int, help="timed steps (default: 10 cpu, 20 cuda)")
-    p.add_argument("--temperature", type=float, default=0.05, help="(0.05 = MNRL scale 20)")
+    p.add_argument(
+        "--temperature", type=float, default=0.05, help="bi-encoder (0.05 = MNRL scale 20)"
+    )
     p.add_argument("--learning-rate", type=float, default=2e-5, help="(2e-5)")
     p.add_argument("--seed", type=int, default=42, help="(42)")
     p.add_argument(
@@ -134,9 +161,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CachedMultipleNegativesRankingLoss mini_batch_size (32, its default)",
     )
     p.add_argument(
+        "--st-listnet-mini-batch-size",
+        type=int,
+        default=0,
+        help="cross-encoder ListNetLoss mini_batch_size, pairs per forward (0: its default, "
+        "the batch's query count)",
+    )
+    p.add_argument(
         "--st-batch-sampler",
-        default="no_duplicates",
-        help="sentence-transformers batch_sampler (no_duplicates)",
+        help="sentence-transformers batch_sampler (default: no_duplicates for the bi-encoder, "
+        "whose in-batch negatives duplicates would spoil; batch_sampler for the cross-encoder, "
+        "which has none, so it reads the rows in the order the others do)",
     )
     p.add_argument(
         "--no-cudnn-attention",
@@ -172,7 +207,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup-steps must be at least 1 (an anchor step's time needs the previous end)")
     if args.group_size < 2:
         p.error("--group-size must be at least 2 (1 positive + at least 1 negative)")
+    bi = args.model_kind == "bi-encoder"
+    args.st_batch_sampler = args.st_batch_sampler or ("no_duplicates" if bi else "batch_sampler")
+    if foreign := [t for t in args.only or [] if t not in KIND_TOOLS[args.model_kind]]:
+        p.error(f"--only {' '.join(foreign)}: not run for --model-kind {args.model_kind}")
     return args
+
+
+def texts_per_step(args: argparse.Namespace) -> int:
+    """Texts encoded per optimizer step: a bi-encoder embeds each query and its group's
+    passages; a cross-encoder scores one (query, passage) pair per passage of the group."""
+    per_query = args.group_size + (1 if args.model_kind == "bi-encoder" else 0)
+    return args.batch_size * per_query
+
+
+def texts_per_step_words(args: argparse.Namespace) -> str:
+    """What :func:`texts_per_step` counts, in words."""
+    passages = args.batch_size * args.group_size
+    if args.model_kind == "bi-encoder":
+        return f"{args.batch_size} queries + {passages} passages"
+    return f"{args.batch_size} queries x {args.group_size} (query, passage) pairs"
 
 
 def embtune_variants(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
@@ -206,8 +260,7 @@ def resolve_pythons(args: argparse.Namespace, tools: list[str]) -> tuple[dict, d
     }
     skipped: dict[str, str] = {}
     needs = {
-        "st-mnrl": ("st", "sentence_transformers", ST_VENV),
-        "st-cached": ("st", "sentence_transformers", ST_VENV),
+        **{tool: ("st", "sentence_transformers", ST_VENV) for tool in ST_LOSSES},
         "flagembedding": ("flagembedding", "FlagEmbedding", FLAG_VENV),
         "embtune": ("embtune", "embtune.cli", None),
     }
@@ -228,6 +281,148 @@ def resolve_pythons(args: argparse.Namespace, tools: list[str]) -> tuple[dict, d
     return pythons, skipped
 
 
+class Place(NamedTuple):
+    """What one round's runs read (model, training data) and where they write."""
+
+    model: Path
+    train_file: Path
+    work: Path
+    round_index: int
+
+    def paths(self, label: str) -> tuple[Path, Path]:
+        """A run's output folder and its child's result file, named after its label."""
+        slug = "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
+        out = self.work / "runs" / f"{slug}-r{self.round_index}"
+        return out, out.with_name(out.name + ".result.json")
+
+
+def embtune_runs(
+    args: argparse.Namespace, python: str, place: Place
+) -> list[tuple[ChildRun, Path]]:
+    """One `embtune train` child per embtune variant."""
+    if args.model_kind == "bi-encoder":
+        kind_options = ["--pooling", "mean", "--temperature", str(args.temperature)]
+        token_cache = place.work / "token-cache"
+    else:
+        # The pair length is left at its default, query + passage max length: FlagEmbedding's.
+        kind_options = ["--model-kind", "cross-encoder"]
+        token_cache = place.work / "token-cache-cross-encoder"
+    runs = []
+    for label, extra in embtune_variants(args):
+        out, result = place.paths(label)
+        cmd = child_command(
+            python,
+            "embtune",
+            result,
+            "--",
+            "train",
+            "--model", str(place.model),
+            "--train-data", str(place.train_file),
+            "--output-dir", str(out),
+            "--overwrite-output-dir",
+            "--batch-size", str(args.batch_size),
+            "--train-group-size", str(args.group_size),
+            "--query-max-len", str(args.query_max_len),
+            "--passage-max-len", str(args.passage_max_len),
+            *kind_options,
+            "--learning-rate", str(args.learning_rate),
+            "--max-steps", str(args.warmup_steps + args.steps),
+            "--logging-steps", "1",
+            "--save-steps", "0",
+            "--seed", str(args.seed),
+            "--cache-dir", str(token_cache),
+            *(["--bf16"] if args.precision == "bf16" else []),
+            *extra,
+        )  # fmt: skip
+        runs.append((ChildRun(label, "embtune", cmd), out))
+    return runs
+
+
+def st_run(args: argparse.Namespace, tool: str, python: str, place: Place) -> tuple[ChildRun, Path]:
+    """One sentence-transformers child: bi-encoder (Cached)MNRL or cross-encoder ListNet."""
+    loss = ST_LOSSES[tool]
+    label = ANCHOR_LABELS[tool]
+    options: list[str] = []
+    if loss == "cached":
+        label += f" (mini batch {args.st_mini_batch_size})"
+        options = ["--mini-batch-size", str(args.st_mini_batch_size)]
+    elif loss == "listnet":
+        if args.st_listnet_mini_batch_size:
+            label += f" (mini batch {args.st_listnet_mini_batch_size})"
+        options = [
+            "--mini-batch-size", str(args.st_listnet_mini_batch_size),
+            "--max-len", str(args.query_max_len + args.passage_max_len),
+        ]  # fmt: skip
+    out, result = place.paths(tool)
+    cmd = child_command(
+        python,
+        "st",
+        result,
+        "--loss", loss,
+        *options,
+        "--model", str(place.model),
+        "--train", str(place.train_file),
+        "--output", str(out),
+        "--device", args.device,
+        "--batch-size", str(args.batch_size),
+        "--negatives", str(args.group_size - 1),
+        "--steps", str(args.warmup_steps + args.steps),
+        "--passage-max-len", str(args.passage_max_len),
+        "--temperature", str(args.temperature),
+        "--learning-rate", str(args.learning_rate),
+        "--seed", str(args.seed),
+        "--batch-sampler", args.st_batch_sampler,
+        *(["--bf16"] if args.precision == "bf16" else []),
+    )  # fmt: skip
+    return ChildRun(label, tool, cmd), out
+
+
+def flagembedding_run(args: argparse.Namespace, python: str, place: Place) -> tuple[ChildRun, Path]:
+    """FlagEmbedding's encoder-only embedder or reranker fine-tuning in a child."""
+    if args.model_kind == "bi-encoder":
+        kind, kind_options = "embedder", [
+            "--temperature", str(args.temperature),
+            "--sentence_pooling_method", "mean",
+            "--normalize_embeddings", "True",
+            "--negatives_cross_device", "False",
+        ]  # fmt: skip
+    else:
+        # The reranker has no temperature, pooling or cross-device options: its loss is the
+        # plain cross-entropy over each query's group of pair scores.
+        kind, kind_options = "reranker", []
+    out, result = place.paths("flagembedding")
+    cmd = child_command(
+        python,
+        "flagembedding",
+        result,
+        "--kind", kind,
+        "--",
+        "--model_name_or_path", str(place.model),
+        "--train_data", str(place.train_file),
+        "--cache_path", str(place.work / "flagembedding-datasets-cache"),
+        "--train_group_size", str(args.group_size),
+        "--query_max_len", str(args.query_max_len),
+        "--passage_max_len", str(args.passage_max_len),
+        "--knowledge_distillation", "False",
+        *kind_options,
+        "--output_dir", str(out),
+        "--max_steps", str(args.warmup_steps + args.steps),
+        "--per_device_train_batch_size", str(args.batch_size),
+        "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler_type", "linear",
+        "--weight_decay", "0.0",
+        "--fp16", "False",
+        "--bf16", str(args.precision == "bf16"),
+        "--use_cpu", str(args.device == "cpu"),
+        "--seed", str(args.seed),
+        "--dataloader_num_workers", "0",
+        "--save_strategy", "no",
+        "--logging_steps", "1000000",
+        "--report_to", "none",
+    )  # fmt: skip
+    return ChildRun("FlagEmbedding", "flagembedding", cmd), out
+
+
 def build_runs(
     args: argparse.Namespace,
     tools: list[str],
@@ -237,107 +432,16 @@ def build_runs(
     work: Path,
     round_index: int,
 ) -> list[tuple[ChildRun, Path]]:
-    """The child runs of one round, with their output folders."""
-    total = args.warmup_steps + args.steps
-    bf16 = args.precision == "bf16"
+    """The child runs of one round, with their output folders, in the order of ``tools``."""
     runs: list[tuple[ChildRun, Path]] = []
-
-    def folder(label: str) -> tuple[Path, Path]:
-        slug = "-".join("".join(c if c.isalnum() else " " for c in label.lower()).split())
-        out = work / "runs" / f"{slug}-r{round_index}"
-        return out, work / "runs" / f"{slug}-r{round_index}.result.json"
-
-    if "embtune" in tools:
-        for label, extra in embtune_variants(args):
-            out, result = folder(label)
-            cmd = child_command(
-                pythons["embtune"],
-                "embtune",
-                result,
-                "--",
-                "train",
-                "--model", str(model),
-                "--train-data", str(train_file),
-                "--output-dir", str(out),
-                "--overwrite-output-dir",
-                "--batch-size", str(args.batch_size),
-                "--train-group-size", str(args.group_size),
-                "--query-max-len", str(args.query_max_len),
-                "--passage-max-len", str(args.passage_max_len),
-                "--pooling", "mean",
-                "--temperature", str(args.temperature),
-                "--learning-rate", str(args.learning_rate),
-                "--max-steps", str(total),
-                "--logging-steps", "1",
-                "--save-steps", "0",
-                "--seed", str(args.seed),
-                "--cache-dir", str(work / "token-cache"),
-                *(["--bf16"] if bf16 else []),
-                *extra,
-            )  # fmt: skip
-            runs.append((ChildRun(label, "embtune", cmd), out))
-    for tool, loss in (("st-mnrl", "mnrl"), ("st-cached", "cached")):
-        if tool not in tools:
-            continue
-        label = ANCHOR_LABELS[tool] + (
-            f" (mini batch {args.st_mini_batch_size})" if loss == "cached" else ""
-        )
-        out, result = folder(tool)
-        cmd = child_command(
-            pythons["st"],
-            "st",
-            result,
-            "--loss", loss,
-            "--mini-batch-size", str(args.st_mini_batch_size),
-            "--model", str(model),
-            "--train", str(train_file),
-            "--output", str(out),
-            "--device", args.device,
-            "--batch-size", str(args.batch_size),
-            "--negatives", str(args.group_size - 1),
-            "--steps", str(total),
-            "--passage-max-len", str(args.passage_max_len),
-            "--temperature", str(args.temperature),
-            "--learning-rate", str(args.learning_rate),
-            "--seed", str(args.seed),
-            "--batch-sampler", args.st_batch_sampler,
-            *(["--bf16"] if bf16 else []),
-        )  # fmt: skip
-        runs.append((ChildRun(label, tool, cmd), out))
-    if "flagembedding" in tools:
-        out, result = folder("flagembedding")
-        cmd = child_command(
-            pythons["flagembedding"],
-            "flagembedding",
-            result,
-            "--",
-            "--model_name_or_path", str(model),
-            "--train_data", str(train_file),
-            "--cache_path", str(work / "flagembedding-datasets-cache"),
-            "--train_group_size", str(args.group_size),
-            "--query_max_len", str(args.query_max_len),
-            "--passage_max_len", str(args.passage_max_len),
-            "--knowledge_distillation", "False",
-            "--output_dir", str(out),
-            "--max_steps", str(total),
-            "--per_device_train_batch_size", str(args.batch_size),
-            "--learning_rate", str(args.learning_rate),
-            "--lr_scheduler_type", "linear",
-            "--weight_decay", "0.0",
-            "--temperature", str(args.temperature),
-            "--sentence_pooling_method", "mean",
-            "--normalize_embeddings", "True",
-            "--negatives_cross_device", "False",
-            "--fp16", "False",
-            "--bf16", str(bf16),
-            "--use_cpu", str(args.device == "cpu"),
-            "--seed", str(args.seed),
-            "--dataloader_num_workers", "0",
-            "--save_strategy", "no",
-            "--logging_steps", "1000000",
-            "--report_to", "none",
-        )  # fmt: skip
-        runs.append((ChildRun("FlagEmbedding", "flagembedding", cmd), out))
+    place = Place(model, train_file, work, round_index)
+    for tool in tools:
+        if tool == "embtune":
+            runs += embtune_runs(args, pythons["embtune"], place)
+        elif tool in ST_LOSSES:
+            runs.append(st_run(args, tool, pythons["st"], place))
+        else:
+            runs.append(flagembedding_run(args, pythons["flagembedding"], place))
     return runs
 
 
@@ -478,18 +582,18 @@ def report(
                 "; ".join(r["loads"]),
             ]
         )
-    texts_per_step = args.batch_size * (1 + args.group_size)
+    what = "Training" if args.model_kind == "bi-encoder" else "Reranker (cross-encoder) training"
     title = (
-        f"# Training throughput ({args.device}): batch {args.batch_size}, group "
+        f"# {what} throughput ({args.device}): batch {args.batch_size}, group "
         f"{args.group_size}, lengths {args.query_max_len}/{args.passage_max_len}, "
         f"{args.precision}, {args.steps} timed steps after {args.warmup_steps} warm-up"
     )
     md = [title, "", markdown_table(header, lines), ""]
-    md += targets(args, table, anchors)
+    # The issue's targets are the bi-encoder's; the reranker's table only compares.
+    md += targets(args, table, anchors) if args.model_kind == "bi-encoder" else []
     md += ["## Setup", ""]
     md += [f"- command: `{command_line()}`"]
-    md += [f"- texts per step: {texts_per_step} ({args.batch_size} queries + "]
-    md[-1] += f"{args.batch_size * args.group_size} passages)"
+    md += [f"- texts per step: {texts_per_step(args)} ({texts_per_step_words(args)})"]
     md += [f"- {n}" for n in notes]
     md += [f"- skipped {t}: {why}" for t, why in skipped.items()]
     md += [f"- machine: {json.dumps(info)}"]
@@ -572,11 +676,56 @@ def targets(args: argparse.Namespace, table: list[dict], anchors: dict[str, dict
     return [*out, ""]
 
 
+def method_notes(args: argparse.Namespace) -> list[str]:
+    """The report's notes on what each tool runs and how its steps are timed."""
+    negatives = args.group_size - 1
+    if args.model_kind == "bi-encoder":
+        notes = [
+            "sentence-transformers has one max length (set to the passage length) for all "
+            "columns; each column is padded to its own longest text, so short queries cost the "
+            f"same as at {args.query_max_len}. Its rows are (query, first positive, first "
+            f"{negatives} negatives); embtune and FlagEmbedding sample the same texts (each row "
+            f"has exactly {negatives} negatives), all with in-batch negatives"
+        ]
+    else:
+        pair = args.query_max_len + args.passage_max_len
+        mini = args.st_listnet_mini_batch_size or f"{args.batch_size} (its default)"
+        notes = [
+            "cross-encoder: each (query, passage) pair scored by all-MiniLM-L6-v2's encoder with "
+            "a new one-label sequence-classification head; loss: cross-entropy over each "
+            f"query's group (1 positive + {negatives} negatives, positive first), no in-batch "
+            f"negatives; pairs truncated to {pair} tokens (query + passage max length)",
+            "embtune: `embtune train --model-kind cross-encoder`; FlagEmbedding: "
+            "FlagEmbedding.finetune.reranker.encoder_only.base's runner (queries cut to "
+            f"{args.query_max_len + args.passage_max_len // 4} tokens, passages to "
+            f"{args.passage_max_len + args.query_max_len // 2}, the pair to {pair}, the "
+            "passage side first)",
+            "sentence-transformers: CrossEncoder + CrossEncoderTrainer with ListNetLoss, labels 0 "
+            "for the positive and -inf for the negatives (softmax target exactly one-hot, so "
+            "the loss is that same cross-entropy; its MultipleNegativesRankingLoss cannot drop "
+            "in-batch negatives), rows (query, [first positive, first "
+            f"{negatives} negatives]), pairs cut longest side first to {pair}, {mini} pairs "
+            "per forward (mini_batch_size); embtune and FlagEmbedding sample the same texts "
+            f"(each row has exactly {negatives} negatives)",
+        ]
+    notes.append(
+        "step time: embtune's per-step log; anchors: time between consecutive on_step_end "
+        "callbacks (includes fetching and tokenizing the batch; on a GPU after "
+        "torch.cuda.synchronize())"
+    )
+    notes.append(
+        "a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
+        "logged query and passage widths; anchors: what their embedding layer met) include one "
+        "no earlier step of the run, warm-up included, had"
+    )
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tools = [t for t in TOOLS if not args.only or t in args.only]
+    tools = [t for t in KIND_TOOLS[args.model_kind] if not args.only or t in args.only]
     pythons, skipped = resolve_pythons(args, tools)
     tools = [t for t in tools if t not in skipped]
     info = machine_info()
@@ -606,23 +755,7 @@ def main(argv: list[str] | None = None) -> int:
     notes.append(
         f"model: {model}" + (" (random init)" if not args.model and args.device != "cpu" else "")
     )
-    notes.append(
-        "sentence-transformers has one max length (set to the passage length) for all columns; "
-        "each column is padded to its own longest text, so short queries cost the same as at "
-        f"{args.query_max_len}. Its rows are (query, first positive, first "
-        f"{args.group_size - 1} negatives); embtune and FlagEmbedding sample the same texts "
-        f"(each row has exactly {args.group_size - 1} negatives), all with in-batch negatives"
-    )
-    notes.append(
-        "step time: embtune's per-step log; anchors: time between consecutive on_step_end "
-        "callbacks (includes fetching and tokenizing the batch; on a GPU after "
-        "torch.cuda.synchronize())"
-    )
-    notes.append(
-        "a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
-        "logged query and passage widths; anchors: what their embedding layer met) include one "
-        "no earlier step of the run, warm-up included, had"
-    )
+    notes += method_notes(args)
     if args.no_cudnn_attention:
         notes.append("cuDNN attention backend switched off in every tool (--no-cudnn-attention)")
     for note in notes:
