@@ -695,11 +695,11 @@ def method_notes(args: argparse.Namespace) -> list[str]:
             "a new one-label sequence-classification head; loss: cross-entropy over each "
             f"query's group (1 positive + {negatives} negatives, positive first), no in-batch "
             f"negatives; pairs truncated to {pair} tokens (query + passage max length)",
-            "embtune: `embtune train --model-kind cross-encoder`; FlagEmbedding: "
-            "FlagEmbedding.finetune.reranker.encoder_only.base's runner (queries cut to "
-            f"{args.query_max_len + args.passage_max_len // 4} tokens, passages to "
-            f"{args.passage_max_len + args.query_max_len // 2}, the pair to {pair}, the "
-            "passage side first)",
+            "embtune: `embtune train --model-kind cross-encoder` (listwise, its default); "
+            "FlagEmbedding: FlagEmbedding.finetune.reranker.encoder_only.base's runner. Both "
+            f"cut queries to {args.query_max_len + args.passage_max_len // 4} tokens, passages "
+            f"to {args.passage_max_len + args.query_max_len // 2} and the pair to {pair} on the "
+            "passage's side (FlagEmbedding's rule)",
             "sentence-transformers: CrossEncoder + CrossEncoderTrainer with ListNetLoss, labels 0 "
             "for the positive and -inf for the negatives (softmax target exactly one-hot, so "
             "the loss is that same cross-entropy; its MultipleNegativesRankingLoss cannot drop "
@@ -713,10 +713,11 @@ def method_notes(args: argparse.Namespace) -> list[str]:
         "callbacks (includes fetching and tokenizing the batch; on a GPU after "
         "torch.cuda.synchronize())"
     )
+    widths = "query and passage widths" if args.model_kind == "bi-encoder" else "pair width"
     notes.append(
-        "a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
-        "logged query and passage widths; anchors: what their embedding layer met) include one "
-        "no earlier step of the run, warm-up included, had"
+        f"a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
+        f"logged {widths}; anchors: what their embedding layer met) include one no earlier "
+        "step of the run, warm-up included, had"
     )
     return notes
 
