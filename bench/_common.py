@@ -132,6 +132,24 @@ def command_line() -> str:
     return shlex.join([Path(sys.executable).name, *sys.argv])
 
 
+def source_commit() -> str:
+    """The checkout's commit, and whether src/ or bench/ differ from it: a report then names
+    the code it measured (the package version does not change between commits)."""
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        if res.returncode:
+            raise OSError(res.stderr)
+        return res.stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "src", "bench")
+    except OSError:
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes in src/ or bench/" if changed else "")
+
+
 # --- data and models --------------------------------------------------------------------------
 
 
@@ -419,14 +437,13 @@ def embtune_step_seconds(output_dir: Path) -> tuple[dict[int, float], dict[int, 
 
 def embtune_step_shapes(output_dir: Path) -> dict[int, set]:
     """Per-step padded batch widths from embtune's log (logged every step):
-    {("query", width), ("passage", width)}; empty when the log has no widths."""
+    {("query", width), ("passage", width)}; a cross-encoder logs only passage_width (its pair
+    width: a batch of pairs has no query part); empty when the log has no widths."""
     shapes: dict[int, set] = {}
     for record in read_jsonl(output_dir / "train_log.jsonl"):
-        if "query_width" in record:
-            shapes[int(record["step"])] = {
-                ("query", record["query_width"]),
-                ("passage", record["passage_width"]),
-            }
+        parts = {(p, record[f"{p}_width"]) for p in ("query", "passage") if f"{p}_width" in record}
+        if parts:
+            shapes[int(record["step"])] = parts
     return shapes
 
 

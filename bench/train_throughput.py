@@ -74,6 +74,7 @@ from _common import (  # noqa: E402
     prepare_train_data,
     python_has,
     run_child,
+    source_commit,
     summarize_steps,
     write_outputs,
 )
@@ -592,7 +593,7 @@ def report(
     # The targets are the bi-encoder's; the reranker's table only compares.
     md += targets(args, table, anchors) if args.model_kind == "bi-encoder" else []
     md += ["## Setup", ""]
-    md += [f"- command: `{command_line()}`"]
+    md += [f"- command: `{command_line()}`", f"- embtune source: {source_commit()}"]
     md += [f"- texts per step: {texts_per_step(args)} ({texts_per_step_words(args)})"]
     md += [f"- {n}" for n in notes]
     md += [f"- skipped {t}: {why}" for t, why in skipped.items()]
@@ -614,6 +615,7 @@ def report(
         ]
     payload = {
         "command": command_line(),
+        "source_commit": source_commit(),
         "options": vars(args),
         "machine": info,
         "notes": notes,
