@@ -317,6 +317,10 @@ class ChildRun:
     returncode: int = 0
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0
+    # CPU that other processes used during the run, in cores (None where /proc/stat is absent):
+    # on shared cores, a busy neighbour slows a run; the load average alone cannot say whose
+    # threads it counts.
+    others_cpu_cores: float | None = None
     load_before: str = ""
     load_after: str = ""
     log: str = ""
@@ -346,16 +350,28 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat); None off Linux."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def run_child(run: ChildRun, log: Path, env: dict[str, str] | None = None) -> ChildRun:
     """Run ``run.command`` (output to ``log``); fill in exit status, peak RSS, load, wall time.
 
     Peak RSS comes from ``os.wait4`` on this very child (its maximum resident set size,
     counting any of its own children that it waited for), so a run is not charged for
-    another's memory.
+    another's memory. The machine's busy CPU time less the child's own is what other
+    processes took meanwhile.
     """
     log.parent.mkdir(parents=True, exist_ok=True)
     run.log = str(log)
     run.load_before = load_average()
+    busy_before = busy_cpu_seconds()
     started = time.perf_counter()
     with open(log, "w", encoding="utf-8") as out:
         out.write(f"$ {run.shell_command}\n")
@@ -374,6 +390,10 @@ def run_child(run: ChildRun, log: Path, env: dict[str, str] | None = None) -> Ch
     run.load_after = load_average()
     run.returncode = proc.returncode
     run.peak_rss_bytes = usage.ru_maxrss * 1024  # Linux reports KiB
+    busy_after = busy_cpu_seconds()
+    if busy_before is not None and busy_after is not None and run.wall_seconds > 0:
+        others = busy_after - busy_before - usage.ru_utime - usage.ru_stime
+        run.others_cpu_cores = max(others, 0.0) / run.wall_seconds
     return run
 
 

@@ -534,6 +534,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 ),
                 "peak_memory_bytes": median(r["peak_memory_bytes"] or 0 for r in ok),
                 "loads": [f"{r['run']['load_before']} -> {r['run']['load_after']}" for r in group],
+                "others_cpu_cores": [r["run"].get("others_cpu_cores") for r in group],
                 "rounds": len(ok),
             }
         )
@@ -554,11 +555,11 @@ def report(
     header = ["tool / variant", "texts/s", "median s/step", memory_kind]
     header += ["steps meeting a new batch shape", "texts/s over the other steps"]
     header += [f"vs {ANCHOR_LABELS[t]} (speed / memory)" for t in anchors]
-    header += ["load avg before -> after"]
+    header += ["load avg before -> after", "other processes' CPU (cores)"]
     lines = []
     for r in table:
         if "failed" in r:
-            lines.append([r["label"], r["failed"], "", "", "", "", *["" for _ in anchors], ""])
+            lines.append([r["label"], r["failed"], "", "", "", "", *["" for _ in anchors], "", ""])
             continue
         ratios = []
         for anchor in anchors.values():
@@ -581,6 +582,7 @@ def report(
                 f"{seen:.1f}" if (seen := r["texts_per_second_seen_shapes"]) else "-",
                 *ratios,
                 "; ".join(r["loads"]),
+                "; ".join("-" if c is None else f"{c:.2f}" for c in r["others_cpu_cores"]),
             ]
         )
     what = "Training" if args.model_kind == "bi-encoder" else "Reranker (cross-encoder) training"
@@ -715,6 +717,11 @@ def method_notes(args: argparse.Namespace) -> list[str]:
         "callbacks (includes fetching and tokenizing the batch; on a GPU after "
         "torch.cuda.synchronize())"
     )
+    notes.append(
+        "other processes' CPU: the machine's busy CPU time (/proc/stat) during a run less the "
+        "run's own (its rusage), per second of the run; near 0 means the run had the cores "
+        "to itself"
+    )
     widths = "query and passage widths" if args.model_kind == "bi-encoder" else "pair width"
     notes.append(
         f"a step meets a new batch shape when its padded [batch, width] shapes (embtune: the "
@@ -780,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"  {row['texts_per_second']:.1f} texts/s, median step "
                     f"{row['median_step_seconds']:.3f} s, peak {gib(row['peak_memory_bytes'])}, "
-                    f"wall {run.wall_seconds:.0f} s, load after {run.load_after}"
+                    f"wall {run.wall_seconds:.0f} s, load after {run.load_after}, other "
+                    f"processes' CPU {run.others_cpu_cores or 0:.2f} cores"
                 )
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
