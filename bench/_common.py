@@ -133,8 +133,8 @@ def command_line() -> str:
 
 
 def source_commit() -> str:
-    """The checkout's commit, and whether src/ or bench/ differ from it: a report then names
-    the code it measured (the package version does not change between commits)."""
+    """The checkout's commit, and whether the code (src/, bench/*.py) differs from it: a report
+    then names the code it measured (the package version does not change between commits)."""
 
     def git(*args: str) -> str:
         res = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
@@ -144,10 +144,10 @@ def source_commit() -> str:
 
     try:
         head = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no", "src", "bench")
+        changed = git("status", "--porcelain", "--untracked-files=no", "src", "bench/*.py")
     except OSError:
         return "unknown (not a git checkout)"
-    return head + (" with uncommitted changes in src/ or bench/" if changed else "")
+    return head + (" with uncommitted changes in src/ or bench/*.py" if changed else "")
 
 
 # --- data and models --------------------------------------------------------------------------
