@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,7 @@ from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
     from embtune.data.formats import BeirDataset
+    from embtune.models.encoder import EncoderSettings
     from embtune.scoring.pairs import PairCounts
     from embtune.scoring.teachers import CrossEncoderTeacher, TeacherSettings
 
@@ -236,6 +237,35 @@ def _output_paths(
     return json_path, report
 
 
+def _first_stage_metrics(
+    lists: Mapping[str, Sequence[str]],
+    dataset: BeirDataset,
+    k_values: Sequence[int],
+    model: PathLike | None,
+    data: PathLike,
+    split: str,
+    seconds: float,
+    settings: EncoderSettings | None,
+    skip_bad_rows: bool,
+    report: Path | None,
+) -> Metrics:
+    """The first stage's metrics (its lists in their own order) with what was evaluated."""
+    from embtune.eval.retrieval import retrieval_metrics
+
+    return Metrics(
+        retrieval_metrics(lists, dataset.qrels, k_values),
+        model=os.fspath(model) if model is not None else "",
+        data=os.fspath(data),
+        split=split,
+        queries=len(dataset.qrels),
+        corpus_size=len(dataset.corpus),
+        seconds=seconds,
+        settings=settings,
+        rejected=dataset.rejected if skip_bad_rows else None,
+        rejected_report=report,
+    )
+
+
 def evaluate_reranking(
     reranker: PathLike,
     data: PathLike,
@@ -296,7 +326,7 @@ def evaluate_reranking(
     """
     from embtune.data.store import usable_cache_dir
     from embtune.eval.reranking import first_stage_run, load_reranker, top_candidates
-    from embtune.eval.retrieval import check_k_values, retrieval_metrics
+    from embtune.eval.retrieval import check_k_values
 
     started = time.perf_counter()
     k_values = check_k_values([k] if isinstance(k, int) else k)
@@ -331,18 +361,10 @@ def evaluate_reranking(
         depth = max(top_k, *k_values)  # enough for the candidates and for every cut-off
         run = first_stage_run(encoder, dataset, depth, batch_size, show_progress, cache_dir, faiss)
         lists, settings = top_candidates(run, depth), encoder.settings
-    first_stage = Metrics(
-        retrieval_metrics(lists, dataset.qrels, k_values),
-        model=os.fspath(model) if model is not None else "",
-        data=os.fspath(data),
-        split=split,
-        queries=len(dataset.qrels),
-        corpus_size=len(dataset.corpus),
-        seconds=time.perf_counter() - first_started,
-        settings=settings,
-        rejected=dataset.rejected if skip_bad_rows else None,
-        rejected_report=report,
-    )
+    first_stage = _first_stage_metrics(
+        lists, dataset, k_values, model, data, split, time.perf_counter() - first_started,
+        settings, skip_bad_rows, report,
+    )  # fmt: skip
     reranked, reranking = _rerank(
         scorer, dataset, lists, top_k, k_values, pairs_per_batch, scores_dir, show_progress
     )
