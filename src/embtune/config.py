@@ -284,6 +284,39 @@ class TrainConfig:
         help="cross-encoder: candidates per dev query reranked in dev evaluation",
         metavar="K",
     )
+    reference_data: list[str] = option(
+        [],
+        help="BEIR folders of general (out-of-domain) retrieval sets, evaluated before training "
+        "and at each dev evaluation and logged as reference/<folder name>/<metric>, with the "
+        "change against the base model printed: what fine-tuning costs outside the domain",
+        metavar="DIR",
+        resume_may_change=True,
+    )
+    reference_split: str = option(
+        "test",
+        help="qrels split of every --reference-data folder (reference sets are only watched, "
+        "never trained on)",
+        resume_may_change=True,
+    )
+    interpolate_base: str = option(
+        "",
+        help="after training, mix the chosen model's weights with the base model's: base + "
+        "A x (fine-tuned - base), saved in OUTPUT_DIR/interpolated. A number A in [0, 1], or "
+        "auto: each --interpolate-factors value is scored on dev and the reference sets and "
+        "one is picked by the --auto-tolerance rule (table and plot saved); '' = off",
+        metavar="auto|A",
+    )
+    interpolate_factors: list[float] = option(
+        [0.25, 0.5, 0.75, 1.0],
+        help="factors --interpolate-base auto chooses from (1 = the fine-tuned model)",
+        metavar="A",
+    )
+    auto_tolerance: float = option(
+        0.005,
+        help="rule of the automatic choices (--interpolate-base auto): keep the candidates "
+        "whose dev nDCG@10 is within this of the best one's; of those, take the best mean "
+        "reference nDCG@10, or without reference sets the one closest to the base model",
+    )
     save_best: bool = option(
         False,
         help="keep the checkpoint with the best dev nDCG@10 in OUTPUT_DIR/best (with "
@@ -409,6 +442,7 @@ class TrainConfig:
             )
         self._validate_distillation()
         self._validate_matryoshka()
+        self._validate_interpolation()
         if self.negatives_cross_device and not self.in_batch_negatives:
             raise UsageError(
                 "--negatives-cross-device with --no-in-batch-negatives: other processes' "
@@ -437,6 +471,27 @@ class TrainConfig:
             raise UsageError("--teacher-temperature only applies with --knowledge-distillation")
         if self.kd_loss_type != "kl_div" and not self.knowledge_distillation:
             raise UsageError(f"--kd-loss-type {self.kd_loss_type} needs --knowledge-distillation")
+
+    def _validate_interpolation(self) -> None:
+        """--interpolate-base auto or a factor in [0, 1]; factors in [0, 1]; tolerance >= 0."""
+        value = self.interpolate_base
+        if value not in ("", "auto"):
+            try:
+                factor = float(value)
+            except ValueError:
+                factor = math.nan
+            if not 0 <= factor <= 1:
+                raise OptionError(
+                    "interpolate_base", f"must be auto or a number in [0, 1], got {value!r}"
+                )
+        factors = self.interpolate_factors
+        if not factors or any(not 0 <= a <= 1 for a in factors):
+            raise OptionError(
+                "interpolate_factors", f"must be one or more numbers in [0, 1], got {factors}"
+            )
+        tolerance = self.auto_tolerance
+        if not (tolerance >= 0 and math.isfinite(tolerance)):
+            raise OptionError("auto_tolerance", f"must be a finite number >= 0, got {tolerance}")
 
     def _validate_matryoshka(self) -> None:
         """Dimensions positive and distinct (in any order); one weight each."""
