@@ -36,7 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SCIFACT = ROOT.parent / "shared" / "data" / "scifact"
 VARIANTS = ("plain", "cached", "by_length", "cross_device", "resume")
 # Values that measure the machine, not the training: they differ between any two runs.
-TIMING = {"texts_per_second", "window_seconds", "peak_memory_bytes", "train_seconds"}
+TIMING = {
+    "texts_per_second",
+    "window_seconds",
+    "peak_memory_bytes",
+    "train_seconds",
+    "dev_seconds",
+    "reference_seconds",
+}
 COMMON = [
     "--train-group-size", "4", "--batch-size", "8", "--query-max-len", "32",
     "--passage-max-len", "128", "--max-steps", "10", "--logging-steps", "1",

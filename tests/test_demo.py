@@ -38,13 +38,22 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(
         assert all(0.0 <= v <= 1.0 for v in payload[side].values())
     assert payload["wall_seconds"] > 0
     assert payload["train_queries"] + payload["dev_queries"] == 24
-    # The corpus is encoded twice in all: by the base model for mining (reused for the
-    # "before" evaluation) and by the fine-tuned model for "after".
+    # The corpus is encoded three times in all: by the base model for mining (reused for the
+    # "before" evaluation), by the fine-tuned and by the interpolated model for "after".
     corpus_size = payload["corpus"]
-    assert passage_calls.count(corpus_size) == 2
+    assert passage_calls.count(corpus_size) == 3
     assert (out / "curves.png").stat().st_size > 1000
     report = (out / "report.md").read_text()
     assert "| ndcg@10 |" in report and "total wall time" in report
+    # The trade-off: dev, test and the reference set for base, fine-tuned and interpolated.
+    models = payload["models"]
+    assert list(models) == ["base", "fine_tuned", "interpolated"]
+    assert all(set(m["reference"]) == {"debian-packages"} for m in models.values())
+    assert models["interpolated"]["test"] == payload["after"]["ndcg@10"]
+    assert models["fine_tuned"]["test"] == payload["fine_tuned"]["ndcg@10"]
+    assert payload["interpolation"]["factor"] in (0.25, 0.5, 0.75, 1.0)
+    assert "| interpolated, factor" in report and "debian-packages nDCG@10" in report
+    assert (out / "model" / "interpolated" / "model.safetensors").is_file()
 
     dev = json.loads((out / "dev_split.json").read_text())
     dev_ids = {row["query_id"] for row in dev["rows"]}

@@ -62,7 +62,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # What an interrupted save or rotation can leave behind: .checkpoint-12.tmp, .best.old, ...
-_LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best|final)\.(tmp|old|deleting)")
+_LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best|interpolated|final)\.(tmp|old|deleting)")
 
 # Test hooks (docs/reliability.md): the process SIGKILLs itself at a chosen point, as an
 # out-of-memory killer or a pre-empted cluster job would. Unset in normal use.

@@ -5,8 +5,15 @@
 2. hold out a seeded 10% of the train queries as the dev set (never select on test),
 3. mine hard negatives for the other train queries with the base model,
 4. evaluate the base model on test, reusing the corpus embeddings from mining,
-5. fine-tune (evaluating on dev during training, keeping the best checkpoint),
-6. evaluate the fine-tuned model on test; write ``report.md``, ``curves.png``, ``demo.json``.
+5. fine-tune (evaluating on dev and on the reference set during training, keeping the best
+   checkpoint), then mix it with the base model at the factor chosen on dev and the reference
+   set (``--interpolate-base auto``: what fine-tuning costs outside SciFact, taken back),
+6. evaluate the fine-tuned and the interpolated model on test; write ``report.md``,
+   ``curves.png``, ``demo.json``.
+
+The reference set (``--reference-data``, ``$EMBTUNE_REFERENCE_DATA``,
+``../shared/data/debian-packages``) is a general technical retrieval set: Debian package
+summaries -> their descriptions. Without one the demo says so and measures no forgetting.
 
 The recipe (:class:`DemoRecipe`) is explained in the README: why each setting differs from the
 FlagEmbedding / sentence-transformers anchors it is compared against.
@@ -42,6 +49,7 @@ BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{
 HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # A source checkout sits beside ../shared/data in this project's workspace layout.
 CHECKOUT_SCIFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact"
+REFERENCE_NAME = "debian-packages"
 
 
 @dataclass
@@ -62,6 +70,9 @@ class DemoRecipe:
     dev_fraction: float = 0.1
     dev_pool: int = 20  # dev searches positives + the base model's top-k per dev query
     dev_evals: int = 2  # evaluations on dev during training (plus before and at the end)
+    interpolate_base: str = "auto"  # "" = off; a factor; auto = chosen on dev + reference
+    interpolate_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    auto_tolerance: float = 0.005
     seed: int = 42
 
 
@@ -70,10 +81,11 @@ class DemoResult:
     """Numbers and paths of one demo run (also written as demo.json)."""
 
     before: dict[str, float]
-    after: dict[str, float]
+    after: dict[str, float]  # the demo's model: the interpolated one, else the fine-tuned
     wall_seconds: float
     stages: dict[str, float] = field(default_factory=dict)
     output_dir: Path = Path()
+    fine_tuned: dict[str, float] = field(default_factory=dict)  # before interpolation
 
 
 def default_model() -> str:
@@ -127,6 +139,27 @@ def find_scifact(data: str | Path | None = None, download_url: str | None = None
     return download_beir("scifact", cache / "datasets", download_url)
 
 
+def find_reference(data: str | Path | None = None) -> Path | None:
+    """The reference set's folder: the one given, $EMBTUNE_REFERENCE_DATA, or
+    ../shared/data/debian-packages; None when there is none (it is not on any hub)."""
+    if data:
+        path = Path(data)
+        if not is_beir_dir(path):
+            raise UsageError(
+                f"--reference-data: {path} is not a BEIR folder (corpus.jsonl, qrels/)"
+            )
+        return path
+    candidates = [
+        os.environ.get("EMBTUNE_REFERENCE_DATA"),
+        Path.cwd().parent / "shared" / "data" / REFERENCE_NAME,
+        CHECKOUT_SCIFACT.parent / REFERENCE_NAME,
+    ]
+    for candidate in candidates:
+        if candidate and is_beir_dir(Path(candidate)):
+            return Path(candidate)
+    return None
+
+
 def limit_dataset(train: BeirDataset, test: BeirDataset, limit: int, seed: int) -> None:
     """Shrink train/test to ``limit`` queries each and the corpus to their documents + a sample.
 
@@ -170,9 +203,12 @@ def run_demo(
     recipe: DemoRecipe | None = None,
     show_progress: bool = True,
     log=print,
+    reference_data: str | Path | None = None,
+    use_reference: bool = True,
 ) -> DemoResult:
-    """Mine, fine-tune and evaluate; returns metrics before/after and writes the report."""
-    from embtune.eval.retrieval import evaluate_retrieval
+    """Mine, fine-tune, interpolate and evaluate; returns metrics before/after and writes the
+    report. ``reference_data`` names the reference set (default: looked up, see the module
+    docstring); ``use_reference=False`` runs without one."""
     from embtune.report import write_demo_report
 
     started = time.perf_counter()
@@ -181,12 +217,20 @@ def run_demo(
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output-dir: {out} is not empty; choose a new folder")
     folder = find_scifact(data)
+    reference = find_reference(reference_data) if use_reference else None
     train_set, test_set = load_beir(folder, "train"), load_beir(folder, "test")
     if limit:
         limit_dataset(train_set, test_set, limit, recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
     model = model or default_model()
     log(f"embtune demo: base model {model}\nembtune demo: data {folder}")
+    log(
+        f"embtune demo: reference set {reference} (general retrieval, watched for forgetting)"
+        if reference
+        else "embtune demo: no reference set (--reference-data DIR): forgetting not measured"
+    )
+    if reference and limit:
+        reference = _limited_reference(reference, limit, recipe.seed, out)
     stages: dict[str, float] = {}
 
     train_rows, dev_rows = _split_off_dev(train_set, folder, recipe, out)
@@ -194,25 +238,25 @@ def run_demo(
         model, train_set, test_set, train_rows, dev_rows, recipe, out, show_progress, stages, log
     )
     with _stage(stages, "train_seconds"):
-        result = _fine_tune(model, out, len(train_rows), baseline.dev, recipe, show_progress)
-    stages["train_texts_per_second"] = result.texts_per_second
-    with _stage(stages, "eval_after_seconds"):
-        tuned = _load_encoder(out / "model" / "best")
-        after = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
+        result = _fine_tune(
+            model, out, len(train_rows), baseline.dev, recipe, show_progress, reference
+        )
+    fine_tuned, after = _evaluate_after(result, test_set, out, stages, show_progress)
     wall = time.perf_counter() - started
 
-    history = [
-        {"step": 0, **{f"dev_{k}": v for k, v in baseline.dev_before.items()}},
-        *result.history,
-    ]
+    history = result.history
+    if not any(h["step"] == 0 for h in history):
+        history = [{"step": 0, **{f"dev_{k}": v for k, v in baseline.dev_before.items()}}, *history]
     payload = {
         "before": baseline.before,
         "after": after,
+        "fine_tuned": fine_tuned,
         "wall_seconds": wall,
         "stages": stages,
         "best_dev_step": result.best_step,
         "model": model,
         "data": str(folder),
+        "reference_data": str(reference) if reference else None,
         "limit": limit,
         "recipe": asdict(recipe),
         "train_queries": len(train_rows),
@@ -220,12 +264,99 @@ def run_demo(
         "dev_corpus": len(baseline.dev.corpus),
         "test_queries": len(test_set.qrels),
         "corpus": len(test_set.corpus),
+        "models": trade_off(history, result, baseline.before, fine_tuned, after),
+        "interpolation": result.interpolation.to_json() if result.interpolation else None,
     }
     (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     write_demo_report(out, payload, history)
     return DemoResult(
-        before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out
+        before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out,
+        fine_tuned=fine_tuned,
+    )  # fmt: skip
+
+
+def _limited_reference(folder: Path, limit: int, seed: int, out: Path) -> Path:
+    """With --limit: ``limit`` of the reference set's queries, their documents and a sample of
+    the others, written to out/reference/<name> (training reads reference sets from folders)."""
+    from embtune.data.formats import write_beir
+
+    data = load_beir(folder, "test")
+    rng = np.random.default_rng(seed)
+    keep = sorted(rng.choice(list(data.qrels), min(limit, len(data.qrels)), replace=False))
+    data.qrels = {qid: data.qrels[qid] for qid in keep}
+    needed = {d for judged in data.qrels.values() for d in judged}
+    others = [d for d in data.corpus if d not in needed]
+    extra = set(rng.choice(others, min(len(others), 10 * limit), replace=False).tolist())
+    data.corpus = {d: t for d, t in data.corpus.items() if d in needed or d in extra}
+    return write_beir(out / "reference" / folder.resolve().name, data, "test")
+
+
+def _evaluate_after(
+    result: TrainResult,
+    test_set: BeirDataset,
+    out: Path,
+    stages: dict[str, float],
+    show_progress: bool,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Test metrics of the fine-tuned model (best dev checkpoint) and of the demo's model: the
+    interpolated one when there is one, else the same."""
+    from embtune.eval.retrieval import evaluate_retrieval
+
+    with _stage(stages, "eval_after_seconds"):
+        tuned = _load_encoder(out / "model" / "best")
+        fine_tuned = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
+    stages["train_texts_per_second"] = result.texts_per_second
+    history = result.history
+    stages["dev_eval_seconds"] = sum(h.get("dev_seconds", 0.0) for h in history)
+    stages["reference_eval_seconds"] = sum(h.get("reference_seconds", 0.0) for h in history)
+    if result.interpolation is None:
+        return fine_tuned, fine_tuned
+    stages["interpolation_seconds"] = result.interpolation.seconds
+    with _stage(stages, "eval_interpolated_seconds"):
+        mixed = _load_encoder(result.interpolation.folder)
+        after = evaluate_retrieval(mixed, test_set, show_progress=show_progress)
+    return fine_tuned, after
+
+
+def trade_off(
+    history: list[dict],
+    result: TrainResult,
+    before: dict[str, float],
+    fine_tuned: dict[str, float],
+    after: dict[str, float],
+) -> dict[str, dict]:
+    """nDCG@10 on dev, test and each reference set for the base, the fine-tuned and (when
+    made) the interpolated model: the demo's trade-off table."""
+    base = next(h for h in history if h["step"] == 0)
+    best = next(
+        (h for h in reversed(history) if h["step"] == result.best_step and "dev_ndcg@10" in h),
+        {},
     )
+
+    def row(record: dict, test: dict[str, float], label: str) -> dict:
+        reference = {
+            k.removeprefix("reference/").removesuffix("/ndcg@10"): v
+            for k, v in record.items()
+            if k.startswith("reference/") and k.endswith("/ndcg@10")
+        }
+        return {"label": label, "dev": record.get("dev_ndcg@10"), "test": test["ndcg@10"],
+                "reference": reference}  # fmt: skip
+
+    models = {
+        "base": row(base, before, "base model, no training"),
+        "fine_tuned": row(best, fine_tuned, f"fine-tuned (best dev step {result.best_step})"),
+    }
+    if result.interpolation is not None:
+        factor = result.interpolation.factor
+        chosen = next((s for s in result.interpolation.scores if s.factor == factor), None)
+        record = {}
+        if chosen is not None:
+            record = {"dev_ndcg@10": chosen.dev} | {
+                f"reference/{name}/ndcg@10": v for name, v in chosen.reference.items()
+            }
+        label = f"interpolated, factor {result.interpolation.factor:g} (chosen on dev + reference)"
+        models["interpolated"] = row(record, after, label)
+    return models
 
 
 @contextmanager
@@ -360,8 +491,10 @@ def _fine_tune(
     dev: BeirDataset,
     recipe: DemoRecipe,
     show_progress: bool,
+    reference: Path | None = None,
 ) -> TrainResult:
-    """Train the recipe on out/train.jsonl, keeping the best dev checkpoint in out/model/best."""
+    """Train the recipe on out/train.jsonl, keeping the best dev checkpoint in out/model/best
+    (and the model interpolated with the base in out/model/interpolated)."""
     from embtune.config import TrainConfig
     from embtune.training.run import train
 
@@ -383,5 +516,9 @@ def _fine_tune(
         eval_steps=max(1, -(-steps // (recipe.dev_evals + 1))),  # ceil: no eval just before the end
         save_steps=0,
         save_best=True,
+        reference_data=[str(reference)] if reference else [],
+        interpolate_base=recipe.interpolate_base,
+        interpolate_factors=list(recipe.interpolate_factors),
+        auto_tolerance=recipe.auto_tolerance,
     )
     return train(config, show_progress=show_progress, dev_data=dev)

@@ -19,7 +19,8 @@ def comparison_table(before: Mapping[str, float], after: Mapping[str, float]) ->
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
-    """Loss (and its chance level) and dev nDCG@10 against the step, one PNG."""
+    """Loss (and its chance level), dev nDCG@10 and each reference set's nDCG@10 against the
+    step, one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers
@@ -38,10 +39,50 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
     ax_dev = ax_loss.twinx()
     if dev:
         ax_dev.plot(*zip(*dev, strict=True), "o-", color="tab:red", label="dev nDCG@10")
-    ax_dev.set_ylabel("dev nDCG@10", color="tab:red")
+    for name, points in reference_curves(history).items():
+        ax_dev.plot(*zip(*points, strict=True), "s--", label=f"reference {name} nDCG@10")
+    ax_dev.set_ylabel("nDCG@10 (dev, reference)", color="tab:red")
     handles = ax_loss.get_legend_handles_labels()[0] + ax_dev.get_legend_handles_labels()[0]
     ax_loss.legend(handles=handles, loc="center right")
     ax_loss.set_title("training loss and dev retrieval quality")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def reference_curves(history: Sequence[Mapping[str, float]]) -> dict[str, list[tuple]]:
+    """{reference set name: [(step, nDCG@10), ...]} from the log's ``reference/<name>/ndcg@10``
+    keys (training/reference_sets.py)."""
+    curves: dict[str, list[tuple]] = {}
+    for record in history:
+        for key, value in record.items():
+            if key.startswith("reference/") and key.endswith("/ndcg@10"):
+                name = key.removeprefix("reference/").removesuffix("/ndcg@10")
+                curves.setdefault(name, []).append((record["step"], value))
+    return curves
+
+
+def plot_interpolation(scores: Sequence, chosen: float, path: Path) -> None:
+    """Dev and reference nDCG@10 against the interpolation factor (training/interpolation.py's
+    FactorScores), the chosen factor marked; one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    dev = [(s.factor, s.dev) for s in scores if s.dev is not None]
+    if dev:
+        ax.plot(*zip(*dev, strict=True), "o-", color="tab:red", label="dev nDCG@10")
+    names = list(scores[0].reference) if scores else []
+    for name in names:
+        points = [(s.factor, s.reference[name]) for s in scores]
+        ax.plot(*zip(*points, strict=True), "s--", label=f"reference {name} nDCG@10")
+    ax.axvline(chosen, color="gray", ls=":", label=f"chosen factor {chosen:g}")
+    ax.set_xlabel("factor: base + factor x (fine-tuned - base)")
+    ax.set_ylabel("nDCG@10")
+    ax.legend(loc="best")
+    ax.set_title("interpolation with the base model")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -88,12 +129,74 @@ def plot_dimensions(history: Sequence[Mapping[str, float]], path: Path) -> bool:
     return True
 
 
+def trade_off_table(models: Mapping[str, Mapping]) -> str:
+    """The demo's models as rows: dev, test and each reference set's nDCG@10."""
+    names = sorted({n for m in models.values() for n in m["reference"]})
+    header = "| model | dev nDCG@10 | test nDCG@10 | " + "".join(f"{n} nDCG@10 | " for n in names)
+    lines = [header.rstrip(), "|---" * (3 + len(names)) + "|"]
+    for model in models.values():
+        dev = f"{model['dev']:.4f}" if model["dev"] is not None else "n/a"
+        cells = "".join(
+            f"{model['reference'][n]:.4f} | " if n in model["reference"] else "n/a | "
+            for n in names
+        )
+        lines.append(f"| {model['label']} | {dev} | {model['test']:.4f} | {cells}".rstrip())
+    return "\n".join(lines)
+
+
+def _stage_rows(stages: Mapping[str, float]) -> str:
+    """The demo's time table rows, the optional stages only when they ran."""
+    rows = [
+        ("mining (base model encodes the corpus once; reused for \"before\")", "mine_seconds"),
+        ("evaluation before", "eval_before_seconds"),
+        (f"training ({stages['train_texts_per_second']:.1f} texts/s), with the evaluations "
+         "below", "train_seconds"),
+        ("  of which dev evaluations (base model and during training)", "dev_eval_seconds"),
+        ("  of which reference-set evaluations", "reference_eval_seconds"),
+        ("  of which interpolation (scoring the factors, saving the model)",
+         "interpolation_seconds"),
+        ("evaluation after (fine-tuned model, whole corpus)", "eval_after_seconds"),
+        ("evaluation after (interpolated model, whole corpus)", "eval_interpolated_seconds"),
+    ]  # fmt: skip
+    return "\n".join(
+        f"| {label} | {stages[key]:.0f} |" for label, key in rows if stages.get(key) is not None
+    )
+
+
+def _interpolation_section(payload: Mapping) -> str:
+    interpolation = payload.get("interpolation")
+    if not interpolation:
+        return ""
+    rows = ["| factor | dev nDCG@10 | mean reference nDCG@10 | scores |", "|---|---|---|---|"]
+    for s in interpolation["scores"]:
+        dev = f"{s['dev']:.4f}" if s["dev"] is not None else "n/a"
+        ref = f"{s['mean_reference']:.4f}" if s["mean_reference"] is not None else "n/a"
+        mark = "**" if s["factor"] == interpolation["factor"] else ""
+        rows.append(f"| {mark}{s['factor']:g}{mark} | {dev} | {ref} | {s['source']} |")
+    table = "\n".join(rows)
+    return f"""
+## Interpolation with the base model
+
+Model = base + factor x (fine-tuned - base). Chosen factor **{interpolation["factor"]:g}**:
+{interpolation["reason"]}. Rule: {interpolation["rule"]}. Test was not looked at.
+
+{table}
+
+![dev and reference nDCG@10 against the factor](model/interpolation.png)
+"""
+
+
 def write_demo_report(out: Path, payload: Mapping, history: Sequence[Mapping[str, float]]) -> None:
     """report.md and curves.png for a demo run."""
     plot_curves(history, out / "curves.png")
     recipe = payload["recipe"]
-    stages = payload["stages"]
     settings = "\n".join(f"| {k} | {v} |" for k, v in recipe.items())
+    reference = payload.get("reference_data")
+    watched = (
+        f"Reference set (general retrieval, never trained on): `{reference}`."
+        if reference
+        else "No reference set was given: forgetting was not measured."
+    )
     text = f"""# embtune demo report
 
 Base model `{payload["model"]}`, data `{payload["data"]}`{
@@ -102,29 +205,31 @@ Base model `{payload["model"]}`, data `{payload["data"]}`{
 Fine-tuned on {payload["train_queries"]} train queries with mined hard negatives; checkpoint
 chosen on {payload["dev_queries"]} held-out train queries (dev, step {payload["best_dev_step"]});
 evaluated on {payload["test_queries"]} test queries over the whole corpus ({payload["corpus"]}
-documents).
+documents). {watched}
 
-## Retrieval on the test split
+## Retrieval on the test split: the base model and the demo's model
 
 {comparison_table(payload["before"], payload["after"])}
 
+## In-domain against general: what fine-tuning costs, and what interpolation takes back
+
+{trade_off_table(payload["models"])}
+{_interpolation_section(payload)}
 ## Time
 
 | stage | seconds |
 |---|---|
-| mining (base model encodes the corpus once; reused for "before") | {stages["mine_seconds"]:.0f} |
-| evaluation before | {stages["eval_before_seconds"]:.0f} |
-| training ({stages["train_texts_per_second"]:.1f} texts/s) | {stages["train_seconds"]:.0f} |
-| evaluation after | {stages["eval_after_seconds"]:.0f} |
+{_stage_rows(payload["stages"])}
 | **total wall time** | **{payload["wall_seconds"]:.0f}** |
 
 ## Curves
 
-![loss and dev nDCG@10](curves.png)
+![loss, dev and reference nDCG@10](curves.png)
 
 Dev nDCG@10 searches the dev queries' positives plus the base model's top
 {recipe["dev_pool"]} documents per dev query ({payload["dev_corpus"]} documents), not the whole
-corpus: cheap enough to run during training, and it tracks what fine-tuning changes.
+corpus: cheap enough to run during training, and it tracks what fine-tuning changes. A
+reference set is searched whole.
 
 ## Recipe
 

@@ -21,14 +21,28 @@ from embtune.run_files import (
     BEST_DIR,
     DEV_SPLIT_FILE,
     DIMENSIONS_PLOT,
+    INTERPOLATED_DIR,
+    INTERPOLATION_FILE,
+    INTERPOLATION_PLOT,
+    INTERPOLATION_TABLE,
     TENSORBOARD_DIR,
     TRAINER_STATE_FILE,
+)
+
+# A previous run's files at the top of the folder that a new run would otherwise mix with.
+_RUN_FILES = (
+    TRAINER_STATE_FILE,
+    DEV_SPLIT_FILE,
+    DIMENSIONS_PLOT,
+    INTERPOLATION_FILE,
+    INTERPOLATION_TABLE,
+    INTERPOLATION_PLOT,
 )
 
 BEST_MANIFEST = ".embtune-files.json"  # in best/: the files the save wrote, with checksums
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
-_LEFTOVER = re.compile(r"\.(checkpoint-\d+|best|final)\.(tmp|old|deleting)")
+_LEFTOVER = re.compile(r"\.(checkpoint-\d+|best|interpolated|final)\.(tmp|old|deleting)")
 # What Encoder.save (transformers' save_pretrained, the tokenizer, the sentence-transformers
 # modules) and accelerate's save_state write: the names a folder without records is judged by.
 _SAVED_NAMES = re.compile(
@@ -110,12 +124,12 @@ def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
             shutil.rmtree(path)  # an interrupted save's own temporary folder
         elif path.is_dir() and (
             (_CHECKPOINT.fullmatch(name) and (path / TRAINER_STATE_FILE).is_file())
-            or name == BEST_DIR
+            or name in (BEST_DIR, INTERPOLATED_DIR)
         ):
             _remove_saved_files(path, kept)
         elif name == TENSORBOARD_DIR and path.is_dir():
             _remove_events(path, kept)
-        elif name in (TRAINER_STATE_FILE, DEV_SPLIT_FILE, DIMENSIONS_PLOT) and path.is_file():
+        elif name in _RUN_FILES and path.is_file():
             path.unlink()
         else:
             continue

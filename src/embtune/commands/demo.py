@@ -7,16 +7,22 @@ import argparse
 DESCRIPTION = """\
 The embedded default, end to end, no arguments needed: mine hard negatives for SciFact's
 train queries with all-MiniLM-L6-v2, fine-tune it (a seeded 10% of the train queries held out
-as dev to pick the checkpoint), evaluate on the test split before and after, and write
-report.md, curves.png and demo.json to the output folder.
+as dev to pick the checkpoint), watch a general reference set for forgetting, mix the
+fine-tuned weights back toward the base at the factor chosen on dev and the reference set,
+evaluate on the test split before and after, and write report.md, curves.png and demo.json
+to the output folder.
 
 SciFact is looked up in: --data, $EMBTUNE_SCIFACT, ../shared/data/scifact, the embtune cache
 (~/.cache/embtune/datasets); if absent everywhere it is downloaded from the BEIR archive.
+The reference set (Debian package summaries -> descriptions) is looked up in:
+--reference-data, $EMBTUNE_REFERENCE_DATA, ../shared/data/debian-packages; without one the
+demo runs and says that forgetting was not measured.
 
 examples:
   embtune demo
   embtune demo --data ~/beir/scifact -o runs/demo-2
   embtune demo --limit 30            # a quick smoke run on 30 queries per split
+  embtune demo --interpolate-base off --learning-rate 2e-5   # the anchors' learning rate
 """
 
 
@@ -45,24 +51,75 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--limit", type=int, default=None,
         help="use only N queries per split and a small corpus, for a quick check (default: all)",
     )  # fmt: skip
+    parser.add_argument(
+        "--reference-data", default=None, metavar="DIR",
+        help="general BEIR set watched for forgetting (default: looked up, see above); "
+        "'none' runs without one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--learning-rate", type=float, default=None, metavar="LR",
+        help="peak learning rate (default: the recipe's, 2e-4; see the README)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--interpolate-base", default=None, metavar="auto|A|off",
+        help="mix the fine-tuned weights with the base: auto (default: the factor chosen on "
+        "dev and the reference set), a factor in [0, 1], or off",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo and print the before/after table."""
+    import json
     import time
 
     from embtune.demo import run_demo
     from embtune.errors import UsageError
-    from embtune.report import comparison_table
+    from embtune.report import comparison_table, trade_off_table
 
     if args.limit is not None and args.limit < 2:
         raise UsageError(f"--limit must be at least 2, got {args.limit}")
     out = args.output_dir or time.strftime("runs/demo-%Y%m%d-%H%M%S")
-    result = run_demo(out, data=args.data, model=args.model, limit=args.limit)
+    recipe = demo_recipe(args)
+    no_reference = (args.reference_data or "").lower() == "none"
+    result = run_demo(
+        out, data=args.data, model=args.model, limit=args.limit, recipe=recipe,
+        reference_data=None if no_reference else args.reference_data,
+        use_reference=not no_reference,
+    )  # fmt: skip
     print("\nSciFact test, before and after fine-tuning:\n")
     print(comparison_table(result.before, result.after))
+    payload = json.loads((result.output_dir / "demo.json").read_text(encoding="utf-8"))
+    print("\nIn-domain against general (nDCG@10):\n")
+    print(trade_off_table(payload["models"]))
     wall = result.wall_seconds
     print(f"\nembtune demo: wall time {wall:.0f} s ({wall / 60:.1f} min)")
     print(f"embtune demo: report in {result.output_dir}/report.md")
     return 0
+
+
+def demo_recipe(args: argparse.Namespace):
+    """The recipe with --learning-rate and --interpolate-base applied (checked)."""
+    import dataclasses
+    import math
+
+    from embtune.demo import DemoRecipe
+    from embtune.errors import UsageError
+
+    recipe = DemoRecipe()
+    if args.learning_rate is not None:
+        if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+            raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
+        recipe = dataclasses.replace(recipe, learning_rate=args.learning_rate)
+    if args.interpolate_base is not None:
+        value = "" if args.interpolate_base == "off" else args.interpolate_base
+        try:
+            valid = value in ("", "auto") or 0 <= float(value) <= 1
+        except ValueError:
+            valid = False
+        if not valid:
+            raise UsageError(
+                f"--interpolate-base must be auto, off or a number in [0, 1], got {value!r}"
+            )
+        recipe = dataclasses.replace(recipe, interpolate_base=value)
+    return recipe

@@ -844,3 +844,20 @@ __all__ = [
     "rejected_row_count",
     "write_rejected_rows",
 ]
+
+
+def write_beir(folder: str | Path, data: BeirDataset, split: str) -> Path:
+    """``data`` as a BEIR folder (corpus.jsonl with empty titles, since the corpus holds the
+    joined text; queries.jsonl; qrels/<split>.tsv), for child processes that read folders."""
+    folder = Path(folder)
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    with (folder / "corpus.jsonl").open("w", encoding="utf-8") as fh:
+        for doc_id, text in data.corpus.items():
+            fh.write(json.dumps({"_id": doc_id, "title": "", "text": text}) + "\n")
+    with (folder / "queries.jsonl").open("w", encoding="utf-8") as fh:
+        for qid in data.qrels:
+            fh.write(json.dumps({"_id": qid, "text": data.queries[qid]}) + "\n")
+    lines = ["query-id\tcorpus-id\tscore"]
+    lines += [f"{q}\t{d}\t{r}" for q, judged in data.qrels.items() for d, r in judged.items()]
+    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder

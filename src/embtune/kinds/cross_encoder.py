@@ -90,6 +90,14 @@ class CrossEncoderKind:
             if getattr(config, name) != default:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag}: a bi-encoder option; a cross-encoder does not take it")
+        for name in ("reference_data", "interpolate_base"):
+            if getattr(config, name):
+                # A reference set needs a first stage per set, and mixing with a base whose
+                # head is new would mix in random weights: not built for rerankers yet.
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"{flag}: for bi-encoders only so far; a cross-encoder run does not take it"
+                )
         model_config = load_model_config(config.model)
         settings = reranker_settings(config)
         limit = getattr(model_config, "max_position_embeddings", None)

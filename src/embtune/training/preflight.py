@@ -8,7 +8,7 @@ disk too small is one clear error (exit 2) with nothing half-written.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,7 @@ from embtune.run_files import (
     TRAINER_STATE_FILE,
 )
 from embtune.run_lock import FolderBusy, RunLock
+from embtune.training.reference_sets import ReferenceSet, load_reference_sets
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -57,6 +58,7 @@ class Inputs:
     dev_rows: list[Record]  # rows --dev-fraction held out (saved as dev_split.json)
     out: Path
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
+    references: list[ReferenceSet] = field(default_factory=list)  # --reference-data
 
 
 @dataclass
@@ -84,9 +86,16 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         dev_data = load_beir(Path(config.eval_data), config.eval_split, skip_bad_rows=skip)
     if config.save_best and dev_data is None:
         raise UsageError("--save-best needs a dev set: --eval-data DIR or --dev-fraction F")
+    references = load_reference_sets(config.reference_data, config.reference_split)
+    if config.interpolate_base == "auto" and dev_data is None:
+        raise UsageError(
+            "--interpolate-base auto chooses the factor on dev: give --eval-data DIR or "
+            "--dev-fraction F (or a fixed factor, --interpolate-base 0.5)"
+        )
     out = check_output_dir(config)
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
-    return Inputs(data, dev_data, dev_rows, out, check_teacher_scores(config, data))
+    teacher_drop = check_teacher_scores(config, data)
+    return Inputs(data, dev_data, dev_rows, out, teacher_drop, references)
 
 
 def check_teacher_scores(config: TrainConfig, data: TrainingData) -> TeacherDrop | None:

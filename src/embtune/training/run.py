@@ -52,6 +52,7 @@ from embtune.run_files import (
     TRAINER_STATE_FILE,
 )
 from embtune.run_lock import RunLock
+from embtune.training.dev_eval import evaluate_base, needs_base_evaluation
 from embtune.training.logbook import Logbook, start_trackers
 from embtune.training.loop import peak_memory_bytes, run_steps
 from embtune.training.optim import build_optimizer, linear_schedule
@@ -65,11 +66,14 @@ from embtune.training.preflight import (
     prepare_output_dir,
     replace_previous_run,
 )
+from embtune.training.reference_sets import reference_summary
 from embtune.training.session import Session
 from embtune.training.state import restore_state, trainer_state
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+    from embtune.training.interpolation import Interpolation
 
 __all__ = ["LOG_FILE", "TrainResult", "pad_multiple_for", "train"]
 
@@ -90,6 +94,7 @@ class TrainResult:
     skipped_steps: int = 0  # steps skipped for a non-finite loss or gradient
     peak_memory_bytes: int = 0  # peak resident (CPU) or allocated (GPU) memory of the run
     negative_coverage: float | None = None  # share of the data's negatives the run used
+    interpolation: Interpolation | None = None  # --interpolate-base: the mixed model chosen
 
 
 def pad_multiple_for(requested: int, device: torch.device) -> int:
@@ -136,8 +141,16 @@ def train(
         announce(session, inputs, resume)
         prepare_model(session)
         restore_training_state(session, resume)
+        if needs_base_evaluation(session):
+            evaluate_base(session)
         run_steps(session)
-        return finish(session)
+        result = finish(session)
+        if config.interpolate_base and session.main:
+            # Imported here: only runs that mix weights need the merging code.
+            from embtune.training.interpolation import interpolate_with_base
+
+            result.interpolation = interpolate_with_base(session)
+        return result
     finally:
         lock.release()
 
@@ -223,6 +236,7 @@ def prepare_run(
         show=show,
         rejected=inputs.data.rejected,
         teacher_drop=inputs.teacher_drop,
+        references=inputs.references,
     )
 
 
@@ -405,6 +419,8 @@ def write_final_files(session: Session, texts_per_second: float, peak: int) -> N
         summary["rejected_rows"] = rejected_row_count(session.rejected)
     if session.teacher_drop is not None:
         summary["teacher_false_negatives_dropped"] = session.teacher_drop.to_json()
+    if session.references:
+        summary["reference_ndcg@10"] = reference_summary(session.run.history, session.references)
     write_json_atomically(out / SUMMARY_FILE, summary)
     print(
         f"embtune train: {session.total_steps} steps, {texts_per_second:.1f} texts/s, peak "

@@ -17,6 +17,7 @@ from embtune.data.teacher_scores import TeacherDrop
 from embtune.kinds.base import Model, ModelKind, Texts
 from embtune.objectives.base import Objective
 from embtune.training.logbook import Logbook
+from embtune.training.reference_sets import ReferenceSet
 from embtune.training.state import RunState
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ class Session:
     show: bool = True
     rejected: list = field(default_factory=list)  # --skip-bad-rows: the rows' problems
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
+    references: list[ReferenceSet] = field(default_factory=list)  # --reference-data
     model_lines: list[str] = field(default_factory=list)  # what the kind says before training
     model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
     optimizer: torch.optim.Optimizer | None = None
