@@ -83,7 +83,10 @@ def train(
 
     Returns:
         The :class:`~embtune.training.run.TrainResult`: ``output_dir``, ``steps``, ``history``
-        (the logged records), ``budget``, ``best_step`` / ``best_ndcg`` with a dev set, ...
+        (the logged records), ``budget``, ``best_step`` / ``best_ndcg`` with a dev set,
+        ``reference`` (each ``reference_data`` set's nDCG@10 for the base and at the last
+        evaluation), ``interpolation`` (with ``interpolate_base``: the factor, why, the
+        scores of every factor and the folder of the mixed model), ...
 
     Raises:
         UsageError: an unknown or bad option or input, with the command's one-line message.

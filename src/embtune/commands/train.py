@@ -66,5 +66,17 @@ def run(args: argparse.Namespace) -> int:
             f"embtune train: best dev nDCG@10 {result.best_ndcg:.4f} at step {result.best_step}, "
             f"saved to {result.output_dir}/best"
         )
+    for name, entry in result.reference.items():
+        if {"base", "end"} <= set(entry):
+            change = entry["end"] - entry["base"]
+            print(
+                f"embtune train: reference {name} nDCG@10 {entry['base']:.4f} (base) -> "
+                f"{entry['end']:.4f} at the last evaluation ({change:+.4f})"
+            )
     print(f"embtune train: model saved to {result.output_dir}")
+    if result.interpolation is not None:
+        print(
+            f"embtune train: interpolated with the base at factor "
+            f"{result.interpolation.factor:g}: {result.interpolation.folder}"
+        )
     return 0

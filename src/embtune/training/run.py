@@ -95,6 +95,7 @@ class TrainResult:
     peak_memory_bytes: int = 0  # peak resident (CPU) or allocated (GPU) memory of the run
     negative_coverage: float | None = None  # share of the data's negatives the run used
     interpolation: Interpolation | None = None  # --interpolate-base: the mixed model chosen
+    reference: dict[str, dict[str, float]] = field(default_factory=dict)  # nDCG@10 base, end
 
 
 def pad_multiple_for(requested: int, device: torch.device) -> int:
@@ -379,6 +380,7 @@ def finish(session: Session) -> TrainResult:
         skipped_steps=progress.skipped_steps,
         peak_memory_bytes=peak,
         negative_coverage=coverage.fraction,
+        reference=reference_summary(session.run.history, session.references),
     )
 
 
