@@ -307,9 +307,9 @@ def test_the_output_is_replaced_only_with_overwrite_and_never_an_input(
     (tmp_path / "file").write_text("")
     assert cli_error(capsys, *argv, "-o", tmp_path / "file").startswith("--output: ")
     before = sorted(p.name for p in models.tuned.iterdir())
-    for target in (models.tuned, models.root):  # the model itself, a folder holding it
+    for target, option in ((models.tuned, "--model"), (models.root, "--base")):
         message = cli_error(capsys, *argv, "-o", target, "--overwrite")
-        assert message.startswith(f"--output: {target} holds the "), message
+        assert message.startswith(f"--output: {target} is or holds the {option} model "), message
     assert sorted(p.name for p in models.tuned.iterdir()) == before
 
 
@@ -449,9 +449,12 @@ def test_one_hot_weights_copy_the_model_exactly() -> None:
 
 
 def test_interpolation_mixes_half_precision_in_higher_precision() -> None:
+    import numpy as np
+
     base = {"w": torch.randn(1000, dtype=torch.float16)}
     tuned = {"w": torch.randn(1000, dtype=torch.float16)}
     mixed = interpolate_state_dicts(base, tuned, 0.3)["w"]
+    assert torch.equal(interpolate_state_dicts(base, tuned, np.float64(0.3))["w"], mixed)
     want = (0.7 * base["w"].double() + 0.3 * tuned["w"].double()).half()
     assert mixed.dtype == torch.float16 and torch.equal(mixed, want)
     assert torch.equal(interpolate_state_dicts(base, tuned, 0)["w"], base["w"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import pickle
 import shutil
@@ -75,6 +76,7 @@ def mix_state_dicts(
     model, else ValueError.
     """
     _check_weights(states, weights, names)
+    weights = [float(w) for w in weights]  # numpy or torch scalars work as plain floats
     _check_alike(states, names)
     # Exactly one model at weight 1: copy it, as arithmetic (1 x w + 0 x v) could change bits
     # (-0.0 becomes 0.0; an inf elsewhere becomes nan).
@@ -99,7 +101,7 @@ def interpolate_state_dicts(
     ``alpha`` must be a number in [0, 1], else ValueError; a model mismatch raises
     :class:`MergeMismatch`.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha <= 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     alpha = float(alpha)
     return mix_state_dicts((base, tuned), (1.0 - alpha, alpha), ("base", "fine-tuned"))
@@ -116,7 +118,7 @@ def _check_weights(
             f"{len(states)} models, {len(weights)} weights and {len(names)} names: "
             "give one weight and one name per model"
         )
-    if any(isinstance(w, bool) or not isinstance(w, int | float) for w in weights):
+    if any(isinstance(w, bool) or not isinstance(w, numbers.Real) for w in weights):
         raise ValueError(f"weights must be numbers, got {list(weights)}")
     if any(not math.isfinite(w) or w < 0 for w in weights):
         raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
@@ -370,8 +372,8 @@ def _refuse_input_as_output(output: Path, folders: Sequence[Path], options: Sequ
     for folder, option in zip(folders, options, strict=True):
         if folder.resolve() == out or out in folder.resolve().parents:
             raise UsageError(
-                f"--output: {output} holds the {option} model {folder}; write the merged model "
-                "to another folder"
+                f"--output: {output} is or holds the {option} model {folder}; write the merged "
+                "model to another folder"
             )
 
 
