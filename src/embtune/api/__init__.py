@@ -11,6 +11,7 @@
     print(reranked.table())  # first stage | reranked | change
     print(api.inspect("train.jsonl", train_group_size=16).text)
     api.score("BAAI/bge-reranker-base", "train.jsonl", "scored.jsonl")  # teacher scores
+    api.merge(result.output_dir, "merged", base="BAAI/bge-small-en-v1.5", alpha=0.5)
 
 Each function takes the options of its command under the same names (``--train-group-size`` is
 ``train_group_size``) with the same defaults, checks them the same way, and raises
@@ -25,6 +26,7 @@ which keeps `embtune --help` instant.
 
 from embtune.api.evaluation import Metrics, evaluate
 from embtune.api.inspection import InspectResult, format_inspect_report, inspect
+from embtune.api.merging import MergeResult, format_merge_report, merge
 from embtune.api.mining import MineResult, format_mining_report, mine
 from embtune.api.options import PathLike
 from embtune.api.reranking import Reranking, RerankMetrics, evaluate_reranking
@@ -33,6 +35,7 @@ from embtune.api.training import train
 
 __all__ = [
     "InspectResult",
+    "MergeResult",
     "Metrics",
     "MineResult",
     "PathLike",
@@ -42,9 +45,11 @@ __all__ = [
     "evaluate",
     "evaluate_reranking",
     "format_inspect_report",
+    "format_merge_report",
     "format_mining_report",
     "format_score_report",
     "inspect",
+    "merge",
     "mine",
     "score",
     "train",
