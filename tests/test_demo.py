@@ -71,6 +71,43 @@ def test_demo_refuses_a_non_empty_output_folder(
     assert "not empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--interpolate-base", "1.5"], "--interpolate-base must be auto, off or a number"),
+        (["--learning-rate", "-1"], "--learning-rate must be a positive number"),
+        (["--reference-data", "nowhere"], "--reference-data: nowhere is not a BEIR folder"),
+    ],
+)
+def test_demo_refuses_bad_options_in_one_line(
+    tiny_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    option: list[str],
+    message: str,
+) -> None:
+    code = main(["demo", "--model", str(tiny_model), "-o", str(tmp_path / "d"), *option])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "d").exists()
+
+
+def test_demo_without_a_reference_set_says_so_and_interpolation_can_be_off(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "12"]
+    assert (
+        main([*args, "--reference-data", "none", "--interpolate-base", "off", "-o", str(out)]) == 0
+    )
+    assert "no reference set (--reference-data DIR): forgetting not measured" in (
+        capsys.readouterr().out
+    )
+    payload = json.loads((out / "demo.json").read_text())
+    assert list(payload["models"]) == ["base", "fine_tuned"] and payload["interpolation"] is None
+    assert payload["after"] == payload["fine_tuned"]
+
+
 def _beir_zip(path: Path) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr("scifact/corpus.jsonl", '{"_id": "d1", "title": "t", "text": "x"}\n')
