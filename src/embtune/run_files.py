@@ -17,4 +17,5 @@ DIMENSIONS_PLOT = "matryoshka_dims.png"  # --matryoshka-dims with dev data: nDCG
 BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
 TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished
+LEARNING_RATE_SEARCH_DIR = "learning_rate_search"  # --learning-rate auto: trials, choice.json
 LOCK_FILE = ".embtune.lock"  # held by the run writing the folder (embtune/run_lock.py)
