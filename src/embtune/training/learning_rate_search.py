@@ -159,7 +159,7 @@ def plan_search(config: TrainConfig, inputs: Inputs, kind_name: str) -> SearchPl
         save_best=False,
         save_steps=0,
         interpolate_base="",
-        # The search's own options stay the run's: a trial is a plain run with a number.
+        # A trial is a plain run with a number: the search's own options at their defaults.
         learning_rate_grid=list(_DEFAULTS.learning_rate_grid),
         learning_rate_trial_steps=0,
         resume=False,
