@@ -16,6 +16,7 @@ import contextlib
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -37,12 +38,15 @@ def option(
 ):
     """A dataclass field carrying its command-line help (and choices).
 
-    ``extra`` metadata: ``metavar``; ``aliases`` (more flag spellings); ``resume_may_change``
-    (the option may differ when a run is resumed, because it does not change what is trained);
+    ``extra`` metadata: ``metavar``; ``aliases`` (more flag spellings); ``words`` (texts the
+    option takes besides a value of its type: ``("auto",)`` beside a number);
+    ``resume_may_change`` (the option may differ when a run is resumed, because it does not
+    change what is trained);
     ``sweep``: `embtune sweep` may give the option several values (one run each), declared as
     ``{"order": N, "label": "g", "header": "G"}``: ``order`` places it among the sweep's axes
     (the order of a run label's parts and of the CSV columns: existing axes keep their number),
-    ``label`` prefixes its value in run labels ("g4-b16"), ``header`` names its table column.
+    ``label`` prefixes its value in run labels ("g4-b16"), ``header`` names its table column,
+    an optional ``help`` replaces the option's help in `embtune sweep --help`.
     """
     meta = {"help": help, "choices": choices, **extra}
     if isinstance(default, list):
@@ -210,8 +214,29 @@ class TrainConfig:
     )
     epochs: int = option(1, help="passes over the training rows")
     max_steps: int = option(0, help="stop after this many steps (0 = run all epochs)")
-    learning_rate: float = option(
-        2e-5, help="peak AdamW learning rate", sweep={"order": 3, "label": "lr", "header": "lr"}
+    learning_rate: float | str = option(
+        2e-5,
+        help="peak AdamW learning rate, or auto: one short trial per --learning-rate-grid value "
+        "is trained and evaluated on the dev set, and the rate is chosen by the --auto-tolerance "
+        "rule (docs/learning-rate-search.md); needs --eval-data or --dev-fraction",
+        # A sweep's runs each take a number (auto is refused there: sweep/plan.py).
+        sweep={"order": 3, "label": "lr", "header": "lr", "help": "peak AdamW learning rate"},
+        words=("auto",),
+        metavar="LR|auto",
+    )
+    learning_rate_grid: list[float] = option(
+        [1e-5, 2e-5, 5e-5, 1e-4, 2e-4],
+        help="the learning rates --learning-rate auto tries, one trial each",
+        metavar="LR",
+        # What is trained is decided by the learning rate chosen, which --resume compares.
+        resume_may_change=True,
+    )
+    learning_rate_trial_steps: int = option(
+        0,
+        help="steps of each --learning-rate auto trial, with its own warm-up and decay (0 = a "
+        "quarter of the run's steps, at least 1)",
+        metavar="N",
+        resume_may_change=True,
     )
     weight_decay: float = option(0.01, help="AdamW weight decay (not applied to biases and norms)")
     warmup_ratio: float = option(
@@ -313,9 +338,10 @@ class TrainConfig:
     )
     auto_tolerance: float = option(
         0.005,
-        help="rule of the automatic choices (--interpolate-base auto): keep the candidates "
-        "whose dev nDCG@10 is within this of the best one's; of those, take the best mean "
-        "reference nDCG@10, or without reference sets the one closest to the base model",
+        help="rule of the automatic choices (--interpolate-base auto and --learning-rate auto): "
+        "keep the candidates whose dev nDCG@10 is within this of the best one's; of those, "
+        "take the best mean reference nDCG@10, or without reference sets the one closest to "
+        "the base model (the smallest factor, the smallest learning rate)",
     )
     save_best: bool = option(
         False,
@@ -398,6 +424,7 @@ class TrainConfig:
         non_negative = ("max_steps", "save_steps", "logging_steps")
         for name in (
             *non_negative,
+            "learning_rate_trial_steps",
             "eval_steps",
             "save_total_limit",
             "cache_chunk_size",
@@ -419,10 +446,7 @@ class TrainConfig:
             raise OptionError("logging_steps", f"must be at least 1, got {self.logging_steps}")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise OptionError("temperature", f"must be a positive number, got {self.temperature}")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise OptionError(
-                "learning_rate", f"must be a positive number, got {self.learning_rate}"
-            )
+        self._validate_learning_rate()
         if not 0 <= self.warmup_ratio < 1:
             raise OptionError("warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         if not 0 <= self.dev_fraction < 1:
@@ -453,6 +477,24 @@ class TrainConfig:
                 "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
                 "positive: the loss is always 0. Raise the group size or allow in-batch negatives"
             )
+
+    def _validate_learning_rate(self) -> None:
+        """--learning-rate a positive number or auto; the grid positive, finite and distinct."""
+        rate = self.learning_rate
+        if isinstance(rate, str):
+            if rate != "auto":
+                reason = f"must be a positive number or auto, got {rate!r}"
+                raise OptionError("learning_rate", reason)
+        elif not (rate > 0 and math.isfinite(rate)):
+            raise OptionError("learning_rate", f"must be a positive number, got {rate}")
+        grid = self.learning_rate_grid
+        if not grid or any(not (r > 0 and math.isfinite(r)) for r in grid):
+            raise OptionError(
+                "learning_rate_grid", f"must be one or more positive numbers, got {grid}"
+            )
+        if len(set(grid)) != len(grid):
+            twice = next(r for r in grid if grid.count(r) > 1)
+            raise OptionError("learning_rate_grid", f"has {twice} twice: {grid}")
 
     def _validate_distillation(self) -> None:
         """--teacher-temperature, --drop-teacher-false-negatives and what needs distillation."""
@@ -576,6 +618,26 @@ def _field_type(f) -> type:
     return hint
 
 
+def argument_type(f) -> Callable[[str], object]:
+    """What argparse calls on a flag's text: the field's type, or for a field with ``words``
+    (``auto`` of --learning-rate) a number or one of the words."""
+    kind = _field_type(f)
+    words = f.metadata.get("words", ())
+    if not words:
+        return kind
+
+    def number_or_word(text: str) -> object:
+        if text in words:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            return text  # validate() refuses it in one line naming the option and the words
+
+    number_or_word.__name__ = kind.__name__
+    return number_or_word
+
+
 def _item_type(f) -> type:
     """The element type of a list option (str, int or float)."""
     return typing.get_args(typing.get_type_hints(TrainConfig)[f.name])[0]
@@ -604,7 +666,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         elif kind is list:
             kwargs.update(nargs="+", type=_item_type(f), metavar=meta.get("metavar", "VALUE"))
         else:
-            kwargs["type"] = kind
+            kwargs["type"] = argument_type(f)
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
             if meta.get("metavar"):
@@ -656,10 +718,19 @@ def _yaml_values(path: Path) -> dict[str, tuple[object, int]]:
 
 
 def _coerce(
-    name: str, value: object, kind: type, where: str, optional: bool = False, item: type = str
+    name: str,
+    value: object,
+    kind: type,
+    where: str,
+    optional: bool = False,
+    item: type = str,
+    words: tuple[str, ...] = (),
 ) -> object:
-    """Check a YAML value's type against the field's: int->float widening, and text that
-    reads as a float for a float field (YAML 1.1 takes ``1e-5`` for a string); nothing else."""
+    """Check a YAML value's type against the field's: int->float widening, text that reads as
+    a float for a float field (YAML 1.1 takes ``1e-5`` for a string), and the field's
+    ``words`` (``auto``); nothing else."""
+    if isinstance(value, str) and value in words:
+        return value
     if value is None:
         if optional:
             return None
@@ -684,9 +755,8 @@ def _coerce(
     elif kind is str:
         if isinstance(value, str):
             return value
-    raise UsageError(
-        f"{where}: field '{name}': expected {kind.__name__}, got {type(value).__name__}"
-    )
+    expected = " or ".join([kind.__name__, *words])
+    raise UsageError(f"{where}: field '{name}': expected {expected}, got {type(value).__name__}")
 
 
 def _coerce_item(name: str, index: int, value: object, kind: type, where: str) -> object:
@@ -728,7 +798,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             field_ = known[name]
             kind = _field_type(field_)
             item = _item_type(field_) if kind is list else str
-            coerced = _coerce(key, value, kind, where, _optional(field_), item)
+            words = field_.metadata.get("words", ())
+            coerced = _coerce(key, value, kind, where, _optional(field_), item, words)
             choices = known[name].metadata.get("choices")
             if choices and coerced is not None and coerced not in choices:
                 raise UsageError(

@@ -288,7 +288,9 @@ def _limited_reference(folder: Path, limit: int, seed: int, out: Path) -> Path:
     others = [d for d in data.corpus if d not in needed]
     extra = set(rng.choice(others, min(len(others), 10 * limit), replace=False).tolist())
     data.corpus = {d: t for d, t in data.corpus.items() if d in needed or d in extra}
-    return write_beir(out / "reference" / folder.resolve().name, data, "test")
+    limited = out / "reference" / folder.resolve().name
+    write_beir(limited, data, "test")
+    return limited
 
 
 def _evaluate_after(

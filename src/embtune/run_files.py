@@ -21,4 +21,5 @@ INTERPOLATION_TABLE = "interpolation.md"  # the same as a table
 INTERPOLATION_PLOT = "interpolation.png"  # dev and reference nDCG@10 against the factor
 TENSORBOARD_DIR = "tensorboard"  # accelerate's TensorBoard tracker
 TRAINER_STATE_FILE = "trainer_state.json"  # in each checkpoint; at the top once finished
+LEARNING_RATE_SEARCH_DIR = "learning_rate_search"  # --learning-rate auto: trials, choice.json
 LOCK_FILE = ".embtune.lock"  # held by the run writing the folder (embtune/run_lock.py)

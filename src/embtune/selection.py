@@ -30,12 +30,19 @@ class Candidate:
     reference: float | None = None  # mean reference nDCG@10 (None without reference sets)
 
 
+# Slack for the comparison with the tolerance: 0.505 - 0.005 is 0.49999999999999994.
+_EPSILON = 1e-12
+
+
 @dataclass(frozen=True)
 class Choice:
-    """The chosen candidate and why, in words."""
+    """The chosen candidate, why in words, the values kept by the tolerance (smallest first)
+    and the best dev nDCG@10."""
 
     chosen: Candidate
     reason: str
+    kept: list[float]
+    best_dev: float
 
 
 def choose(candidates: Sequence[Candidate], tolerance: float, what: str = "value") -> Choice:
@@ -48,15 +55,23 @@ def choose(candidates: Sequence[Candidate], tolerance: float, what: str = "value
     if not scored:
         raise ValueError("no candidate has a dev score")
     best = max(c.dev for c in scored)  # type: ignore[type-var]
-    kept = sorted((c for c in scored if c.dev >= best - tolerance), key=lambda c: c.value)  # type: ignore[operator]
+    kept = sorted(
+        (c for c in scored if c.dev >= best - tolerance - _EPSILON),  # type: ignore[operator]
+        key=lambda c: c.value,
+    )
     values = ", ".join(f"{c.value:g}" for c in kept)
-    within = f"dev nDCG@10 within {tolerance:g} of the best ({best:.4f}): {what} {values}"
-    if all(c.reference is not None for c in kept):
+    within = (
+        f"{len(kept)} of {len(scored)} within {tolerance:g} of the best dev nDCG@10 "
+        f"({best:.4f}): {what} {values}"
+    )
+    with_reference = any(c.reference is not None for c in kept)
+    if with_reference and all(c.reference is not None for c in kept):
         # max() keeps the first of equal scores: the smallest value, the closer to the base.
         chosen = max(kept, key=lambda c: c.reference)  # type: ignore[arg-type, return-value]
-        return Choice(
-            chosen, f"{within}; best mean reference nDCG@10 ({chosen.reference:.4f}) at "
-            f"{what} {chosen.value:g}",
-        )  # fmt: skip
-    chosen = kept[0]
-    return Choice(chosen, f"{within}; the closest to the base model is {what} {chosen.value:g}")
+        reason = f"the best mean reference nDCG@10 ({chosen.reference:.4f}) of the {within}"
+    else:
+        chosen = kept[0]
+        reason = f"the closest to the base model (the smallest {what}) of the {within}"
+        if with_reference:
+            reason += " (one has no reference nDCG@10, so the reference sets did not decide)"
+    return Choice(chosen, reason, [c.value for c in kept], best)  # type: ignore[arg-type]

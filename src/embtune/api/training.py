@@ -39,20 +39,25 @@ def _train_options(options: dict[str, object]) -> dict[str, object]:
             value = os.fspath(value)
         hint = hints[name]
         optional = type(None) in typing.get_args(hint)
-        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | None
-            kind = next(k for k in typing.get_args(hint) if k is not type(None))
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # str | None, float | str
+            kinds = [k for k in typing.get_args(hint) if k is not type(None)]
         else:
-            kind = typing.get_origin(hint) or hint  # list[str] -> list
-        ok = (
-            (value is None and optional)
-            or (kind is float and isinstance(value, int | float) and not isinstance(value, bool))
-            or (kind is int and isinstance(value, int) and not isinstance(value, bool))
-            or (kind not in (int, float) and isinstance(value, kind))
-        )
-        if not ok:
-            raise UsageError(f"{flag(name)}: expected {kind.__name__}, got {value!r}")
+            kinds = [typing.get_origin(hint) or hint]  # list[str] -> list
+        kind = next((k for k in kinds if _is_a(value, k)), None)
+        if kind is None and not (value is None and optional):
+            expected = " or ".join(k.__name__ for k in kinds)
+            raise UsageError(f"{flag(name)}: expected {expected}, got {value!r}")
         out[name] = float(value) if kind is float else value  # type: ignore[arg-type]
     return out
+
+
+def _is_a(value: object, kind: type) -> bool:
+    """True when ``value`` may stand for an option of type ``kind`` (an int for a float)."""
+    if isinstance(value, bool):
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float)
+    return isinstance(value, kind)
 
 
 def train(

@@ -39,7 +39,7 @@ DEFAULT_MAX_STEPS = 50
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `sweep` sub-command."""
     from embtune.commands import HelpFormatter
-    from embtune.config import TrainConfig, add_arguments, flag
+    from embtune.config import TrainConfig, add_arguments, argument_type, flag
     from embtune.sweep import AXES
 
     parser = subparsers.add_parser(
@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for name in AXES:  # the options declared sweepable (``sweep`` metadata in TrainConfig)
         f = TrainConfig.__dataclass_fields__[name]
-        kwargs: dict = {"type": type(f.default)}  # every axis has a default: 8, 2e-05, ...
+        kwargs: dict = {"type": argument_type(f)}  # `auto` reaches plan_sweep, refused there
         if f.metadata.get("choices"):
             kwargs = {"choices": f.metadata["choices"]}
         sweep.add_argument(
@@ -94,7 +94,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             nargs="+",
             default=argparse.SUPPRESS,
             metavar=name.split("_")[-1].upper(),
-            help=f"{f.metadata['help']} (default: {f.default!r}); several values: one run each",
+            help=f"{f.metadata['sweep'].get('help', f.metadata['help'])} (default: "
+            f"{f.default!r}); several values: one run each",
             **kwargs,
         )
     sweep.add_argument(

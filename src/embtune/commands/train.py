@@ -19,6 +19,7 @@ examples:
       --train-group-size 4 --batch-size 16 --temperature 0.05 -o out/
   embtune train --config run.yaml --learning-rate 1e-5     # flags override the YAML
   embtune train --config run.yaml --resume                  # continue after a kill
+  embtune train --config run.yaml --learning-rate auto --dev-fraction 0.1  # chosen on dev
   torchrun --nproc_per_node 4 -m embtune train --config run.yaml
 """
 

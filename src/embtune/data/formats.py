@@ -17,6 +17,7 @@ Every reader validates the whole input before returning and raises :class:`Input
 to 20 problems, so nothing is trained (or written) on half-valid data. With
 ``skip_bad_rows=True`` a bad row is left out instead and listed in the result's ``rejected``
 (:func:`write_rejected_rows` writes them); problems with a whole file still refuse.
+:func:`write_beir` writes a dev set held in memory back in the BEIR layout.
 """
 
 from __future__ import annotations
@@ -717,6 +718,32 @@ def load_beir(
     )
 
 
+def write_beir(folder: Path, data: BeirDataset, split: str) -> None:
+    """Write ``data`` as a BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv) that
+    :func:`load_beir` reads back as the same texts and judgements.
+
+    An id qrels cannot hold (a tab, a line break, or surrounding spaces, which its reader strips)
+    is a ValueError: written anyway, the judgement would point at no passage.
+    """
+    ids = [*data.corpus, *data.queries]
+    if bad := next((i for i in ids if i != i.strip() or any(c in i for c in "\t\r\n")), None):
+        raise ValueError(f"id {shorten(bad)} cannot be written to a BEIR qrels file")
+
+    def lines(rows: Iterable[dict]) -> str:
+        return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+    corpus = lines({"_id": i, "text": text} for i, text in data.corpus.items())
+    queries = lines({"_id": i, "text": text} for i, text in data.queries.items())
+    judged = [f"{q}\t{d}\t{grade}\n" for q, docs in data.qrels.items() for d, grade in docs.items()]
+    qrels = "query-id\tcorpus-id\tscore\n" + "".join(judged)
+    for name, text in (
+        ("corpus.jsonl", corpus),
+        ("queries.jsonl", queries),
+        (f"qrels/{split}.tsv", qrels),
+    ):
+        atomic_write(folder / name, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
+
+
 def beir_training_records(data: BeirDataset, folder: Path, split: str) -> list[Record]:
     """One row per query with its relevant (score > 0) documents as positives and no negatives."""
     records = []
@@ -844,20 +871,3 @@ __all__ = [
     "rejected_row_count",
     "write_rejected_rows",
 ]
-
-
-def write_beir(folder: str | Path, data: BeirDataset, split: str) -> Path:
-    """``data`` as a BEIR folder (corpus.jsonl with empty titles, since the corpus holds the
-    joined text; queries.jsonl; qrels/<split>.tsv), for child processes that read folders."""
-    folder = Path(folder)
-    (folder / "qrels").mkdir(parents=True, exist_ok=True)
-    with (folder / "corpus.jsonl").open("w", encoding="utf-8") as fh:
-        for doc_id, text in data.corpus.items():
-            fh.write(json.dumps({"_id": doc_id, "title": "", "text": text}) + "\n")
-    with (folder / "queries.jsonl").open("w", encoding="utf-8") as fh:
-        for qid in data.qrels:
-            fh.write(json.dumps({"_id": qid, "text": data.queries[qid]}) + "\n")
-    lines = ["query-id\tcorpus-id\tscore"]
-    lines += [f"{q}\t{d}\t{r}" for q, judged in data.qrels.items() for d, r in judged.items()]
-    (folder / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return folder

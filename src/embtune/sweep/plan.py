@@ -219,6 +219,13 @@ def plan_sweep(
             where = f" (configuration {label})" if varied else ""
             raise UsageError(f"{exc}{where}") from exc
         config.config = ""  # every option is passed as a flag; the YAML file is not reread
+        if config.learning_rate == "auto":
+            # Each run would search its own rate: a sweep inside every point of the sweep.
+            raise UsageError(
+                "--learning-rate auto: a sweep's runs each take a number; give the rates to "
+                "compare (--learning-rate 1e-5 2e-5 5e-5), or let one run choose with "
+                "`embtune train --learning-rate auto`"
+            )
         points.append(SweepPoint(label, values, config))
 
     first = points[0].config

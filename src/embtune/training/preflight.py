@@ -8,7 +8,7 @@ disk too small is one clear error (exit 2) with nothing half-written.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,10 +39,12 @@ from embtune.errors import UsageError
 from embtune.run_cleanup import clear_previous_run
 from embtune.run_files import (
     CONFIG_FILE,
+    LEARNING_RATE_SEARCH_DIR,
     LOCK_FILE,
     TRAINER_STATE_FILE,
 )
 from embtune.run_lock import FolderBusy, RunLock
+from embtune.training.learning_rate_search import saved_learning_rate
 from embtune.training.reference_sets import ReferenceSet, load_reference_sets
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ class Inputs:
     dev_rows: list[Record]  # rows --dev-fraction held out (saved as dev_split.json)
     out: Path
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
+    dev_in_memory: bool = False  # the caller's dev set (not read from the options)
     references: list[ReferenceSet] = field(default_factory=list)  # --reference-data
 
 
@@ -73,7 +76,14 @@ class ResumePoint:
 def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
     """Options, data and the dev set checked; ``dev_data`` (a caller's, e.g. the demo's)
     replaces --eval-data / --dev-fraction."""
+    in_memory = dev_data is not None
     config.validate()
+    has_dev = in_memory or config.eval_data or config.dev_fraction
+    if config.learning_rate == "auto" and not has_dev:
+        raise UsageError(
+            "--learning-rate auto chooses the rate on a dev set: give --eval-data DIR (a BEIR "
+            "folder) or --dev-fraction F, or pass a number"
+        )
     if config.fp16 and not torch.cuda.is_available():
         raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
     skip = config.skip_bad_rows
@@ -94,8 +104,8 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         )
     out = check_output_dir(config)
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
-    teacher_drop = check_teacher_scores(config, data)
-    return Inputs(data, dev_data, dev_rows, out, teacher_drop, references)
+    dropped = check_teacher_scores(config, data)
+    return Inputs(data, dev_data, dev_rows, out, dropped, in_memory, references)
 
 
 def check_teacher_scores(config: TrainConfig, data: TrainingData) -> TeacherDrop | None:
@@ -135,9 +145,9 @@ def check_output_dir(config: TrainConfig) -> Path:
     return out
 
 
-def _holds_files(out: Path) -> bool:
-    """True when ``out`` is a folder with anything in it besides the run lock."""
-    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
+def _holds_files(out: Path, besides: tuple[str, ...] = ()) -> bool:
+    """True when ``out`` is a folder with anything in it besides the run lock (and ``besides``)."""
+    return out.is_dir() and any(p.name not in (LOCK_FILE, *besides) for p in out.iterdir())
 
 
 def busy_message(busy: FolderBusy) -> str:
@@ -215,7 +225,9 @@ def _resume_checkpoint(
     if found is None:
         if notes:
             raise UsageError(f"--resume: {out} has no intact checkpoint; {notes[0]}")
-        if _holds_files(out) and not (out / CONFIG_FILE).is_file():
+        # A run killed during its --learning-rate auto search holds only the search so far.
+        search = (LEARNING_RATE_SEARCH_DIR,)
+        if _holds_files(out, besides=search) and not (out / CONFIG_FILE).is_file():
             raise UsageError(
                 f"--resume: {out} holds files but no embtune run (no {CONFIG_FILE}); "
                 "choose the run's folder"
@@ -259,6 +271,9 @@ def check_resume(
         recorded = fingerprint
         if not state.get(FINGERPRINT_HAS_SCORES):
             recorded = data_fingerprint(records, corpus, scores=False)
+        if config.learning_rate == "auto":
+            # The checkpoint holds the rate the run's search chose; "auto" stands for that one.
+            config = replace(config, learning_rate=saved_learning_rate(out) or "auto")
         check_resume_compatible(state, config, checkpoint, recorded)
         if state["global_batch"] != global_batch:
             raise UsageError(
@@ -271,12 +286,15 @@ def check_resume(
 
 
 def check_disk(config: TrainConfig, out: Path) -> None:
-    """Refuse a disk without room for what the run will save."""
-    check_disk_space(
-        out,
-        estimate_save_bytes(config.model, with_optimizer=config.save_steps > 0),
-        "a checkpoint (model + optimizer state)" if config.save_steps else "the model",
-    )
+    """Refuse a disk without room for what the run will save (with --learning-rate auto, its
+    trials' models too: each trial keeps its final model)."""
+    needed = estimate_save_bytes(config.model, with_optimizer=config.save_steps > 0)
+    what = "a checkpoint (model + optimizer state)" if config.save_steps else "the model"
+    trials = len(config.learning_rate_grid)
+    if config.learning_rate == "auto" and needed is not None:
+        needed += trials * (estimate_save_bytes(config.model, with_optimizer=False) or 0)
+        what += f" and {trials} --learning-rate auto trial models"
+    check_disk_space(out, needed, what)
 
 
 def prepare_output_dir(out: Path, accelerator: Accelerator, lock: RunLock) -> None:

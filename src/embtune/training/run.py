@@ -53,6 +53,7 @@ from embtune.run_files import (
 )
 from embtune.run_lock import RunLock
 from embtune.training.dev_eval import evaluate_base, needs_base_evaluation
+from embtune.training.learning_rate_search import check_search_launch, choose_learning_rate
 from embtune.training.logbook import Logbook, start_trackers
 from embtune.training.loop import peak_memory_bytes, run_steps
 from embtune.training.optim import build_optimizer, linear_schedule
@@ -125,14 +126,17 @@ def train(
     ``objective`` replaces the model kind's default (InfoNCE for a bi-encoder); ``kind_name``
     names the model kind (embtune.kinds.MODEL_KINDS; default ``config.model_kind``). With --resume /
     --resume-from the run continues from a checkpoint and ends exactly as the uninterrupted run
-    would have (same seed: same batches, dropout, updates and log).
+    would have (same seed: same batches, dropout, updates and log). ``--learning-rate auto``
+    first trains one short trial per grid value (training/learning_rate_search.py).
     """
     inputs = load_inputs(config, dev_data)
     accelerator = start_accelerator(config, inputs.out)
     kind = model_kind(kind_name or config.model_kind)
+    check_search_launch(config, accelerator.num_processes, kind.name, objective)
     lock = RunLock(inputs.out)  # one run per folder, held until the run ends
     try:
         resume = refuse_before_work(config, inputs, accelerator, kind, lock)
+        config = choose_learning_rate(config, inputs, resume, kind.name)  # --learning-rate auto
         session = prepare_run(config, inputs, accelerator, kind, resume, show_progress, objective)
         if session.main:
             session.model_lines = kind.announce_lines(session.encoder)
