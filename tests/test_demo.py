@@ -75,7 +75,7 @@ def test_demo_refuses_a_non_empty_output_folder(
     ("option", "message"),
     [
         (["--interpolate-base", "1.5"], "--interpolate-base must be auto, off or a number"),
-        (["--learning-rate", "-1"], "--learning-rate must be a positive number"),
+        (["--learning-rate", "-1"], "--learning-rate must be a positive number or auto"),
         (["--reference-data", "nowhere"], "--reference-data: nowhere is not a BEIR folder"),
     ],
 )

@@ -62,7 +62,7 @@ class DemoRecipe:
     train_group_size: int = 4
     batch_size: int = 16
     temperature: float = 0.05
-    learning_rate: float = 2e-4
+    learning_rate: float | str = 2e-4  # or "auto": chosen on dev by short trials
     warmup_ratio: float = 0.1
     epochs: int = 1
     query_max_len: int = 64
@@ -266,6 +266,7 @@ def run_demo(
         "corpus": len(test_set.corpus),
         "models": trade_off(history, result, baseline.before, fine_tuned, after),
         "interpolation": result.interpolation.to_json() if result.interpolation else None,
+        "learning_rate_search": _learning_rate_search(out),
     }
     (out / "demo.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     write_demo_report(out, payload, history)
@@ -273,6 +274,24 @@ def run_demo(
         before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out,
         fine_tuned=fine_tuned,
     )  # fmt: skip
+
+
+def _learning_rate_search(out: Path) -> dict | None:
+    """With --learning-rate auto: the chosen rate, why, and each trial's dev and reference
+    nDCG@10 and seconds (from the run's learning_rate_search/choice.json)."""
+    from embtune.run_files import LEARNING_RATE_SEARCH_DIR
+    from embtune.training.learning_rate_search import CHOICE_FILE
+
+    path = out / "model" / LEARNING_RATE_SEARCH_DIR / CHOICE_FILE
+    if not path.is_file():
+        return None
+    choice = json.loads(path.read_text(encoding="utf-8"))
+    trials = [
+        {k: t.get(k) for k in ("learning_rate", "dev_ndcg10", "reference_mean", "seconds")}
+        for t in choice["trials"]
+    ]
+    return {"chosen": choice["chosen_learning_rate"], "reason": choice["reason"],
+            "trial_steps": choice["trial_steps"], "trials": trials}  # fmt: skip
 
 
 def _limited_reference(folder: Path, limit: int, seed: int, out: Path) -> Path:

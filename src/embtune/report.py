@@ -186,6 +186,31 @@ Model = base + factor x (fine-tuned - base). Chosen factor **{interpolation["fac
 """
 
 
+def _learning_rate_section(payload: Mapping) -> str:
+    search = payload.get("learning_rate_search")
+    if not search:
+        return ""
+    rows = [
+        "| learning rate | dev nDCG@10 | mean reference nDCG@10 | seconds |",
+        "|---|---|---|---|",
+    ]
+    for t in search["trials"]:
+        dev = f"{t['dev_ndcg10']:.4f}" if t["dev_ndcg10"] is not None else "n/a"
+        ref = f"{t['reference_mean']:.4f}" if t["reference_mean"] is not None else "n/a"
+        seconds = f"{t['seconds']:.0f}" if t["seconds"] is not None else "n/a"
+        mark = "**" if t["learning_rate"] == search["chosen"] else ""
+        rows.append(f"| {mark}{t['learning_rate']:g}{mark} | {dev} | {ref} | {seconds} |")
+    table = "\n".join(rows)
+    return f"""
+## The learning rate, chosen on dev
+
+Short trials of {search["trial_steps"]} steps each; chosen **{search["chosen"]:g}**:
+{search["reason"]}.
+
+{table}
+"""
+
+
 def write_demo_report(out: Path, payload: Mapping, history: Sequence[Mapping[str, float]]) -> None:
     """report.md and curves.png for a demo run."""
     plot_curves(history, out / "curves.png")
@@ -214,7 +239,7 @@ documents). {watched}
 ## In-domain against general: what fine-tuning costs, and what interpolation takes back
 
 {trade_off_table(payload["models"])}
-{_interpolation_section(payload)}
+{_learning_rate_section(payload)}{_interpolation_section(payload)}
 ## Time
 
 | stage | seconds |

@@ -57,8 +57,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "'none' runs without one",
     )  # fmt: skip
     parser.add_argument(
-        "--learning-rate", type=float, default=None, metavar="LR",
-        help="peak learning rate (default: the recipe's, 2e-4; see the README)",
+        "--learning-rate", default=None, metavar="LR|auto",
+        help="peak learning rate (default: the recipe's, 2e-4; see the README), or auto: "
+        "chosen on the dev split by short trials (train --learning-rate auto)",
     )  # fmt: skip
     parser.add_argument(
         "--interpolate-base", default=None, metavar="auto|A|off",
@@ -107,10 +108,14 @@ def demo_recipe(args: argparse.Namespace):
     from embtune.errors import UsageError
 
     recipe = DemoRecipe()
-    if args.learning_rate is not None:
-        if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
-            raise UsageError(f"--learning-rate must be a positive number, got {args.learning_rate}")
-        recipe = dataclasses.replace(recipe, learning_rate=args.learning_rate)
+    if (given := args.learning_rate) is not None:
+        try:
+            rate: float | str = "auto" if given == "auto" else float(given)
+        except ValueError:
+            rate = math.nan
+        if rate != "auto" and not (rate > 0 and math.isfinite(rate)):  # type: ignore[operator]
+            raise UsageError(f"--learning-rate must be a positive number or auto, got {given}")
+        recipe = dataclasses.replace(recipe, learning_rate=rate)
     if args.interpolate_base is not None:
         value = "" if args.interpolate_base == "off" else args.interpolate_base
         try:
