@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from embtune.sweep.reports import format_or_na
+
 HEADLINE = ("ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100")
 
 
@@ -169,10 +171,10 @@ def _interpolation_section(payload: Mapping) -> str:
         return ""
     rows = ["| factor | dev nDCG@10 | mean reference nDCG@10 | scores |", "|---|---|---|---|"]
     for s in interpolation["scores"]:
-        dev = f"{s['dev']:.4f}" if s["dev"] is not None else "n/a"
-        ref = f"{s['mean_reference']:.4f}" if s["mean_reference"] is not None else "n/a"
         mark = "**" if s["factor"] == interpolation["factor"] else ""
-        rows.append(f"| {mark}{s['factor']:g}{mark} | {dev} | {ref} | {s['source']} |")
+        cells = [f"{mark}{s['factor']:g}{mark}", format_or_na(s["dev"], ".4f"),
+                 format_or_na(s["mean_reference"], ".4f"), s["source"]]  # fmt: skip
+        rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
     return f"""
 ## Interpolation with the base model
@@ -195,11 +197,14 @@ def _learning_rate_section(payload: Mapping) -> str:
         "|---|---|---|---|",
     ]
     for t in search["trials"]:
-        dev = f"{t['dev_ndcg10']:.4f}" if t["dev_ndcg10"] is not None else "n/a"
-        ref = f"{t['reference_mean']:.4f}" if t["reference_mean"] is not None else "n/a"
-        seconds = f"{t['seconds']:.0f}" if t["seconds"] is not None else "n/a"
         mark = "**" if t["learning_rate"] == search["chosen"] else ""
-        rows.append(f"| {mark}{t['learning_rate']:g}{mark} | {dev} | {ref} | {seconds} |")
+        cells = [
+            f"{mark}{t['learning_rate']:g}{mark}",
+            format_or_na(t["dev_ndcg10"], ".4f"),
+            format_or_na(t["reference_mean"], ".4f"),
+            format_or_na(t["seconds"], ".0f"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
     table = "\n".join(rows)
     return f"""
 ## The learning rate, chosen on dev
