@@ -333,6 +333,9 @@ def _evaluate_after(
     if result.interpolation is None:
         return fine_tuned, fine_tuned
     stages["interpolation_seconds"] = result.interpolation.seconds
+    if result.interpolation.factor == 1:
+        # At 1 the mixed weights are the fine-tuned model's bit for bit: same test metrics.
+        return fine_tuned, fine_tuned
     with _stage(stages, "eval_interpolated_seconds"):
         mixed = _load_encoder(result.interpolation.folder)
         after = evaluate_retrieval(mixed, test_set, show_progress=show_progress)
