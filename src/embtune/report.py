@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -41,12 +42,20 @@ def plot_curves(history: Sequence[Mapping[str, float]], path: Path) -> None:
     ax_dev = ax_loss.twinx()
     if dev:
         ax_dev.plot(*zip(*dev, strict=True), "o-", color="tab:red", label="dev nDCG@10")
-    for name, points in reference_curves(history).items():
-        ax_dev.plot(*zip(*points, strict=True), "s--", label=f"reference {name} nDCG@10")
+    # Colours apart from the loss's blue and dev's red, so no line reads as another's.
+    colours = ("tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:olive")
+    curves = reference_curves(history).items()
+    for (name, points), colour in zip(curves, itertools.cycle(colours), strict=False):
+        ax_dev.plot(
+            *zip(*points, strict=True), "s--", color=colour, label=f"reference {name} nDCG@10"
+        )
     ax_dev.set_ylabel("nDCG@10 (dev, reference)", color="tab:red")
     handles = ax_loss.get_legend_handles_labels()[0] + ax_dev.get_legend_handles_labels()[0]
     ax_loss.legend(handles=handles, loc="center right")
-    ax_loss.set_title("training loss and dev retrieval quality")
+    title = "training loss and dev retrieval quality"
+    ax_loss.set_title(
+        title.replace("dev", "dev and reference") if reference_curves(history) else title
+    )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
