@@ -143,3 +143,17 @@ def test_a_bad_interpolation_factor_is_refused(
 ) -> None:
     with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
         _config(tiny_model, tmp_path, interpolate_base=value).validate()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("reference_data", ["somewhere"]), ("interpolate_base", "0.5")]
+)
+def test_a_cross_encoder_refuses_reference_sets_and_interpolation_for_now(
+    tiny_model: Path, tmp_path: Path, option: str, value: object
+) -> None:
+    from embtune.kinds import model_kind
+
+    config = _config(tiny_model, tmp_path, model_kind="cross-encoder", **{option: value})
+    flag = "--" + option.replace("_", "-")
+    with pytest.raises(UsageError, match=f"{flag}: for bi-encoders only so far"):
+        model_kind("cross-encoder").check_options(config)
