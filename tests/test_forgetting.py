@@ -157,3 +157,23 @@ def test_a_cross_encoder_refuses_reference_sets_and_interpolation_for_now(
     flag = "--" + option.replace("_", "-")
     with pytest.raises(UsageError, match=f"{flag}: for bi-encoders only so far"):
         model_kind("cross-encoder").check_options(config)
+
+
+def test_a_full_disk_while_saving_the_interpolated_model_stops_naming_the_offline_merge(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    import embtune.training.interpolation as interpolation
+    from embtune.errors import TrainingStopped
+
+    def full_disk(folder: Path, write: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(interpolation, "save_atomically", full_disk)
+    config = _config(tiny_model, tmp_path, interpolate_base="0.5", eval_steps=0)
+    with single_thread(), pytest.raises(TrainingStopped, match="embtune merge --base") as info:
+        train(config, show_progress=False)
+    assert "--alpha 0.5" in str(info.value)
+    assert (tmp_path / "run" / "model.safetensors").is_file()  # the fine-tuned model is kept
+    assert not (tmp_path / "run" / "interpolated").exists()

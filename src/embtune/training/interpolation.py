@@ -22,7 +22,8 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from embtune.atomic import atomic_write, write_json_atomically
-from embtune.checkpoint import save_atomically
+from embtune.checkpoint import is_write_failure, save_atomically, write_problem
+from embtune.errors import TrainingStopped
 from embtune.merging import interpolate_state_dicts
 from embtune.run_cleanup import record_best_files
 from embtune.run_files import (
@@ -107,9 +108,19 @@ def interpolate_with_base(session: Session) -> Interpolation:
         )
     working.load_state_dict(interpolate_state_dicts(base, tuned, factor))
     folder = out / INTERPOLATED_DIR
-    save_atomically(folder, lambda path: _save(session, working, path))
     result = Interpolation(factor, reason, scores, folder, mixed, time.perf_counter() - started)
-    write_interpolation_files(out, result, session)
+    try:
+        save_atomically(folder, lambda path: _save(session, working, path))
+        write_interpolation_files(out, result, session)
+    except Exception as exc:
+        if not is_write_failure(exc, out):
+            raise
+        # The run itself is finished (--resume refuses it), so the way on is the offline merge.
+        raise TrainingStopped(
+            f"could not write {folder}: {write_problem(exc, out)}; the fine-tuned model in "
+            f"{mixed} is complete. Free disk space and run embtune merge --base {config.model} "
+            f"--model {mixed} --alpha {factor:g} -o {folder}"
+        ) from exc
     print(f"embtune train: interpolation factor {factor:g} ({reason})")
     print(
         f"embtune train: the interpolated model is in {folder} (table: {out / INTERPOLATION_TABLE})"
