@@ -238,7 +238,9 @@ def test_auto_trains_a_trial_per_rate_saves_the_choice_and_resume_reuses_it(
     choice = json.loads((search / "choice.json").read_text())
     chosen = choice["chosen_learning_rate"]
     assert (choice["grid"], choice["trial_steps"], choice["run_steps"]) == ([1e-4, 1e-3], 1, 3)
-    assert chosen in (1e-4, 1e-3) and choice["rule"].startswith("keep the trials whose final")
+    assert chosen in (1e-4, 1e-3) and choice["rule"].startswith(
+        "keep the candidates whose dev nDCG@10"
+    )
     assert f"learning rate {chosen!r}: {choice['reason']}" in printed
     for trial, rate in zip(choice["trials"], [1e-4, 1e-3], strict=True):
         log = [json.loads(x) for x in (Path(trial["run_dir"]) / LOG_FILE).read_text().splitlines()]
