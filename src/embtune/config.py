@@ -517,15 +517,10 @@ class TrainConfig:
     def _validate_interpolation(self) -> None:
         """--interpolate-base auto or a factor in [0, 1]; factors in [0, 1]; tolerance >= 0."""
         value = self.interpolate_base
-        if value not in ("", "auto"):
-            try:
-                factor = float(value)
-            except ValueError:
-                factor = math.nan
-            if not 0 <= factor <= 1:
-                raise OptionError(
-                    "interpolate_base", f"must be auto or a number in [0, 1], got {value!r}"
-                )
+        if not is_interpolation_value(value):
+            raise OptionError(
+                "interpolate_base", f"must be auto or a number in [0, 1], got {value!r}"
+            )
         factors = self.interpolate_factors
         if not factors or any(not 0 <= a <= 1 for a in factors):
             raise OptionError(
@@ -564,6 +559,16 @@ class TrainConfig:
     def resuming(self) -> bool:
         """True when the run continues from a checkpoint (--resume or --resume-from)."""
         return bool(self.resume or self.resume_from)
+
+
+def is_interpolation_value(value: str) -> bool:
+    """True for an --interpolate-base value: "" (off), "auto" or a factor in [0, 1]."""
+    if value in ("", "auto"):
+        return True
+    try:
+        return 0 <= float(value) <= 1  # NaN compares False
+    except ValueError:
+        return False
 
 
 def flag(name: str) -> str:

@@ -104,6 +104,7 @@ def demo_recipe(args: argparse.Namespace):
     import dataclasses
     import math
 
+    from embtune.config import is_interpolation_value
     from embtune.demo import DemoRecipe
     from embtune.errors import UsageError
 
@@ -118,11 +119,7 @@ def demo_recipe(args: argparse.Namespace):
         recipe = dataclasses.replace(recipe, learning_rate=rate)
     if args.interpolate_base is not None:
         value = "" if args.interpolate_base == "off" else args.interpolate_base
-        try:
-            valid = value in ("", "auto") or 0 <= float(value) <= 1
-        except ValueError:
-            valid = False
-        if not valid:
+        if not is_interpolation_value(value):
             raise UsageError(
                 f"--interpolate-base must be auto, off or a number in [0, 1], got {value!r}"
             )
