@@ -62,7 +62,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 _CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # What an interrupted save or rotation can leave behind: .checkpoint-12.tmp, .best.old, ...
-_LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best|interpolated|final)\.(tmp|old|deleting)")
+LEFTOVER_NAME = re.compile(r"\.(checkpoint-\d+|best|interpolated|final)\.(tmp|old|deleting)")
 
 # Test hooks (docs/reliability.md): the process SIGKILLs itself at a chosen point, as an
 # out-of-memory killer or a pre-empted cluster job would. Unset in normal use.
@@ -254,7 +254,7 @@ def recover_interrupted(out: Path) -> list[str]:
     if not out.is_dir():
         return done
     for path in sorted(out.iterdir()):
-        match = _LEFTOVER_NAME.fullmatch(path.name)
+        match = LEFTOVER_NAME.fullmatch(path.name)
         if not match or not path.is_dir():
             continue
         target = out / match.group(1)

@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+from embtune.checkpoint import LEFTOVER_NAME
 from embtune.manifest import MANIFEST_KEY, file_manifest
 from embtune.run_files import (
     BEST_DIR,
@@ -42,7 +43,6 @@ _RUN_FILES = (
 BEST_MANIFEST = ".embtune-files.json"  # in best/: the files the save wrote, with checksums
 
 _CHECKPOINT = re.compile(r"checkpoint-\d+")
-_LEFTOVER = re.compile(r"\.(checkpoint-\d+|best|interpolated|final)\.(tmp|old|deleting)")
 # What Encoder.save (transformers' save_pretrained, the tokenizer, the sentence-transformers
 # modules) and accelerate's save_state write: the names a folder without records is judged by.
 _SAVED_NAMES = re.compile(
@@ -120,7 +120,7 @@ def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
     kept: list[str] = []
     for path in sorted(out.iterdir()):
         name = path.name
-        if _LEFTOVER.fullmatch(name) and path.is_dir():
+        if LEFTOVER_NAME.fullmatch(name) and path.is_dir():
             shutil.rmtree(path)  # an interrupted save's own temporary folder
         elif path.is_dir() and (
             (_CHECKPOINT.fullmatch(name) and (path / TRAINER_STATE_FILE).is_file())
