@@ -3,7 +3,6 @@ the wanted batch or the time limit is reached."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from embtune.hardware_plan.measure import Measurement, Point
@@ -26,11 +25,10 @@ def measure_grid(
     """Measure batch sizes 1, 2, 4, ... (plain loss) and return every measurement in order.
 
     Stops after a point that does not fit ``budget`` or fails, when the next point is
-    predicted (from the line through the points so far) not to fit, when the batch would pass
-    ``largest_batch``, or when the next point, estimated at twice the last one's time, would end
-    past ``time_limit`` seconds (at least two points are always measured).
+    predicted (from the line through the points so far) not to fit, when the batch would
+    pass ``largest_batch``, or when the next point, estimated at twice the last one's time,
+    would take the points' time past ``time_limit`` seconds (two points are always measured).
     """
-    start = time.perf_counter()
     measured: list[Measurement] = []
     batch = FIRST_BATCH
     while batch <= largest_batch:
@@ -45,7 +43,7 @@ def measure_grid(
             line = fit_line([m.point.texts for m in good], [m.peak_bytes for m in good])
             if line.predict(batch * (1 + group_size)) > budget:
                 break
-            elapsed = time.perf_counter() - start
-            if elapsed + 2 * measurement.seconds > time_limit:
+            spent = sum(m.seconds for m in measured)
+            if spent + 2 * measurement.seconds > time_limit:
                 break
     return measured

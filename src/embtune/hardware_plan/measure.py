@@ -21,8 +21,8 @@ import torch
 
 from embtune.run_files import LOG_FILE, SUMMARY_FILE
 
-# Steps per point: the first allocates and meets its shapes, the last is timed.
-STEPS_PER_POINT = 2
+# Steps per point: the first allocates and meets its shapes, the others are timed.
+STEPS_PER_POINT = 3
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,13 @@ def _environment(device: str) -> dict[str, str]:
     return env
 
 
-def _last_step_rate(out: Path) -> float:
+def _steady_rate(out: Path) -> float:
+    # The first step allocates and meets its shapes: the rate is that of the steps after it.
     lines = (out / LOG_FILE).read_text().splitlines()
     records = [json.loads(line) for line in lines if line.strip()]
-    rates = [r["texts_per_second"] for r in records if "texts_per_second" in r]
-    return float(rates[-1]) if rates else 0.0
+    steady = [r for r in records if "window_texts" in r][1:]
+    seconds = sum(r["window_seconds"] for r in steady)
+    return sum(r["window_texts"] for r in steady) / seconds if seconds > 0 else 0.0
 
 
 def measure(
@@ -132,11 +134,16 @@ def measure(
             train_command(point, model, probe_file, out, lengths),
             stdout=fh, stderr=subprocess.STDOUT, env=_environment(device),
         )  # fmt: skip
-        _, status, usage = os.wait4(child.pid, 0)
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            child.kill()  # an interrupted plan leaves no training run behind
+            child.wait()
+            raise
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         lines = log.read_text(errors="replace").strip().splitlines() or ["(no output)"]
         return Measurement(point, 0, 0.0, seconds, error=lines[-1][:300])
     summary = json.loads((out / SUMMARY_FILE).read_text())
     peak = int(summary["peak_memory_bytes"]) if device == "cuda" else usage.ru_maxrss * 1024
-    return Measurement(point, peak, _last_step_rate(out), seconds)
+    return Measurement(point, peak, _steady_rate(out), seconds)

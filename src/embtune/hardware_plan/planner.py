@@ -4,7 +4,7 @@ the grid, fit, recommend, verify the recommendation when it was extrapolated, ex
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -50,6 +50,7 @@ class Planner:
     device: str
     show: bool
     memory_budget: str | int | None = None
+    measured_grid: list[Measurement] = field(default_factory=list)  # filled by run()
 
     def _say(self, line: str) -> None:
         if self.show:
@@ -136,6 +137,13 @@ class Planner:
             run, self.group_size, precision, budget, largest, remaining, self._show_point
         )
         good = [m for m in grid if not m.error]
+        self.measured_grid = good
+        if good and good[0].peak_bytes > budget:
+            raise UsageError(
+                f"embtune plan: the smallest step (batch 1 x group {self.group_size}) took "
+                f"{good[0].peak_bytes / GIB:.2f} GiB, over the {budget / GIB:.2f} GiB budget: "
+                "raise --memory-budget, shorten --passage-max-len or use a smaller model"
+            )
         if len(good) < 2:
             failed = next((m.error for m in grid if m.error), "the budget allows only one size")
             raise UsageError(f"embtune plan: could not measure two step sizes ({failed})")
@@ -152,14 +160,33 @@ class Planner:
         )
         measured = [*compared, *grid]
         if recommendation.extrapolated or point.cache_chunk_size:
-            recommendation.measured = run(point)
-            self._show_point(recommendation.measured)
-            measured.append(recommendation.measured)
+            check = self._check_recommendation(run, good, point, start)
+            if isinstance(check, str):
+                recommendation.reasons.append(check)
+            else:
+                recommendation.measured = check
+                measured.append(check)
         recommendation.reasons += self._batch_reasons(point, fit, budget, recommendation)
         result = PlanResult(recommendation, measured, fit, self.device)
         result.options = recommended_options(point)
         result.text = self._report(result, time.perf_counter() - start)
         return result
+
+    def _check_recommendation(self, run, good, point, start):  # noqa: ANN001, ANN202
+        """Run the recommendation once when the time limit allows; else say why not."""
+        largest = good[-1]
+        startup = max(0.0, good[0].seconds - STEPS_PER_POINT * good[0].point.texts
+                      / max(good[0].texts_per_second, 1e-9))  # fmt: skip
+        estimate = startup + STEPS_PER_POINT * point.texts / max(largest.texts_per_second, 1e-9)
+        left = self.time_limit - (time.perf_counter() - start)
+        if estimate > left:
+            return (
+                f"not checked by a run: it would take about {estimate:.0f} s, {left:.0f} s of "
+                "--time-limit are left (raise it to check)"
+            )
+        measurement = run(point)
+        self._show_point(measurement)
+        return measurement
 
     def _batch_reasons(self, point, fit, budget, recommendation) -> list[str]:  # noqa: ANN001
         from embtune.api.inspection import inspect
@@ -182,6 +209,14 @@ class Planner:
             self.train_data, train_group_size=point.group_size, batch_size=point.batch_size,
             query_max_len=self.lengths[0], passage_max_len=self.lengths[1], show_progress=False,
         ).budget  # fmt: skip
+        rate = (recommendation.measured or good_rate(self.measured_grid)).texts_per_second
+        if rate > 0:
+            steps = -(-budget_of_data.rows // point.batch_size)
+            lines.append(
+                f"at {rate:.1f} texts/s a step of {point.texts} texts takes about "
+                f"{point.texts / rate:.1f} s; one epoch of {budget_of_data.rows} rows is {steps} "
+                f"steps, about {steps * point.texts / rate / 60:.0f} min (longest texts: a bound)"
+            )
         lines += negatives_reasons(budget_of_data, point)
         return lines
 
@@ -211,6 +246,11 @@ class Planner:
         }
         text = "# written by embtune plan\n" + yaml.safe_dump(options, sort_keys=False)
         atomic_write(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+
+
+def good_rate(measured: list[Measurement]) -> Measurement:
+    """The measurement whose rate stands for large steps: the largest measured."""
+    return max(measured, key=lambda m: m.point.texts)
 
 
 def negatives_reasons(budget, point: Point) -> list[str]:  # noqa: ANN001
