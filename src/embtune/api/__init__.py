@@ -29,6 +29,7 @@ from embtune.api.inspection import InspectResult, format_inspect_report, inspect
 from embtune.api.merging import MergeResult, format_merge_report, merge
 from embtune.api.mining import MineResult, format_mining_report, mine
 from embtune.api.options import PathLike
+from embtune.api.planning import PlanResult, plan
 from embtune.api.reranking import Reranking, RerankMetrics, evaluate_reranking
 from embtune.api.scoring import ScoreResult, format_score_report, score
 from embtune.api.training import train
@@ -38,6 +39,7 @@ __all__ = [
     "MergeResult",
     "Metrics",
     "MineResult",
+    "PlanResult",
     "PathLike",
     "RerankMetrics",
     "Reranking",
@@ -51,6 +53,7 @@ __all__ = [
     "inspect",
     "merge",
     "mine",
+    "plan",
     "score",
     "train",
 ]

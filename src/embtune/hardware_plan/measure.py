@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from embtune.run_files import LOG_FILE, SUMMARY_FILE
 
 # Steps per point: the first allocates and meets its shapes, the others are timed.
@@ -60,6 +58,8 @@ def native_bf16(device: str) -> bool:
     """True when ``device`` computes bf16 matrix products natively (AVX512-BF16 or AMX on a
     CPU; on a GPU what torch reports). Elsewhere bf16 is emulated and slower than fp32."""
     if device == "cuda":
+        import torch
+
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     try:
         flags = Path("/proc/cpuinfo").read_text(errors="replace").split()
@@ -71,6 +71,8 @@ def native_bf16(device: str) -> bool:
 def free_memory_bytes(device: str) -> int:
     """Memory a training run could take now: free GPU memory, or the CPU's MemAvailable."""
     if device == "cuda":
+        import torch
+
         free, _ = torch.cuda.mem_get_info()
         return int(free)
     try:

@@ -174,15 +174,18 @@ class Planner:
 
     def _check_recommendation(self, run, good, point, start):  # noqa: ANN001, ANN202
         """Run the recommendation once when the time limit allows; else say why not."""
-        largest = good[-1]
+        largest = good_rate(good)
         startup = max(0.0, good[0].seconds - STEPS_PER_POINT * good[0].point.texts
                       / max(good[0].texts_per_second, 1e-9))  # fmt: skip
         estimate = startup + STEPS_PER_POINT * point.texts / max(largest.texts_per_second, 1e-9)
         left = self.time_limit - (time.perf_counter() - start)
         if estimate > left:
+            spare = (
+                f"{left:.0f} s of --time-limit are left" if left > 0 else "--time-limit is used up"
+            )
             return (
-                f"not checked by a run: it would take about {estimate:.0f} s, {left:.0f} s of "
-                "--time-limit are left (raise it to check)"
+                f"not checked by a run: it would take about {estimate:.0f} s and {spare} "
+                "(raise it to check)"
             )
         measurement = run(point)
         self._show_point(measurement)
@@ -249,8 +252,10 @@ class Planner:
 
 
 def good_rate(measured: list[Measurement]) -> Measurement:
-    """The measurement whose rate stands for large steps: the largest measured."""
-    return max(measured, key=lambda m: m.point.texts)
+    """The measurement whose rate stands for large steps: on a CPU texts/s rises with the step
+    and then levels off, and a point slowed by another process only ever measures low, so the
+    highest measured rate is the least disturbed estimate."""
+    return max(measured, key=lambda m: m.texts_per_second)
 
 
 def negatives_reasons(budget, point: Point) -> list[str]:  # noqa: ANN001
@@ -268,6 +273,12 @@ def negatives_reasons(budget, point: Point) -> list[str]:  # noqa: ANN001
             f"one epoch shows {used} of {budget.negatives_median:g}: --negative-sampling cycle "
             f"with {epochs} epochs shows every negative once, or a larger group spends the "
             "texts per step on more negatives per query and fewer queries"
+        )
+    elif budget.negatives_median == 0:
+        lines.append(
+            "the rows have no negatives: a group above 1 is filled by --negative-fill; mine "
+            "hard negatives first (embtune mine), or train with in-batch negatives only "
+            "(--train-group-size 1) and spend the texts on a larger batch"
         )
     elif budget.negatives_median < used:
         lines.append(
