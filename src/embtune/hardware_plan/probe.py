@@ -21,15 +21,10 @@ _MAX_TOKENIZED = 20_000
 
 def _longest(texts: Sequence[str], tokenizer: object, max_len: int, count: int) -> list[str]:
     distinct = sorted(set(texts), key=len, reverse=True)[:_MAX_TOKENIZED]
-    lengths = [min(len(ids), max_len) for ids in tokenizer(distinct)["input_ids"]]
+    encoded = tokenizer(distinct, truncation=True, max_length=max_len)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
     ranked = sorted(zip(lengths, distinct, strict=True), key=lambda item: -item[0])
     return [text for _, text in ranked[: max(count, 1)]]
-
-
-def longest_token_count(texts: Sequence[str], tokenizer: object, max_len: int) -> int:
-    """Tokens of the longest of ``texts`` after truncation to ``max_len``."""
-    (text,) = _longest(texts, tokenizer, max_len, 1)
-    return min(len(tokenizer([text])["input_ids"][0]), max_len)
 
 
 def write_probe_rows(

@@ -86,6 +86,7 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
         )
     if config.fp16 and not torch.cuda.is_available():
         raise UsageError("--fp16 needs a CUDA GPU; on CPU train in fp32 (or --bf16)")
+    warn_emulated_bf16(config)
     skip = config.skip_bad_rows
     data = load_training_data(config.train_data, config.train_split, skip_bad_rows=skip)
     dev_rows: list[Record] = []
@@ -106,6 +107,19 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
     dropped = check_teacher_scores(config, data)
     return Inputs(data, dev_data, dev_rows, out, dropped, in_memory, references)
+
+
+def warn_emulated_bf16(config: TrainConfig) -> None:
+    """--bf16 on a CPU without native bf16 runs, but emulated: say so before the run is slow."""
+    from embtune.hardware_plan.measure import native_bf16
+
+    if config.bf16 and not torch.cuda.is_available() and not native_bf16("cpu"):
+        print(
+            "warning: --bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): matrix "
+            "products are emulated, measured about 15x slower than fp32 on an AVX2 CPU "
+            "(docs/plan.md); drop --bf16 to train in fp32",
+            flush=True,
+        )
 
 
 def check_teacher_scores(config: TrainConfig, data: TrainingData) -> TeacherDrop | None:
