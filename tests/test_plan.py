@@ -68,16 +68,19 @@ def test_bad_memory_sizes_are_refused(text: str) -> None:
 
 def test_recommendation_is_the_largest_batch_that_fits() -> None:
     fit = fit_line([5, 80], [synthetic_peak(5), synthetic_peak(80)])
-    point = choose_point(fit, 2 * GIB, 4, "fp32", None, 128)
+    point = choose_point(fit, 2 * GIB, 4, "fp32", None, 128, measured_texts=160)
     assert point == Point(20, 4, 0, "fp32")  # 102 texts fit: 20 queries x (1 + 4)
     assert synthetic_peak(point.texts) <= 2 * GIB
     assert synthetic_peak((point.batch_size + 1) * 5) > 2 * GIB
-    assert choose_point(fit, 2 * GIB, 4, "fp32", None, 8).batch_size == 8  # the cap
+    assert choose_point(fit, 2 * GIB, 4, "fp32", None, 8, 160).batch_size == 8  # the cap
+    # Beyond the measured 80 texts the line is trusted with a 10% margin: (2 GiB / 1.1 - 1 GiB)
+    # / 10 MiB = 83 texts -> 16 queries.
+    assert choose_point(fit, 2 * GIB, 4, "fp32", None, 128, 80).batch_size == 16
 
 
 def test_a_wanted_batch_too_large_switches_on_the_cached_loss() -> None:
     fit = fit_line([5, 80], [synthetic_peak(5), synthetic_peak(80)])
-    point = choose_point(fit, 2 * GIB, 4, "bf16", 64, 128)
+    point = choose_point(fit, 2 * GIB, 4, "bf16", 64, 128, measured_texts=160)
     assert (point.batch_size, point.group_size) == (64, 4)
     assert point.cache_chunk_size == 80  # 102 texts x 4/5 (passages fill chunks), multiple of 8
     assert synthetic_peak(point.graph_texts) <= 2 * GIB
@@ -85,7 +88,7 @@ def test_a_wanted_batch_too_large_switches_on_the_cached_loss() -> None:
         "batch_size": 64, "train_group_size": 4, "cache_chunk_size": 80, "bf16": True,
     }  # fmt: skip
     with pytest.raises(UsageError, match="below what the model needs"):
-        choose_point(fit, 0.5 * GIB, 4, "fp32", None, 128)
+        choose_point(fit, 0.5 * GIB, 4, "fp32", None, 128, 160)
 
 
 def _fake_run(seconds: float = 1.0):  # noqa: ANN202

@@ -31,6 +31,7 @@ from embtune.hardware_plan.recommend import (
     fit_reasons,
     format_table,
     recommended_options,
+    texts_within,
 )
 
 
@@ -148,14 +149,16 @@ class Planner:
             failed = next((m.error for m in grid if m.error), "the budget allows only one size")
             raise UsageError(f"embtune plan: could not measure two step sizes ({failed})")
         fit = fit_line([m.point.texts for m in good], [m.peak_bytes for m in good])
+        measured_texts = max(m.point.texts for m in good)
         point = choose_point(
-            fit, budget, self.group_size, precision, self.batch_size, self.max_batch
-        )
+            fit, budget, self.group_size, precision, self.batch_size, self.max_batch,
+            measured_texts,
+        )  # fmt: skip
         recommendation = Recommendation(
             point,
             fit.predict(point.graph_texts),
             budget,
-            extrapolated=point.graph_texts > max(m.point.texts for m in good),
+            extrapolated=point.graph_texts > measured_texts,
             reasons=[budget_line, *fit_reasons(fit, good, point), precision_line],
         )
         measured = [*compared, *grid]
@@ -195,7 +198,8 @@ class Planner:
         from embtune.api.inspection import inspect
 
         lines = []
-        plain = fit.largest_within(budget) // (1 + point.group_size)
+        measured_texts = max(m.point.texts for m in self.measured_grid)
+        plain = texts_within(fit, budget, measured_texts) // (1 + point.group_size)
         if point.cache_chunk_size:
             lines.append(
                 f"batch {point.batch_size} does not fit plain (at most {plain} queries): the "
