@@ -19,7 +19,7 @@ from embtune.hardware_plan.memory_fit import LinearFit
 GIB = 2**30
 # Beyond the largest measured step the line is trusted only with this margin: on
 # all-MiniLM-L6-v2 (CPU) a line through 5-40 texts predicted 3.7% too little at 80 texts and
-# MARGIN_AT_4X at 160 (docs/plan.md): allocator fragmentation grows a little faster than linear.
+# 7.4% too much at 160 (docs/plan.md): the allocator does not grow exactly linearly.
 EXTRAPOLATION_MARGIN = 0.10
 
 
