@@ -98,7 +98,7 @@ class Planner:
             f"{what} ({m.seconds:.0f} s)"
         )
 
-    def _precision(self, run, budget: int) -> tuple[str, list[Measurement], str]:  # noqa: ANN001
+    def _precision(self, run) -> tuple[str, list[Measurement], str]:  # noqa: ANN001
         if self.precision != "auto":
             return self.precision, [], f"precision {self.precision} (--precision)"
         if not native_bf16(self.device):
@@ -131,7 +131,7 @@ class Planner:
         probe = self._probe(work)
         run = self._run_point(probe, work)
         self._say(f"embtune plan: {budget_line}; measuring on the data's longest texts")
-        precision, compared, precision_line = self._precision(run, budget)
+        precision, compared, precision_line = self._precision(run)
         largest = self.batch_size or self.max_batch
         remaining = self.time_limit - (time.perf_counter() - start)
         grid = measure_grid(
