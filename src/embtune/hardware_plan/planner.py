@@ -4,7 +4,7 @@ the grid, fit, recommend, verify the recommendation when it was extrapolated, ex
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -51,7 +51,6 @@ class Planner:
     device: str
     show: bool
     memory_budget: str | int | None = None
-    measured_grid: list[Measurement] = field(default_factory=list)  # filled by run()
 
     def _say(self, line: str) -> None:
         if self.show:
@@ -138,7 +137,6 @@ class Planner:
             run, self.group_size, precision, budget, largest, remaining, self._show_point
         )
         good = [m for m in grid if not m.error]
-        self.measured_grid = good
         if good and good[0].peak_bytes > budget:
             raise UsageError(
                 f"embtune plan: the smallest step (batch 1 x group {self.group_size}) took "
@@ -169,7 +167,7 @@ class Planner:
             else:
                 recommendation.measured = check
                 measured.append(check)
-        recommendation.reasons += self._batch_reasons(point, fit, budget, recommendation)
+        recommendation.reasons += self._batch_reasons(point, fit, budget, recommendation, good)
         result = PlanResult(recommendation, measured, fit, self.device)
         result.options = recommended_options(point)
         result.text = self._report(result, time.perf_counter() - start)
@@ -194,11 +192,11 @@ class Planner:
         self._show_point(measurement)
         return measurement
 
-    def _batch_reasons(self, point, fit, budget, recommendation) -> list[str]:  # noqa: ANN001
+    def _batch_reasons(self, point, fit, budget, recommendation, good) -> list[str]:  # noqa: ANN001
         from embtune.api.inspection import inspect
 
         lines = []
-        measured_texts = max(m.point.texts for m in self.measured_grid)
+        measured_texts = max(m.point.texts for m in good)
         plain = texts_within(fit, budget, measured_texts) // (1 + point.group_size)
         if point.cache_chunk_size:
             lines.append(
@@ -216,7 +214,7 @@ class Planner:
             self.train_data, train_group_size=point.group_size, batch_size=point.batch_size,
             query_max_len=self.lengths[0], passage_max_len=self.lengths[1], show_progress=False,
         ).budget  # fmt: skip
-        rate = (recommendation.measured or good_rate(self.measured_grid)).texts_per_second
+        rate = (recommendation.measured or good_rate(good)).texts_per_second
         if rate > 0:
             steps = -(-budget_of_data.rows // point.batch_size)
             lines.append(
