@@ -21,7 +21,7 @@ demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/embtune demo
 
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 lint: setup
 	$(BIN)/ruff check src tests bench

@@ -275,7 +275,9 @@ def test_cross_device_negatives_equal_one_process_on_the_union_batch(
             lambda loss: True,
         )
         grad = gradients(encoder)
-    assert two["loss"] == pytest.approx(single.loss.item(), abs=1e-6)
+    # The two-process loss is a sum of per-process means: another summation order in float32,
+    # a few units in the last place at 3.13 (one is 2.4e-7); measured 1.4e-6 apart in CI.
+    assert two["loss"] == pytest.approx(single.loss.item(), rel=2e-6)
     assert (two["grad"] - grad).abs().max().item() < 1e-5
     # Every query of rank 0 saw all 18 passages (query 1 minus its masked false negative).
     assert two["candidates"] == [18, 17, 18]
