@@ -14,6 +14,7 @@ from embtune.models.speedups.activation_recompute import (
     _ActivatedLinear,
     recompute_feed_forward_activations,
     recompute_norm_outputs,
+    share_attention_input_cast,
 )
 from tests.conftest import single_thread
 
@@ -136,3 +137,56 @@ def test_norm_recompute_leaves_nothing_alive_after_a_step(tiny_model) -> None:
             encoder(ids, torch.ones_like(ids)).sum().backward()
             counts.append(_live_tensors())
     assert counts[0] == counts[1] == counts[2]
+
+
+def test_activated_linear_under_bf16_autocast_is_autocasts_linear() -> None:
+    torch.manual_seed(0)
+    linear, act = torch.nn.Linear(16, 8), torch.nn.GELU()
+    h = torch.randn(20, 16, requires_grad=True)
+    grad = torch.randn(20, 8)
+    results = []
+    for ours in (True, False):
+        linear.zero_grad()
+        h.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = h * 1  # a bf16 input as the first dense layer gives it
+            low = low.bfloat16()
+            if ours:
+                out = _ActivatedLinear.apply(low, linear.weight, linear.bias, act)
+            else:
+                out = linear(act(low))
+        out.float().backward(grad)
+        results.append((out, h.grad.clone(), linear.weight.grad.clone(), linear.bias.grad.clone()))
+    (out, grad_h, grad_w, grad_b), (ref, ref_h, ref_w, ref_b) = results
+    assert out.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    assert torch.equal(out, ref)
+    assert torch.equal(grad_h, ref_h) and torch.equal(grad_w, ref_w)
+    # The bias gradient is summed in fp32 here, in bf16 by autocast's linear.
+    torch.testing.assert_close(grad_b, ref_b, rtol=1e-2, atol=1e-2)
+
+
+def test_an_attention_input_cast_once_gives_autocasts_results_and_keeps_less(tiny_model) -> None:
+    with single_thread():
+        plain = Encoder.from_pretrained(tiny_model, pooling="mean")
+        switched = copy.deepcopy(plain)
+        assert share_attention_input_cast(switched.model) == 2  # one per layer
+        assert share_attention_input_cast(switched.model) == 0
+        ids = torch.randint(1000, 2000, (4, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 8:] = 0
+        kept = []
+        for encoder in (plain, switched):
+            encoder.eval()  # no dropout: both runs compute the same function
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                kept.append(_step(encoder, ids, mask))
+        # Without autocast the hook does nothing.
+        torch.testing.assert_close(plain(ids, mask), switched(ids, mask), rtol=0, atol=0)
+    (emb, plain_bytes), (same_emb, switched_bytes) = kept
+    assert torch.equal(emb, same_emb)
+    for (name, a), (_, b) in zip(
+        plain.named_parameters(), switched.named_parameters(), strict=True
+    ):
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), name
+    # Two bf16 [48 tokens, 32] copies less per layer (key's and value's).
+    assert plain_bytes - switched_bytes >= 2 * 2 * 48 * 32 * 2

@@ -106,3 +106,44 @@ def test_a_switched_model_computes_the_same_in_eval_and_is_seeded_in_training(
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
     assert (first - plain(ids, mask)).abs().max().item() < 0.5  # same model, some units dropped
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def test_dropout_attention_in_bf16_draws_the_fp32_masks_and_agrees_to_bf16_rounding() -> None:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 10, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 10, dtype=torch.bool)
+    mask[1, ..., 7:] = False
+    grad = torch.randn(3, 2, 10, 8)
+    torch.manual_seed(5)
+    full = dropout_attention(q, k, v, mask, 0.1)
+    full.backward(grad)
+    low = [t.detach().bfloat16().requires_grad_() for t in (q, k, v)]
+    torch.manual_seed(5)
+    half = dropout_attention(*low, mask, 0.1)
+    half.backward(grad.bfloat16())
+    assert half.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in low)
+    # The same keep masks: a dropped probability is zero in both.
+    assert torch.equal(full == 0, half == 0)
+    # bf16 keeps 8 bits of mantissa (relative rounding 2**-9 = 0.2%, a few of them per product).
+    assert _relative(half, full) < 0.01
+    for ours, theirs in zip(low, (q, k, v), strict=True):
+        assert _relative(ours.grad, theirs.grad) < 0.02
+
+
+def test_fast_dropout_in_bf16_uses_the_fp32_mask() -> None:
+    layer = FastDropout(0.2)
+    x = torch.randn(40, 50, requires_grad=True)
+    torch.manual_seed(1)
+    full = layer(x)
+    full.sum().backward()
+    low = x.detach().bfloat16().requires_grad_()
+    torch.manual_seed(1)
+    half = layer(low)
+    half.float().sum().backward()
+    assert half.dtype == torch.bfloat16
+    assert torch.equal(half, (x.detach() * (full != 0)).bfloat16() * torch.tensor(1.25).bfloat16())
+    assert torch.equal(low.grad.float(), x.grad)  # 0 and 1.25 are exact in bf16

@@ -12,7 +12,9 @@ kinds of it are kept twice over in BERT-style layers:
   :func:`recompute_norm_outputs` stores a recipe instead of the output (saved-tensor hooks).
 
 Both recompute one elementwise pass in backward (under 1% of a step) and together keep 864 MiB
-less at those sizes (576 + 288 MiB). Activation checkpointing (``--gradient-checkpointing``)
+less at those sizes (576 + 288 MiB). Under bf16 autocast the feed-forward path runs its products
+in bf16 as autocast would, and :func:`share_attention_input_cast` keeps one bf16 copy of an
+attention block's input where autocast keeps three. Activation checkpointing (``--gradient-checkpointing``)
 would instead run whole layers again, about a third more compute. Outputs and gradients are
 those of the plain model (the norm path bit for bit; the feed-forward path, which works through
 the tokens in blocks, to float rounding); weights and saved files do not change: ``forward``
@@ -32,6 +34,13 @@ import torch.nn.functional as F
 # transformers 5.24's modeling code).
 INTERMEDIATE_MODULES = frozenset(
     {"BertIntermediate", "RobertaIntermediate", "XLMRobertaIntermediate", "MPNetIntermediate"}
+)
+
+
+# transformers classes whose forward reads hidden_states only through query / key / value
+# (checked in transformers 5.24's modeling code).
+SELF_ATTENTION_MODULES = frozenset(
+    {"BertSelfAttention", "RobertaSelfAttention", "XLMRobertaSelfAttention"}
 )
 
 
@@ -62,15 +71,25 @@ class _ActivatedLinear(torch.autograd.Function):
         want_h, want_weight, want_bias = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(rows) if want_h else None
         grad_weight = torch.zeros_like(weight) if want_weight else None
+        # Under bf16 autocast h and grad are bf16 and the fp32 weight was cast in forward: the
+        # products run in bf16 as autocast's would, the weight gradient adds up in fp32.
+        mixed = h.dtype != weight.dtype
+        product_weight = weight.to(h.dtype) if mixed else weight
         for block in _blocks(rows.shape[0]):
             with torch.enable_grad():
                 inputs = rows[block].detach().requires_grad_()
                 activated = ctx.act(inputs)
-            if want_weight:
+            if want_weight and mixed:
+                grad_weight.add_(grad_rows[block].T @ activated.detach())
+            elif want_weight:
                 grad_weight.addmm_(grad_rows[block].T, activated.detach())
             if want_h:
-                (grad_h[block],) = torch.autograd.grad(activated, inputs, grad_rows[block] @ weight)
-        grad_bias = grad_rows.sum(0) if ctx.has_bias and want_bias else None
+                (grad_h[block],) = torch.autograd.grad(
+                    activated, inputs, grad_rows[block] @ product_weight
+                )
+        grad_bias = None
+        if ctx.has_bias and want_bias:
+            grad_bias = grad_rows.sum(0, dtype=weight.dtype) if mixed else grad_rows.sum(0)
         if grad_h is not None:
             grad_h = grad_h.view(h.shape)
         return grad_h, grad_weight, grad_bias, None
@@ -185,3 +204,72 @@ def recompute_norm_outputs(model: torch.nn.Module) -> int:
 
     model.forward = forward
     return len(norms)
+
+
+class _SharedCast(torch.autograd.Function):
+    """The bf16 copy ``low`` of ``x``, as autocast's cast would give it, but sharing storage
+    with the other projections' copies; backward converts the gradient to fp32 as autocast's
+    cast does, so the three projections' gradients still add up in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, low):  # noqa: ANN001, ANN205
+        ctx.dtype = x.dtype
+        return low.detach()
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        return grad.to(ctx.dtype), None
+
+
+class _CastOnce:
+    """Forward pre-hook of the query, key and value projections: under CPU autocast, the first
+    of them casts the shared input, the others reuse that copy."""
+
+    def __init__(self) -> None:
+        self.source: weakref.ref | None = None
+        self.version = -1
+        self.low: torch.Tensor | None = None
+
+    def __call__(self, linear: torch.nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        if not (
+            torch.is_autocast_enabled("cpu")
+            and isinstance(x, torch.Tensor)
+            and x.dtype == torch.float32
+            and torch.is_grad_enabled()
+        ):
+            return None
+        if self.source is None or self.source() is not x or self.version != x._version:
+            self.source, self.version = weakref.ref(x), x._version
+            self.low = x.detach().to(torch.get_autocast_dtype("cpu"))
+        return (_SharedCast.apply(x, self.low), *args[1:])
+
+    def clear(self, *_: object) -> None:
+        self.source, self.low = None, None
+
+
+def share_attention_input_cast(model: torch.nn.Module) -> int:
+    """Under CPU autocast, cast a BERT-style self-attention's input once for its three
+    projections; returns how many attention modules were switched.
+
+    Autocast casts an activation anew for every linear layer that reads it (only weights are
+    cached), and each linear keeps its own copy for backward: the query, key and value
+    projections keep three bf16 copies of the same [tokens, hidden] input. Cast once, they
+    share one; each projection still has its own cast node in the graph, so gradients add up
+    in fp32 as before and results are bitwise those of plain autocast. Without autocast (or
+    without a graph) nothing changes. Switched: :data:`SELF_ATTENTION_MODULES`.
+    """
+    switched = 0
+    for module in model.modules():
+        if type(module).__name__ not in SELF_ATTENTION_MODULES or getattr(
+            module, "_embtune_casts_once", False
+        ):
+            continue
+        cast = _CastOnce()
+        for name in ("query", "key", "value"):
+            getattr(module, name).register_forward_pre_hook(cast)
+        # The copy stays alive through what backward keeps, not through the hook.
+        module.register_forward_hook(cast.clear)
+        module._embtune_casts_once = True
+        switched += 1
+    return switched

@@ -18,7 +18,14 @@ and resumable (torch's RNG state is checkpointed); the keep decision compares 16
 integers, so the dropout probability is p to within 1/65536. Hidden-state dropout uses the same
 generator and packed masks (:class:`FastDropout`).
 
-Everything else (GPU, half precision, inference, causal or grouped-query attention) goes to the
+In bf16 autocast (``--bf16`` on a CPU with native bf16) the same path runs with the matrix
+products in bf16 (where AMX / AVX512-BF16 is fast) and the softmax, its gradient and the masks in
+fp32, as FlashAttention splits the work; the probabilities are rounded to bf16 only as the input
+of the product with V. Without it, dropout in bf16 would again take the unfused math path, which
+computes in fp32 and keeps the [L, L] matrices (measured: bf16 training slower than fp32 at twice
+its memory, docs/performance.md).
+
+Everything else (GPU, fp16, inference, causal or grouped-query attention) goes to the
 model's usual SDPA kernel: this path only replaces what is slow on CPU.
 """
 
@@ -28,6 +35,8 @@ import numpy as np
 import torch
 
 ATTENTION_NAME = "embtune_cpu_dropout"
+# fp32, and bf16 as autocast produces it on a CPU.
+FAST_DTYPES = (torch.float32, torch.bfloat16)
 # Rows of [heads, L, L] handled at once: 2 x 12 heads x 256 x 256 fp32 is 6 MiB, inside L3.
 _SEQUENCES_PER_CHUNK = 2
 
@@ -50,9 +59,13 @@ def _keep_bits(seed: int, count: int, p: float) -> np.ndarray:
     return keep
 
 
-def _as_weights(keep: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+def _as_weights(
+    keep: np.ndarray, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     # Multiplying by float 1.0 / 0.0 is several times faster on CPU than masked_fill with bools.
-    return torch.from_numpy(keep.astype(np.float32)).view(shape)
+    if dtype == torch.float32:
+        return torch.from_numpy(keep.astype(np.float32)).view(shape)
+    return torch.from_numpy(keep).view(shape).to(dtype)
 
 
 def keep_mask(seed: int, shape: tuple[int, ...], p: float) -> torch.Tensor:
@@ -80,7 +93,7 @@ class _DropoutAttention(torch.autograd.Function):
             keep = _keep_bits(seed + start, probs.numel(), p)
             packed.append(np.packbits(keep))
             probs.mul_(_as_weights(keep, tuple(probs.shape)))
-            out[rows] = torch.matmul(probs, v[rows])
+            out[rows] = torch.matmul(probs.to(v.dtype), v[rows])
         out.mul_(1.0 / (1.0 - p))
         ctx.save_for_backward(q, k, v, bias, out)
         ctx.p, ctx.scale, ctx.packed = p, scale, packed
@@ -93,16 +106,18 @@ class _DropoutAttention(torch.autograd.Function):
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
         inv_keep = 1.0 / (1.0 - p)
         # sum_j P_ij dP_ij = dO_i . O_i: a row sum over [L, d] instead of over [L, L].
-        row_dot = (grad_out * out).sum(-1, keepdim=True)
+        row_dot = _row_dot(grad_out, out)
         for chunk, start in enumerate(range(0, q.shape[0], _SEQUENCES_PER_CHUNK)):
             rows = slice(start, start + _SEQUENCES_PER_CHUNK)
             probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
             keep = np.unpackbits(ctx.packed[chunk], count=probs.numel())
             keep = _as_weights(keep, tuple(probs.shape))
-            torch.matmul((probs * keep).transpose(-1, -2), grad_out[rows], out=dv[rows])
-            grad_probs = torch.matmul(grad_out[rows], v[rows].transpose(-1, -2))
+            low = v.dtype  # of the products: fp32, or bf16 under autocast (probs stay fp32)
+            dropped = (probs * keep).to(low)
+            torch.matmul(dropped.transpose(-1, -2), grad_out[rows], out=dv[rows])
+            grad_probs = torch.matmul(grad_out[rows], v[rows].transpose(-1, -2)).to(probs.dtype)
             grad_probs.mul_(keep).mul_(inv_keep)
-            grad_scores = grad_probs.sub_(row_dot[rows]).mul_(probs)
+            grad_scores = grad_probs.sub_(row_dot[rows]).mul_(probs).to(low)
             torch.matmul(grad_scores, k[rows], out=dq[rows])
             torch.matmul(grad_scores.transpose(-1, -2), q[rows], out=dk[rows])
         dv.mul_(inv_keep)
@@ -114,10 +129,21 @@ class _DropoutAttention(torch.autograd.Function):
 def _probabilities(
     q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    """Probabilities in fp32 (fp64 for fp64 inputs); from a bf16 product of q and k when they
+    are bf16."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(_softmax_dtype(q.dtype))
     if bias is not None:
         scores += bias
     return torch.softmax(scores, dim=-1)
+
+
+def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _row_dot(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    wide = _softmax_dtype(out.dtype)
+    return (grad_out.to(wide) * out.to(wide)).sum(-1, keepdim=True)
 
 
 def dropout_attention(
@@ -143,11 +169,13 @@ def dropout_attention(
             # A padding mask repeats one row for every query: one row per sequence is enough
             # (the bias is kept for the backward pass: [B, L, L] per layer otherwise).
             attention_mask = rows
+        # In the scores' dtype (fp32 for bf16 q): it is added to them in _probabilities.
+        wide = _softmax_dtype(q.dtype)
         if attention_mask.dtype == torch.bool:
-            bias = torch.zeros(attention_mask.shape, dtype=q.dtype)
-            bias.masked_fill_(~attention_mask, torch.finfo(q.dtype).min)
+            bias = torch.zeros(attention_mask.shape, dtype=wide)
+            bias.masked_fill_(~attention_mask, torch.finfo(wide).min)
         else:
-            bias = attention_mask.to(q.dtype)
+            bias = attention_mask.to(wide)
         bias = bias.expand(q.shape[0], *bias.shape[1:]).contiguous()
     return _DropoutAttention.apply(q, k, v, bias, p, scale, _seed())
 
@@ -171,7 +199,7 @@ def attention_forward(
         # one) must draw the same dropout.
         dropout > 0
         and query.device.type == "cpu"
-        and query.dtype == torch.float32
+        and query.dtype in FAST_DTYPES
         and not is_causal
         and not getattr(module, "is_causal", False)
         and getattr(module, "num_key_value_groups", 1) == 1
@@ -200,24 +228,24 @@ class _FastDropoutFunction(torch.autograd.Function):
         keep = _keep_bits(seed, x.numel(), p)
         ctx.packed, ctx.shape, ctx.scale = np.packbits(keep), tuple(x.shape), 1.0 / (1.0 - p)
         # The weights' buffer becomes the output: no second [tokens, hidden] temporary.
-        return _as_weights(keep, ctx.shape).mul_(x).mul_(ctx.scale)
+        return _as_weights(keep, ctx.shape, x.dtype).mul_(x).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: ANN001, ANN205
         keep = np.unpackbits(ctx.packed, count=grad.numel())
-        return _as_weights(keep, ctx.shape).mul_(grad).mul_(ctx.scale), None, None
+        return _as_weights(keep, ctx.shape, grad.dtype).mul_(grad).mul_(ctx.scale), None, None
 
 
 class FastDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose CPU fp32 training path draws its mask as :func:`keep_mask` does and
-    keeps it packed to one bit per element for backward."""
+    """``nn.Dropout`` whose CPU training path (fp32 or bf16) draws its mask as :func:`keep_mask`
+    does and keeps it packed to one bit per element for backward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             not self.training
             or self.p == 0
             or x.device.type != "cpu"
-            or x.dtype != torch.float32
+            or x.dtype not in FAST_DTYPES
             or self.inplace
         ):
             return super().forward(x)

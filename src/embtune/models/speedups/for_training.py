@@ -9,6 +9,7 @@ from embtune.config import TrainConfig
 from embtune.models.speedups.activation_recompute import (
     recompute_feed_forward_activations,
     recompute_norm_outputs,
+    share_attention_input_cast,
 )
 from embtune.models.speedups.dropout import use_fast_cpu_dropout
 
@@ -23,8 +24,9 @@ def apply_training_speedups(
         # Same dropout, drawn and applied without the unfused attention path
         # (models/speedups/dropout.py).
         use_fast_cpu_dropout(model)
-    if device.type == "cpu" and not (config.bf16 or config.fp16 or config.gradient_checkpointing):
+    if device.type == "cpu" and not (config.fp16 or config.gradient_checkpointing):
         # Same results, less kept for backward: cheap activations are recomputed instead
-        # (models/speedups/activation_recompute.py).
+        # (models/speedups/activation_recompute.py), in fp32 and in bf16 autocast.
         recompute_feed_forward_activations(model)
         recompute_norm_outputs(model)
+        share_attention_input_cast(model)
