@@ -18,10 +18,10 @@ and resumable (torch's RNG state is checkpointed); the keep decision compares 16
 integers, so the dropout probability is p to within 1/65536. Hidden-state dropout uses the same
 generator and packed masks (:class:`FastDropout`).
 
-In bf16 autocast (``--bf16`` on a CPU with native bf16) the same path runs with the matrix
-products in bf16 (where AMX / AVX512-BF16 is fast) and the softmax, its gradient and the masks in
-fp32, as FlashAttention splits the work; the probabilities are rounded to bf16 only as the input
-of the product with V. Without it, dropout in bf16 would again take the unfused math path, which
+In bf16 autocast (``--bf16`` on a CPU with native bf16) the same path takes bf16 q, k, v,
+keeps them (half the memory) and computes in fp32, as the math path does: the [L, L] work is
+elementwise, where bf16 saves nothing and its conversions cost (measured: twice the step time
+of the fp32 computation in a profiled MiniLM step). Without it, dropout in bf16 would again take the unfused math path, which
 computes in fp32 and keeps the [L, L] matrices (measured: bf16 training slower than fp32 at twice
 its memory, docs/performance.md).
 
@@ -84,66 +84,73 @@ class _DropoutAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, p: float, scale: float, seed: int):  # noqa: ANN001, ANN205
-        batch, heads, length, dim = q.shape
-        out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
-        packed = []
-        for start in range(0, batch, _SEQUENCES_PER_CHUNK):
-            rows = slice(start, start + _SEQUENCES_PER_CHUNK)
-            probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
-            keep = _keep_bits(seed + start, probs.numel(), p)
-            packed.append(np.packbits(keep))
-            probs.mul_(_as_weights(keep, tuple(probs.shape)))
-            out[rows] = torch.matmul(probs.to(v.dtype), v[rows])
-        out.mul_(1.0 / (1.0 - p))
-        ctx.save_for_backward(q, k, v, bias, out)
-        ctx.p, ctx.scale, ctx.packed = p, scale, packed
+        with torch.autocast("cpu", enabled=False):
+            out, ctx.packed = _attend(*_widened(q, k, v), bias, p, scale, seed)
+        out = out.to(q.dtype)  # the layout is preserved
+        ctx.save_for_backward(q, k, v, bias, out)  # bf16 inputs are kept as bf16
+        ctx.p, ctx.scale = p, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         q, k, v, bias, out = ctx.saved_tensors
+        low = q.dtype
+        q, k, v, out, grad_out = _widened(q, k, v, out, grad_out)
         p, scale = ctx.p, ctx.scale
         dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype) for t in (q, k, v))
         inv_keep = 1.0 / (1.0 - p)
         # sum_j P_ij dP_ij = dO_i . O_i: a row sum over [L, d] instead of over [L, L].
-        row_dot = _row_dot(grad_out, out)
+        row_dot = (grad_out * out).sum(-1, keepdim=True)
         for chunk, start in enumerate(range(0, q.shape[0], _SEQUENCES_PER_CHUNK)):
             rows = slice(start, start + _SEQUENCES_PER_CHUNK)
             probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
             keep = np.unpackbits(ctx.packed[chunk], count=probs.numel())
             keep = _as_weights(keep, tuple(probs.shape))
-            low = v.dtype  # of the products: fp32, or bf16 under autocast (probs stay fp32)
-            dropped = (probs * keep).to(low)
-            torch.matmul(dropped.transpose(-1, -2), grad_out[rows], out=dv[rows])
-            grad_probs = torch.matmul(grad_out[rows], v[rows].transpose(-1, -2)).to(probs.dtype)
+            torch.matmul((probs * keep).transpose(-1, -2), grad_out[rows], out=dv[rows])
+            grad_probs = torch.matmul(grad_out[rows], v[rows].transpose(-1, -2))
             grad_probs.mul_(keep).mul_(inv_keep)
-            grad_scores = grad_probs.sub_(row_dot[rows]).mul_(probs).to(low)
+            grad_scores = grad_probs.sub_(row_dot[rows]).mul_(probs)
             torch.matmul(grad_scores, k[rows], out=dq[rows])
             torch.matmul(grad_scores.transpose(-1, -2), q[rows], out=dk[rows])
         dv.mul_(inv_keep)
         dq.mul_(scale)
         dk.mul_(scale)
-        return dq, dk, dv, None, None, None, None
+        return dq.to(low), dk.to(low), dv.to(low), None, None, None, None
+
+
+def _widened(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """bf16 tensors as fp32 (the attention computes in fp32: on a CPU its [L, L] work is
+    elementwise, and a bf16 product there costs more in conversions than it saves); others as
+    they are."""
+    return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
+
+
+def _attend(q, k, v, bias, p: float, scale: float, seed: int):  # noqa: ANN001, ANN202
+    batch, heads, length, dim = q.shape
+    out = q.new_empty(batch, length, heads, dim).transpose(1, 2)
+    packed = []
+    for start in range(0, batch, _SEQUENCES_PER_CHUNK):
+        rows = slice(start, start + _SEQUENCES_PER_CHUNK)
+        probs = _probabilities(q[rows], k[rows], None if bias is None else bias[rows], scale)
+        keep = _keep_bits(seed + start, probs.numel(), p)
+        packed.append(np.packbits(keep))
+        probs.mul_(_as_weights(keep, tuple(probs.shape)))
+        out[rows] = torch.matmul(probs, v[rows])
+    out.mul_(1.0 / (1.0 - p))
+    return out, packed
 
 
 def _probabilities(
     q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Probabilities in fp32 (fp64 for fp64 inputs); from a bf16 product of q and k when they
-    are bf16."""
-    scores = torch.matmul(q * scale, k.transpose(-1, -2)).to(_softmax_dtype(q.dtype))
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
     if bias is not None:
         scores += bias
     return torch.softmax(scores, dim=-1)
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-def _row_dot(grad_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    wide = _softmax_dtype(out.dtype)
-    return (grad_out.to(wide) * out.to(wide)).sum(-1, keepdim=True)
+    return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
 def dropout_attention(
