@@ -14,11 +14,11 @@ kinds of it are kept twice over in BERT-style layers:
 Both recompute one elementwise pass in backward (under 1% of a step) and together keep 864 MiB
 less at those sizes (576 + 288 MiB). Under bf16 autocast the feed-forward path runs its products
 in bf16 as autocast would, and :func:`share_attention_input_cast` keeps one bf16 copy of an
-attention block's input where autocast keeps three. Activation checkpointing (``--gradient-checkpointing``)
-would instead run whole layers again, about a third more compute. Outputs and gradients are
-those of the plain model (the norm path bit for bit; the feed-forward path, which works through
-the tokens in blocks, to float rounding); weights and saved files do not change: ``forward``
-is replaced on module instances only.
+attention block's input where autocast keeps three. Activation checkpointing
+(``--gradient-checkpointing``) would instead run whole layers again, about a third more
+compute. Outputs and gradients are those of the plain model (the norm path bit for bit; the
+feed-forward path, which works through the tokens in blocks, to float rounding); weights and
+saved files do not change: ``forward`` is replaced on module instances only.
 """
 
 from __future__ import annotations
