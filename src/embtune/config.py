@@ -278,7 +278,9 @@ class TrainConfig:
     compile: bool = option(
         False, help="torch.compile the encoder (slower start, faster steps)", resume_may_change=True
     )
-    bf16: bool = option(False, help="bfloat16 mixed precision (GPU)")
+    bf16: bool = option(
+        False, help="bfloat16 mixed precision (GPU, or a CPU with AVX512-BF16 or AMX)"
+    )
     fp16: bool = option(False, help="float16 mixed precision with loss scaling (GPU only)")
     # --- evaluation during training ---------------------------------------------------------
     eval_data: str = option(
