@@ -190,3 +190,30 @@ def test_an_attention_input_cast_once_gives_autocasts_results_and_keeps_less(tin
             assert torch.equal(a.grad, b.grad), name
     # Two bf16 [48 tokens, 32] copies less per layer (key's and value's).
     assert plain_bytes - switched_bytes >= 2 * 2 * 48 * 32 * 2
+
+
+def test_a_bf16_cpu_run_gets_the_fast_paths_and_its_step_agrees_with_fp32(tiny_model) -> None:
+    from embtune.config import TrainConfig
+    from embtune.models.speedups.for_training import apply_training_speedups
+
+    config = TrainConfig(model="m", train_data=["t.jsonl"], output_dir="o", bf16=True)
+    grads = []
+    with single_thread():
+        for bf16 in (False, True):
+            encoder = Encoder.from_pretrained(tiny_model, pooling="mean")
+            apply_training_speedups(encoder.model, config, torch.device("cpu"))
+            layer = encoder.model.encoder.layer[0]
+            assert "forward" in vars(layer.output.dense)  # the feed-forward recompute
+            assert layer.attention.self._embtune_casts_once
+            encoder.train()
+            ids = torch.randint(1000, 2000, (4, 12), generator=torch.Generator().manual_seed(0))
+            torch.manual_seed(3)  # the same dropout masks in both precisions
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                emb = encoder(ids, torch.ones_like(ids))
+            direction = torch.randn(emb.shape[-1], generator=torch.Generator().manual_seed(1))
+            (emb.float() @ direction).sin().sum().backward()
+            grads.append(encoder.model.encoder.layer[0].intermediate.dense.weight.grad)
+    full, half = grads
+    assert torch.isfinite(half).all()
+    # Measured 0.24% apart; other dropout masks would be ~100% apart.
+    assert ((half - full).norm() / full.norm()).item() < 0.02
