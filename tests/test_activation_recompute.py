@@ -45,6 +45,15 @@ def _step(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torc
     return emb.detach(), sum(kept.values())
 
 
+def assert_same_gradients(plain: torch.nn.Module, switched: torch.nn.Module) -> None:
+    """Every parameter's gradient bitwise equal in the two models."""
+    for (name, a), (_, b) in zip(
+        plain.named_parameters(), switched.named_parameters(), strict=True
+    ):
+        if a.grad is not None:
+            assert torch.equal(a.grad, b.grad), name
+
+
 def test_a_switched_model_computes_the_same_and_keeps_less(tiny_model, monkeypatch) -> None:
     monkeypatch.setattr(activation_recompute, "_ROWS", 5)  # 48 tokens: 10 blocks
     with single_thread():
@@ -108,11 +117,7 @@ def test_norm_outputs_are_recomputed_with_the_same_gradients_and_less_kept(
         same_emb, outside_bytes = _step(switched, ids, mask)
     switched_bytes = outside_bytes + sum(kept.values())
     assert torch.equal(emb, same_emb)
-    for (name, a), (_, b) in zip(
-        plain.named_parameters(), switched.named_parameters(), strict=True
-    ):
-        if a.grad is not None:
-            assert torch.equal(a.grad, b.grad), name
+    assert_same_gradients(plain, switched)
     # Per layer, the attention block's and the feed-forward block's norm outputs: 2 x 2 x
     # [48 tokens, 32] fp32 (the embeddings' norm output goes through dropout first).
     assert plain_bytes - switched_bytes >= 2 * 2 * 48 * 32 * 4
@@ -183,11 +188,7 @@ def test_an_attention_input_cast_once_gives_autocasts_results_and_keeps_less(tin
         torch.testing.assert_close(plain(ids, mask), switched(ids, mask), rtol=0, atol=0)
     (emb, plain_bytes), (same_emb, switched_bytes) = kept
     assert torch.equal(emb, same_emb)
-    for (name, a), (_, b) in zip(
-        plain.named_parameters(), switched.named_parameters(), strict=True
-    ):
-        if a.grad is not None:
-            assert torch.equal(a.grad, b.grad), name
+    assert_same_gradients(plain, switched)
     # Two bf16 [48 tokens, 32] copies less per layer (key's and value's).
     assert plain_bytes - switched_bytes >= 2 * 2 * 48 * 32 * 2
 
