@@ -119,9 +119,8 @@ class _DropoutAttention(torch.autograd.Function):
 
 
 def _widened(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """bf16 tensors as fp32 (the attention computes in fp32: on a CPU its [L, L] work is
-    elementwise, and a bf16 product there costs more in conversions than it saves); others as
-    they are."""
+    """bf16 tensors as fp32, others as they are: the attention computes in fp32 (its [L, L]
+    work is elementwise; see the module docstring)."""
     return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
 
 
