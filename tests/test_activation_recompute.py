@@ -213,7 +213,7 @@ def test_a_bf16_cpu_run_gets_the_fast_paths_and_its_step_agrees_with_fp32(tiny_m
                 emb = encoder(ids, torch.ones_like(ids))
             direction = torch.randn(emb.shape[-1], generator=torch.Generator().manual_seed(1))
             (emb.float() @ direction).sin().sum().backward()
-            grads.append(encoder.model.encoder.layer[0].intermediate.dense.weight.grad)
+            grads.append(layer.intermediate.dense.weight.grad)
     full, half = grads
     assert torch.isfinite(half).all()
     # Measured 0.24% apart; other dropout masks would be ~100% apart.

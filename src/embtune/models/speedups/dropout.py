@@ -121,7 +121,7 @@ class _DropoutAttention(torch.autograd.Function):
 def _widened(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """bf16 tensors as fp32, others as they are: the attention computes in fp32 (its [L, L]
     work is elementwise; see the module docstring)."""
-    return tuple(t.float() if t.dtype == torch.bfloat16 else t for t in tensors)
+    return tuple(t.to(_computed_in(t.dtype)) for t in tensors)
 
 
 def _attend(q, k, v, bias, p: float, scale: float, seed: int):  # noqa: ANN001, ANN202
@@ -148,7 +148,8 @@ def _probabilities(
     return torch.softmax(scores, dim=-1)
 
 
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
+def _computed_in(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the attention computes in for inputs of ``dtype``: fp32 for bf16."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
@@ -176,7 +177,7 @@ def dropout_attention(
             # (the bias is kept for the backward pass: [B, L, L] per layer otherwise).
             attention_mask = rows
         # In the scores' dtype (fp32 for bf16 q): it is added to them in _probabilities.
-        wide = _softmax_dtype(q.dtype)
+        wide = _computed_in(q.dtype)
         if attention_mask.dtype == torch.bool:
             bias = torch.zeros(attention_mask.shape, dtype=wide)
             bias.masked_fill_(~attention_mask, torch.finfo(wide).min)
