@@ -314,6 +314,7 @@ class ChildRun:
     label: str
     tool: str
     command: list[str]
+    precision: str = "fp32"
     returncode: int = 0
     wall_seconds: float = 0.0
     peak_rss_bytes: int = 0

@@ -30,7 +30,7 @@ import urllib.request
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,11 +69,12 @@ class DemoRecipe:
     passage_max_len: int = 256
     dev_fraction: float = 0.1
     dev_pool: int = 20  # dev searches positives + the base model's top-k per dev query
-    dev_evals: int = 2  # evaluations on dev during training (plus before and at the end)
+    dev_evals: int = 0  # evaluations on dev during training (plus before and at the end)
     interpolate_base: str = "auto"  # "" = off; a factor; auto = chosen on dev + reference
     interpolate_factors: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     auto_tolerance: float = 0.005
     seed: int = 42
+    precision: str = "auto"  # auto = bf16 where the device computes it natively, else fp32
 
 
 @dataclass
@@ -232,6 +233,9 @@ def run_demo(
     if reference and limit:
         reference = _limited_reference(reference, limit, recipe.seed, out)
     stages: dict[str, float] = {}
+    chosen, why = demo_precision(recipe.precision)
+    recipe = replace(recipe, precision=chosen)
+    log(f"embtune demo: precision {chosen} ({why})")
 
     train_rows, dev_rows = _split_off_dev(train_set, folder, recipe, out)
     baseline = _mine_and_score_base_model(
@@ -241,7 +245,9 @@ def run_demo(
         result = _fine_tune(
             model, out, len(train_rows), baseline.dev, recipe, show_progress, reference
         )
-    fine_tuned, after = _evaluate_after(result, test_set, out, stages, show_progress)
+    fine_tuned, after = _evaluate_after(
+        result, test_set, out, stages, show_progress, recipe.precision
+    )
     wall = time.perf_counter() - started
 
     history = result.history
@@ -259,6 +265,7 @@ def run_demo(
         "reference_data": str(reference) if reference else None,
         "limit": limit,
         "recipe": asdict(recipe),
+        "precision_reason": why,
         "train_queries": len(train_rows),
         "dev_queries": len(dev_rows),
         "dev_corpus": len(baseline.dev.corpus),
@@ -274,6 +281,26 @@ def run_demo(
         before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out,
         fine_tuned=fine_tuned,
     )  # fmt: skip
+
+
+def demo_precision(requested: str) -> tuple[str, str]:
+    """The precision the demo trains and encodes in, and why.
+
+    ``auto`` takes bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX,
+    a bf16-capable GPU): there the recipe's test nDCG@10 holds and every stage runs about 2x
+    faster (docs/demo.md has both runs). Elsewhere bf16 is emulated and slower than fp32.
+    """
+    from embtune.hardware_plan.measure import native_bf16
+
+    if requested not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"--precision: unknown value {requested!r}; choose auto, fp32 or bf16")
+    if requested != "auto":
+        return requested, "given by --precision"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if native_bf16(device):
+        where = "this GPU" if device == "cuda" else "this CPU (AVX512-BF16 or AMX)"
+        return "bf16", f"{where} computes bf16 natively; --precision fp32 to compare"
+    return "fp32", "this CPU has no native bf16 (no AVX512-BF16 or AMX), where it is slower"
 
 
 def _learning_rate_search(out: Path) -> dict | None:
@@ -318,13 +345,14 @@ def _evaluate_after(
     out: Path,
     stages: dict[str, float],
     show_progress: bool,
+    precision: str,
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Test metrics of the fine-tuned model (best dev checkpoint) and of the demo's model: the
     interpolated one when there is one, else the same."""
     from embtune.eval.retrieval import evaluate_retrieval
 
     with _stage(stages, "eval_after_seconds"):
-        tuned = _load_encoder(out / "model" / "best")
+        tuned = _load_encoder(out / "model" / "best", precision)
         fine_tuned = evaluate_retrieval(tuned, test_set, show_progress=show_progress)
     stages["train_texts_per_second"] = result.texts_per_second
     history = result.history
@@ -337,7 +365,7 @@ def _evaluate_after(
         # At 1 the mixed weights are the fine-tuned model's bit for bit: same test metrics.
         return fine_tuned, fine_tuned
     with _stage(stages, "eval_interpolated_seconds"):
-        mixed = _load_encoder(result.interpolation.folder)
+        mixed = _load_encoder(result.interpolation.folder, precision)
         after = evaluate_retrieval(mixed, test_set, show_progress=show_progress)
     return fine_tuned, after
 
@@ -442,7 +470,10 @@ def _mine_and_score_base_model(
 
     with _stage(stages, "mine_seconds"):
         base = _load_encoder(
-            model, query_max_len=recipe.query_max_len, passage_max_len=recipe.passage_max_len
+            model,
+            recipe.precision,
+            query_max_len=recipe.query_max_len,
+            passage_max_len=recipe.passage_max_len,
         )
         mined = _mine(base, train_set, train_rows, recipe, out, show_progress)
     report = mined.report
@@ -469,11 +500,11 @@ def _mine_and_score_base_model(
     return _BaseModelScores(before=before, dev=dev, dev_before=dev_before)
 
 
-def _load_encoder(path: str | Path, **settings: int) -> Encoder:
-    """An Encoder from ``path``, on the GPU when there is one."""
+def _load_encoder(path: str | Path, precision: str, **settings: int) -> Encoder:
+    """An Encoder from ``path`` encoding in ``precision``, on the GPU when there is one."""
     from embtune.models.encoder import Encoder
 
-    encoder = Encoder.from_pretrained(path, **settings)
+    encoder = Encoder.from_pretrained(path, encode_precision=precision, **settings)
     if torch.cuda.is_available():
         encoder.to("cuda")
     return encoder
@@ -536,6 +567,7 @@ def _fine_tune(
         query_max_len=recipe.query_max_len,
         passage_max_len=recipe.passage_max_len,
         seed=recipe.seed,
+        bf16=recipe.precision == "bf16",
         logging_steps=max(1, steps // 25),
         eval_steps=max(1, -(-steps // (recipe.dev_evals + 1))),  # ceil: no eval just before the end
         save_steps=0,

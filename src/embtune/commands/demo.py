@@ -23,6 +23,7 @@ examples:
   embtune demo --data ~/beir/scifact -o runs/demo-2
   embtune demo --limit 30            # a quick smoke run on 30 queries per split
   embtune demo --interpolate-base off --learning-rate 2e-5   # the anchors' learning rate
+  embtune demo --precision fp32      # full precision even where bf16 is native
 """
 
 
@@ -66,6 +67,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="mix the fine-tuned weights with the base: auto (default: the factor chosen on "
         "dev and the reference set), a factor in [0, 1], or off",
     )  # fmt: skip
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="precision of training and encoding: auto (default) is bf16 where the device "
+        "computes it natively (a CPU with AVX512-BF16 or AMX, a bf16 GPU) and fp32 elsewhere; "
+        "docs/demo.md compares the two on this recipe",
+    )  # fmt: skip
+    parser.add_argument(
+        "--dev-evals", type=int, default=None, metavar="N",
+        help="dev (and reference set) evaluations during training, besides the ones before "
+        "and at the end (default: 0; in measured runs the last step was always the best)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -100,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_recipe(args: argparse.Namespace):
-    """The recipe with --learning-rate and --interpolate-base applied (checked)."""
+    """The recipe with --learning-rate, --interpolate-base, --dev-evals and --precision
+    applied (checked)."""
     import dataclasses
     import math
 
@@ -124,4 +137,8 @@ def demo_recipe(args: argparse.Namespace):
                 f"--interpolate-base must be auto, off or a number in [0, 1], got {value!r}"
             )
         recipe = dataclasses.replace(recipe, interpolate_base=value)
-    return recipe
+    if args.dev_evals is not None:
+        if args.dev_evals < 0:
+            raise UsageError(f"--dev-evals must be 0 or more, got {args.dev_evals}")
+        recipe = dataclasses.replace(recipe, dev_evals=args.dev_evals)
+    return dataclasses.replace(recipe, precision=args.precision)

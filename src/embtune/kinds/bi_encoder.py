@@ -94,7 +94,8 @@ class BiEncoder:
 
     def load(self, config: TrainConfig, weights_from: Path | None = None) -> Encoder:
         """The encoder to train; a resumed run takes its weights (and settings) from the
-        checkpoint."""
+        checkpoint. With --bf16 its evaluations (dev, reference sets, interpolation) encode in
+        bf16 too, as the training steps compute."""
         return Encoder.from_pretrained(
             str(weights_from) if weights_from else config.model,
             pooling=config.pooling,
@@ -105,6 +106,7 @@ class BiEncoder:
             passage_max_len=config.passage_max_len,
             attn_implementation=config.attn_implementation,
             matryoshka_dims=config.matryoshka_dims,
+            encode_precision="bf16" if config.bf16 else "fp32",
         )
 
     def prepare_texts(
