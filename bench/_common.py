@@ -11,7 +11,9 @@ memory, versions and thread counts. The parent measures the child's peak residen
 same way.
 
 Only the standard library is imported at module level: the module runs in every venv, and
-the parent stays small.
+the parent stays small. That matters for the numbers: Linux starts a child's ru_maxrss at its
+parent's resident size, so a parent holding gigabytes would set a floor under every peak (the
+embtune runs themselves report their own VmHWM in train_summary.json).
 """
 
 from __future__ import annotations

@@ -194,3 +194,14 @@ def test_bf16_encoding_is_close_to_fp32_and_kept_apart_in_the_cache_key(tiny_mod
 def test_an_unknown_encode_precision_is_refused(tiny_model) -> None:
     with pytest.raises(UsageError, match="encode precision 'fp8'"):
         Encoder.from_pretrained(tiny_model, encode_precision="fp8")
+
+
+@pytest.mark.parametrize(("bf16", "precision"), [(True, "bf16"), (False, "fp32")])
+def test_the_bi_encoder_kind_evaluates_in_the_precision_it_trains_in(
+    tiny_model, bf16: bool, precision: str
+) -> None:
+    from embtune.config import TrainConfig
+    from embtune.kinds.bi_encoder import BiEncoder
+
+    config = TrainConfig(model=str(tiny_model), train_data=["unused.jsonl"], bf16=bf16)
+    assert BiEncoder().load(config).encode_precision == precision

@@ -1,5 +1,5 @@
-"""`embtune plan`: the memory line, the recommendation rule, the grid, bad input, and a real
-the plan's own command line."""
+"""`embtune plan`: the memory line, the recommendation rule, the grid, bad input, the plan's
+own command line, and a real follow-up run that stays within the budget the plan was given."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from embtune.errors import UsageError
 from embtune.hardware_plan.grid import measure_grid
@@ -159,3 +160,49 @@ def test_missing_data_is_refused_before_measuring(tmp_path: Path, tiny_model: Pa
     assert done.returncode == 2
     assert "nope.jsonl" in done.stderr and "does not exist" in done.stderr
     assert not (tmp_path / "run.yaml").exists()
+
+
+def small_model(folder: Path) -> Path:
+    """A 2-layer, 128-wide BERT: activations large enough against the process's own memory
+    that a budget between two batch sizes binds (the 32-wide fixture's barely grow)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tests.conftest import minilm_path
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=128, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=512)  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_recommendation_stays_within_its_budget_in_a_real_run(tmp_path: Path) -> None:
+    data = write_rows(tmp_path / "train.jsonl", words_per_passage=300)
+    model = small_model(tmp_path / "model")
+    common = ["--model", str(model), "--train-data", str(data), "--train-group-size", "4"]
+    done = _embtune("plan", *common, "--max-batch-size", "4", "--json", "plan.json",
+                    cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    peaks = {m["batch_size"]: m["peak_bytes"] for m in plan["measurements"]}
+    assert sorted(peaks) == [1, 2, 4]
+    # A budget that binds: between what batch 2 and batch 4 measured.
+    budget = (peaks[2] + peaks[4]) // 2
+    done = _embtune("plan", *common, "--max-batch-size", "4", "--memory-budget", str(budget),
+                    "--write-config", "run.yaml", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    options = yaml.safe_load((tmp_path / "run.yaml").read_text())
+    assert options["batch_size"] < 4, done.stdout  # the budget binds
+    # The follow-up starts from a process holding more than the budget, as a long pytest
+    # session does in CI: a child's ru_maxrss would start at that size (the bug this guards),
+    # the run's own peak (VmHWM) does not.
+    ballast = b"x" * budget
+    done = _embtune("train", "--config", "run.yaml", "--output-dir", "out", "--max-steps", "3",
+                    "--save-steps", "0", cwd=tmp_path)  # fmt: skip
+    del ballast
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((tmp_path / "out" / "train_summary.json").read_text())
+    assert 0 < summary["peak_memory_bytes"] <= budget, (summary["peak_memory_bytes"], budget)

@@ -1,10 +1,16 @@
 """One measured grid point: a short, real `embtune train` run in a child process.
 
 Why a child process per point: the peak of a process can only be read, not reset, in a portable
-way (ru_maxrss); a fresh process per point measures exactly what a training run of those
-settings holds at its peak (interpreter, libraries, model, optimizer state, activations), and a
-point that runs out of memory kills only its child. The run is the real training code (the
-same speedups, step strategy, optimizer), on worst-case rows (probe.py).
+way; a fresh process per point measures exactly what a training run of those settings holds at
+its peak (interpreter, libraries, model, optimizer state, activations), and a point that runs
+out of memory kills only its child. The run is the real training code (the same speedups, step
+strategy, optimizer), on worst-case rows (probe.py).
+
+The peak is the one the run itself reports (train_summary.json: VmHWM on a CPU), not the
+child's ``ru_maxrss`` from ``os.wait4``: Linux starts a child's ru_maxrss at its parent's
+resident size, so every point would weigh at least as much as this planning process (measured:
+a 13 MiB child of a process holding 1.5 GiB reports 1.5 GiB; a follow-up run started from a
+long pytest session reported 2.03 GiB against a 0.66 GiB budget for that reason).
 """
 
 from __future__ import annotations
@@ -123,9 +129,9 @@ def measure(
 ) -> Measurement:
     """Run ``point`` for STEPS_PER_POINT steps in a child `embtune train`; its peak and speed.
 
-    CPU peak: the child's peak resident memory (os.wait4); GPU: the run's own
-    max_memory_allocated (train_summary.json). A child that fails (out of memory included)
-    gives a Measurement with ``error`` set and the last line it printed.
+    The peak is the run's own (train_summary.json): its resident high-water mark on a CPU,
+    max_memory_allocated on a GPU. A child that fails (out of memory included) gives a
+    Measurement with ``error`` set and the last line it printed.
     """
     name = f"b{point.batch_size}-g{point.group_size}-c{point.cache_chunk_size}"
     out = work / f"{name}-{point.precision}"
@@ -137,15 +143,14 @@ def measure(
             stdout=fh, stderr=subprocess.STDOUT, env=_environment(device),
         )  # fmt: skip
         try:
-            _, status, usage = os.wait4(child.pid, 0)
+            status = child.wait()
         except BaseException:
             child.kill()  # an interrupted plan leaves no training run behind
             child.wait()
             raise
     seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         lines = log.read_text(errors="replace").strip().splitlines() or ["(no output)"]
         return Measurement(point, 0, 0.0, seconds, error=lines[-1][:300])
     summary = json.loads((out / SUMMARY_FILE).read_text())
-    peak = int(summary["peak_memory_bytes"]) if device == "cuda" else usage.ru_maxrss * 1024
-    return Measurement(point, peak, _steady_rate(out), seconds)
+    return Measurement(point, int(summary["peak_memory_bytes"]), _steady_rate(out), seconds)

@@ -34,12 +34,25 @@ from embtune.training.update import finite_everywhere, guarded_update
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process so far: allocated GPU memory on CUDA, else resident memory."""
+    """Peak memory of this process so far: allocated GPU memory on CUDA, else resident memory
+    (Linux: VmHWM)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    # Not ru_maxrss: Linux carries the parent's resident size at spawn into the child's
+    # ru_maxrss, so a run started from a 2 GiB process (pytest, `embtune plan`) reported at
+    # least 2 GiB whatever it used. VmHWM is the high-water mark of this process's own memory.
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     import resource
+    import sys
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    scale = 1 if sys.platform == "darwin" else 1024  # macOS reports bytes, others KiB
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
 def checkpoint_at(session: Session, done: int) -> Path:
