@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from embtune.cli import main
-from embtune.demo import download_beir, find_scifact
+from embtune.demo import demo_precision, download_beir, find_scifact
 from embtune.errors import UsageError
 from tests.conftest import SCIFACT
 
@@ -53,7 +53,7 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(
     assert all(set(m["reference"]) == {"debian-packages"} for m in models.values())
     assert models["interpolated"]["test"] == payload["after"]["ndcg@10"]
     assert models["fine_tuned"]["test"] == payload["fine_tuned"]["ndcg@10"]
-    assert payload["interpolation"]["factor"] in (0.25, 0.5, 0.75, 1.0)
+    assert payload["interpolation"]["factor"] in (0.5, 0.75, 1.0)
     assert "| interpolated, factor" in report and "debian-packages nDCG@10" in report
     assert (out / "model" / "interpolated" / "model.safetensors").is_file()
 
@@ -79,6 +79,7 @@ def test_demo_refuses_a_non_empty_output_folder(
         (["--interpolate-base", "1.5"], "--interpolate-base must be auto, off or a number"),
         (["--learning-rate", "-1"], "--learning-rate must be a positive number or auto"),
         (["--reference-data", "nowhere"], "--reference-data: nowhere is not a BEIR folder"),
+        (["--dev-evals", "-1"], "--dev-evals must be 0 or more, got -1"),
     ],
 )
 def test_demo_refuses_bad_options_in_one_line(
@@ -108,6 +109,39 @@ def test_demo_without_a_reference_set_says_so_and_interpolation_can_be_off(
     payload = json.loads((out / "demo.json").read_text())
     assert list(payload["models"]) == ["base", "fine_tuned"] and payload["interpolation"] is None
     assert payload["after"] == payload["fine_tuned"]
+
+
+def test_demo_precision_and_dev_evaluations_are_options(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    # 40 queries: 36 train, 3 steps of 16 (the dev evaluation falls after step 2).
+    args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "40"]
+    options = ["--reference-data", "none", "--precision", "fp32", "--dev-evals", "1"]
+    assert main([*args, *options, "-o", str(out)]) == 0
+    assert "embtune demo: precision fp32 (given by --precision)" in capsys.readouterr().out
+    payload = json.loads((out / "demo.json").read_text())
+    assert payload["recipe"]["precision"] == "fp32" and payload["recipe"]["dev_evals"] == 1
+    assert payload["precision_reason"] == "given by --precision"
+    # One dev evaluation between the one before training (step 0) and the one at the end.
+    log = (out / "model" / "train_log.jsonl").read_text().splitlines()
+    dev_steps = [row["step"] for row in map(json.loads, log) if "dev_ndcg@10" in row]
+    assert len(dev_steps) == 3 and dev_steps[0] == 0 < dev_steps[1] < dev_steps[2], dev_steps
+
+
+@pytest.mark.parametrize(("native", "expected"), [(True, "bf16"), (False, "fp32")])
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(
+    monkeypatch: pytest.MonkeyPatch, native: bool, expected: str
+) -> None:
+    import embtune.hardware_plan.measure
+
+    monkeypatch.setattr(embtune.hardware_plan.measure, "native_bf16", lambda device: native)
+    precision, why = demo_precision("auto")
+    assert precision == expected and "native" in why
+    assert demo_precision("fp32") == ("fp32", "given by --precision")
+    assert demo_precision("bf16") == ("bf16", "given by --precision")
+    with pytest.raises(UsageError, match="unknown value 'fp16'"):
+        demo_precision("fp16")
 
 
 def _beir_zip(path: Path) -> Path:
