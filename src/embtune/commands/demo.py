@@ -69,9 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--precision", choices=("auto", "fp32", "bf16"), default="auto",
-        help="precision of training and encoding: auto (default) is bf16 where the device "
-        "computes it natively (a CPU with AVX512-BF16 or AMX, a bf16 GPU) and fp32 elsewhere; "
-        "docs/demo.md compares the two on this recipe",
+        help="precision of training and evaluation (mining is always fp32): auto (default) "
+        "is bf16 where the device computes it natively (a CPU with AVX512-BF16 or AMX, a bf16 "
+        "GPU) and fp32 elsewhere; docs/demo.md compares the two on this recipe",
     )  # fmt: skip
     parser.add_argument(
         "--dev-evals", type=int, default=None, metavar="N",
