@@ -119,7 +119,8 @@ def test_demo_precision_and_dev_evaluations_are_options(
     args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "40"]
     options = ["--reference-data", "none", "--precision", "fp32", "--dev-evals", "1"]
     assert main([*args, *options, "-o", str(out)]) == 0
-    assert "embtune demo: training and evaluation in fp32 (given by --precision); mining in fp32" in capsys.readouterr().out
+    said = "embtune demo: training and evaluation in fp32 (given by --precision); mining in fp32"
+    assert said in capsys.readouterr().out
     payload = json.loads((out / "demo.json").read_text())
     assert payload["recipe"]["precision"] == "fp32" and payload["recipe"]["dev_evals"] == 1
     assert payload["precision_reason"] == "given by --precision"
