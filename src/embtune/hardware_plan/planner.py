@@ -113,8 +113,8 @@ class Planner:
         if faster and bf16.peak_bytes <= max(fp32.peak_bytes, 1):
             return "bf16", pair, (
                 f"precision bf16: native on this {self.device}, {bf16.texts_per_second:.1f} vs "
-                f"{fp32.texts_per_second:.1f} texts/s in fp32 at batch 2 (quality against fp32: "
-                "docs/plan.md)"
+                f"{fp32.texts_per_second:.1f} texts/s in fp32 at batch 2; on the demo recipe bf16 "
+                "training kept fp32's test nDCG@10 (docs/demo.md): check yours on dev"
             )  # fmt: skip
         return "fp32", pair, (
             f"precision fp32: bf16 measured {bf16.texts_per_second:.1f} vs "
