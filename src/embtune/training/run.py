@@ -168,6 +168,13 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
     # expandable segments let it grow blocks in place instead of freeing and re-reserving.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     precision = "bf16" if config.bf16 else "fp16" if config.fp16 else "no"
+    # accelerate keeps one precision per process and refuses another: a second run in the same
+    # process (the demo after a bf16 one, the Python API, a test suite) would fail. Its
+    # precision state is dropped; the process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         # Without a GPU, accelerate only joins a torchrun launch (gloo) when told it is on CPU;
         # otherwise every process would train alone, each thinking it is the only one.
