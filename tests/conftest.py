@@ -74,3 +74,19 @@ def single_thread() -> Iterator[None]:
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for `python -m embtune` child processes: offline, one thread."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Qwen2-style decoder with random weights (tests/decoder_models.py)."""
+    from tests.decoder_models import build_decoder
+
+    return build_decoder(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama-style decoder with random weights (tests/decoder_models.py)."""
+    from tests.decoder_models import build_decoder
+
+    return build_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")

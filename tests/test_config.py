@@ -280,7 +280,7 @@ FLOAT_OPTIONS = [f.name for f in fields(TrainConfig) if f.type in (float, "float
 def test_the_float_options_are_the_ones_checked_below() -> None:
     assert set(FLOAT_OPTIONS) == {
         "temperature", "learning_rate", "weight_decay", "warmup_ratio", "max_grad_norm",
-        "dev_fraction", "teacher_temperature", "auto_tolerance",
+        "dev_fraction", "teacher_temperature", "auto_tolerance", "lora_alpha", "lora_dropout",
     }  # fmt: skip
 
 

@@ -15,6 +15,9 @@ NEGATIVE_FILL_POLICIES = ("corpus", "repeat", "shrink")
 NEGATIVE_SAMPLING_POLICIES = ("random", "cycle")
 """Which of a row's negatives a step uses (data/groups.py ``GroupSampler``)."""
 
+PADDING_SIDES = ("right", "left")
+"""Where a batch is padded (data/batching.py ``pad_tokens``; decoder models often pad left)."""
+
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 """Attention kernels passed to transformers (``attn_implementation``)."""
 

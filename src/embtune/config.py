@@ -26,6 +26,7 @@ from embtune.choices import (
     MODEL_KINDS,
     NEGATIVE_FILL_POLICIES,
     NEGATIVE_SAMPLING_POLICIES,
+    PADDING_SIDES,
     POOLING_MODES,
     RERANKER_LOSSES,
 )
@@ -103,6 +104,31 @@ class TrainConfig:
     passage_instruction: str | None = option(
         None, help="text put before every passage; default: the model's own"
     )
+    query_instruction_format: str = option(
+        "{}{}",
+        help="how the query instruction (or a row's prompt) and the query are joined "
+        "(FlagEmbedding's format): '{}{}' puts one straight before the other; "
+        "'<instruct>{}\\n<query>{}' as bge-en-icl, 'Instruct: {}\\nQuery:{}' as "
+        "Qwen3-Embedding. The query's {} comes last: the rest is saved as the model's query "
+        "prompt",
+        metavar="FORMAT",
+    )
+    passage_instruction_format: str = option(
+        "{}{}", help="the same for the passage instruction and the passage", metavar="FORMAT"
+    )
+    append_eos_token: bool | None = option(
+        None,
+        help="end every text with the tokenizer's EOS token, as decoder embedders' recipes do "
+        "(Qwen3-Embedding, e5-mistral, RepLLaMA) for last_token pooling; written into the "
+        "saved tokenizer, so transformers and sentence-transformers do the same; default: "
+        "what the model's tokenizer does",
+    )
+    padding_side: str | None = option(
+        None,
+        help="pad batches on the left or the right, in training and evaluation; default: the "
+        "tokenizer's (saved with the model)",
+        choices=PADDING_SIDES,
+    )
     query_max_len: int = option(64, help="queries are truncated to this many tokens")
     passage_max_len: int = option(256, help="passages are truncated to this many tokens")
     max_len: int = option(
@@ -117,6 +143,41 @@ class TrainConfig:
     )
     passage_instruction_for_rerank: str | None = option(
         None, help="cross-encoder: text put before every passage; default: the reranker's own"
+    )
+    allow_settings_mismatch: bool = option(
+        False,
+        help="train even when the options embed --model differently from its own "
+        "sentence-transformers configuration (pooling, normalization, EOS, a shipped "
+        "instruction); by default such a run is refused before it starts (embtune "
+        "check-model shows the comparison)",
+        resume_may_change=True,
+    )
+    # --- LoRA (peft) ------------------------------------------------------------------------
+    use_lora: bool = option(
+        False,
+        help="train LoRA adapters instead of every weight (docs/llm-embedders.md): the base "
+        "stays frozen, checkpoints hold the adapter; the saved folder is the adapter, loaded "
+        "with its base by transformers and sentence-transformers",
+    )
+    lora_rank: int = option(64, help="LoRA rank r of each update B A", metavar="R")
+    lora_alpha: float = option(16.0, help="LoRA alpha: updates are scaled by alpha / r")
+    lora_dropout: float = option(0.1, help="dropout on the LoRA branch's input")
+    target_modules: list[str] = option(
+        [],
+        help="module names LoRA adapts; default: q_proj k_proj v_proj o_proj gate_proj "
+        "up_proj down_proj where the model has them (FlagEmbedding's), else every linear layer",
+        metavar="NAME",
+    )
+    modules_to_save: list[str] = option(
+        [], help="modules trained in full beside the adapters and saved with them", metavar="NAME"
+    )
+    from_peft: str = option(
+        "", help="a LoRA adapter folder made for --model: training goes on from it"
+    )
+    save_merged_lora_model: bool = option(
+        False,
+        help="also save the model with the adapter merged into its weights, to "
+        "OUTPUT_DIR/merged_model (a plain model, no peft needed to load it)",
     )
     # --- groups and loss --------------------------------------------------------------------
     train_group_size: int = option(
@@ -469,6 +530,7 @@ class TrainConfig:
         self._validate_distillation()
         self._validate_matryoshka()
         self._validate_interpolation()
+        self._validate_decoder_options()
         if self.negatives_cross_device and not self.in_batch_negatives:
             raise UsageError(
                 "--negatives-cross-device with --no-in-batch-negatives: other processes' "
@@ -531,6 +593,45 @@ class TrainConfig:
         tolerance = self.auto_tolerance
         if not (tolerance >= 0 and math.isfinite(tolerance)):
             raise OptionError("auto_tolerance", f"must be a finite number >= 0, got {tolerance}")
+
+    def _validate_decoder_options(self) -> None:
+        """Instruction formats of the form '<text>{}<text>{}'; LoRA options in range and
+        only with LoRA; what LoRA cannot be combined with yet."""
+        from embtune.models.instruction_format import check_format
+
+        check_format(self.query_instruction_format, "--query-instruction-format")
+        check_format(self.passage_instruction_format, "--passage-instruction-format")
+        if self.lora_rank < 1:
+            raise OptionError("lora_rank", f"must be at least 1, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise OptionError("lora_alpha", f"must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora:
+            if self.model_kind != "bi-encoder":
+                raise UsageError(
+                    f"--use-lora trains bi-encoders; --model-kind {self.model_kind} trains "
+                    "every weight (LoRA rerankers are not built yet)"
+                )
+            if self.interpolate_base:
+                raise UsageError(
+                    "--interpolate-base mixes full weights; with LoRA, scale the adapter "
+                    "instead: drop --interpolate-base (not built yet for adapters)"
+                )
+            return
+        lora_only = {
+            "save_merged_lora_model": self.save_merged_lora_model,
+            "target_modules": self.target_modules,
+            "modules_to_save": self.modules_to_save,
+        }
+        for name, value in lora_only.items():
+            if value:
+                raise UsageError(f"{flag(name)} only applies with --use-lora or --from-peft")
+
+    @property
+    def lora(self) -> bool:
+        """True when the run trains LoRA adapters (--use-lora, or --from-peft's adapter)."""
+        return self.use_lora or bool(self.from_peft)
 
     def _validate_matryoshka(self) -> None:
         """Dimensions positive and distinct (in any order); one weight each."""

@@ -26,6 +26,7 @@ from embtune.run_files import (
     INTERPOLATION_FILE,
     INTERPOLATION_PLOT,
     INTERPOLATION_TABLE,
+    MERGED_DIR,
     TENSORBOARD_DIR,
     TRAINER_STATE_FILE,
 )
@@ -50,6 +51,7 @@ _SAVED_NAMES = re.compile(
     r"|tokenizer(_config)?\.json|special_tokens_map\.json|added_tokens\.json|vocab\.(txt|json)"
     r"|merges\.txt|.*\.model|modules\.json|sentence_bert_config\.json"
     r"|config_sentence_transformers\.json|embtune_encoder\.json|generation_config\.json"
+    r"|adapter_config\.json|adapter_model\.safetensors"
     r"|1_Pooling/config\.json|training_state/(optimizer|scheduler)(_\d+)?\.bin"
     r"|training_state/random_states_\d+\.pkl|training_state/scaler\.pt"
     r"|training_state/custom_checkpoint_\d+\.pkl|" + re.escape(TRAINER_STATE_FILE) + ")"
@@ -124,7 +126,7 @@ def clear_previous_run(out: Path) -> tuple[list[str], list[str]]:
             shutil.rmtree(path)  # an interrupted save's own temporary folder
         elif path.is_dir() and (
             (_CHECKPOINT.fullmatch(name) and (path / TRAINER_STATE_FILE).is_file())
-            or name in (BEST_DIR, INTERPOLATED_DIR)
+            or name in (BEST_DIR, INTERPOLATED_DIR, MERGED_DIR)
         ):
             _remove_saved_files(path, kept)
         elif name == TENSORBOARD_DIR and path.is_dir():

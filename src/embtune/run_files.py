@@ -15,6 +15,7 @@ DEV_SPLIT_FILE = "dev_split.json"  # the rows --dev-fraction held out
 REJECTED_FILE = "rejected_rows.jsonl"  # --skip-bad-rows: the rows left out and why
 DIMENSIONS_PLOT = "matryoshka_dims.png"  # --matryoshka-dims with dev data: nDCG@10 by dim
 BEST_DIR = "best"  # --save-best: the model with the best dev nDCG@10
+MERGED_DIR = "merged_model"  # --save-merged-lora-model: the adapter merged (FlagEmbedding's name)
 INTERPOLATED_DIR = "interpolated"  # --interpolate-base: the model mixed with the base
 INTERPOLATION_FILE = "interpolation.json"  # --interpolate-base: factors, scores, the choice
 INTERPOLATION_TABLE = "interpolation.md"  # the same as a table

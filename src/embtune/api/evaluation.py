@@ -230,6 +230,7 @@ def evaluate(
     bf16: bool = False,
     skip_bad_rows: bool = False,
     dims: Sequence[int] | None = None,
+    allow_settings_mismatch: bool = False,
     show_progress: bool = True,
 ) -> Metrics:
     """Retrieval metrics of a model on one split of a BEIR folder, as `embtune eval` computes.
@@ -256,6 +257,9 @@ def evaluate(
             cut to their first ``dim`` components and re-normalized as
             ``Encoder.from_pretrained(model, truncate_dim=dim)`` makes them
             (``Metrics.by_dim``; None: the full embedding only).
+        allow_settings_mismatch: evaluate even when the overrides embed ``model`` otherwise
+            than its own sentence-transformers configuration (by default a UsageError lists
+            what differs: models/parity.py).
         show_progress: show encoding progress bars.
 
     Returns:
@@ -294,6 +298,11 @@ def evaluate(
     dataset = load_data(Path(data), split, limit_queries, skip_bad_rows)
 
     encoder = overrides.load(model, where, bf16)
+    if not allow_settings_mismatch:
+        from embtune.models.parity import check_settings, refuse_mismatch
+
+        report = check_settings(encoder.settings, encoder.tokenizer.padding_side, str(model))
+        refuse_mismatch(report, "--allow-settings-mismatch")
     scores, by_dim = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )

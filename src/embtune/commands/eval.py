@@ -172,6 +172,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "BF16 and on GPUs, embeddings within ~1e-2 of fp32 (default: fp32, equal to "
         "sentence-transformers')",
     )
+    p.add_argument(
+        "--allow-settings-mismatch",
+        action="store_true",
+        help="evaluate even when the options embed --model otherwise than its own "
+        "sentence-transformers configuration (pooling, normalization, EOS, a shipped "
+        "instruction); by default that is refused (embtune check-model shows the comparison)",
+    )
     p.set_defaults(func=run)
 
 
@@ -288,6 +295,7 @@ def run(args: argparse.Namespace) -> int:
         args.split,
         **_shared(args),
         dims=args.dims,
+        allow_settings_mismatch=args.allow_settings_mismatch,
         show_progress=sys.stderr.isatty(),
     )
     print(metrics.summary())

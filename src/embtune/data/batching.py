@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from embtune.choices import PADDING_SIDES
 from embtune.data.groups import Group, TrainRow
-
-PADDING_SIDES = ("right", "left")
 
 
 def padded_width(longest: int, multiple: int = 1, cap: int | None = None) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 from embtune.choices import NEGATIVE_FILL_POLICIES, NEGATIVE_SAMPLING_POLICIES
 from embtune.data.formats import Record
 from embtune.data.store import TextStore
+from embtune.models.instruction_format import instruction_prefix
 
 
 @dataclass
@@ -84,10 +85,12 @@ def build_rows(
     query_instruction: str = "",
     passage_instruction: str = "",
     corpus: list[str] | None = None,
+    prompt_format: str = "{}{}",
 ) -> TrainingTexts:
     """Put every distinct text in a store once and turn records into id rows.
 
-    A row's ``prompt`` replaces the query instruction (FlagEmbedding's per-row prompt).
+    A row's ``prompt`` replaces the query instruction (FlagEmbedding's per-row prompt), put in
+    ``prompt_format`` as the instruction is (models/instruction_format.py).
     ``corpus`` adds extra passages (e.g. a BEIR corpus) that the ``corpus`` fill can draw from.
     A row's ``pos`` and ``neg`` come out sorted and distinct, with no negative that is also a
     positive; teacher scores (``pos_scores`` / ``neg_scores``) follow the ids they belong to.
@@ -95,7 +98,11 @@ def build_rows(
     queries, passages = TextStore(), TextStore()
     rows = []
     for rec in records:
-        instruction = rec.prompt if rec.prompt is not None else query_instruction
+        instruction = (
+            instruction_prefix(prompt_format, rec.prompt) or ""
+            if rec.prompt is not None
+            else query_instruction
+        )
         q = queries.add(instruction + rec.query)
         pos = np.array([passages.add(passage_instruction + t) for t in rec.pos], dtype=np.int64)
         neg = np.array([passages.add(passage_instruction + t) for t in rec.neg], dtype=np.int64)

@@ -23,12 +23,20 @@ if TYPE_CHECKING:
 
 
 def training_texts(
-    data: TrainingData, query_instruction: str, passage_instruction: str
+    data: TrainingData,
+    query_instruction: str,
+    passage_instruction: str,
+    prompt_format: str = "{}{}",
 ) -> TrainingTexts:
     """Text stores and id rows of ``data``; a BEIR corpus joins the passages (the pool that
-    ``--negative-fill corpus`` draws from)."""
+    ``--negative-fill corpus`` draws from). A row's prompt is put in ``prompt_format``
+    (--query-instruction-format), as the query instruction is."""
     return build_rows(
-        data.records, query_instruction, passage_instruction, list(data.corpus.values())
+        data.records,
+        query_instruction,
+        passage_instruction,
+        list(data.corpus.values()),
+        prompt_format,
     )
 
 

@@ -23,10 +23,15 @@ from embtune.data.pipeline import training_texts
 from embtune.data.store import TokenTable, tokenize_store, usable_cache_dir
 from embtune.models.encoder import (
     Encoder,
+    EncoderSettings,
     check_dimensions,
     check_max_lengths,
     load_model_config,
+    settings_with,
 )
+from embtune.models.instruction_format import instruction_prefix
+from embtune.models.lora import LoraSettings, add_lora, is_peft_model, trainable_summary
+from embtune.models.parity import check_settings, own_appends_eos, refuse_mismatch
 from embtune.models.speedups.for_training import apply_training_speedups
 from embtune.objectives.base import Objective
 from embtune.objectives.from_options import objective_from_options
@@ -77,7 +82,9 @@ class BiEncoder:
     in_batch_scoring = True  # every passage of the batch is a candidate (--in-batch-negatives)
 
     def announce_lines(self, encoder: Encoder) -> list[str]:
-        """Nothing to add: the negatives budget says it all."""
+        """With LoRA, what trains; else nothing: the negatives budget says it all."""
+        if is_peft_model(encoder.model):
+            return [f"LoRA: {trainable_summary(encoder.model)}"]
         return []
 
     def prepare_dev(
@@ -87,34 +94,57 @@ class BiEncoder:
         return []
 
     def check_options(self, config: TrainConfig) -> None:
-        """Refuse options the model cannot take, from its config alone (no weights loaded)."""
+        """Refuse options the model cannot take, from its config alone (no weights loaded),
+        and options that would embed it otherwise than its own sentence-transformers
+        configuration does (models/parity.py), unless --allow-settings-mismatch."""
         model_config = load_model_config(config.model)
         check_max_lengths(model_config, config.query_max_len, config.passage_max_len)
         check_dimensions(model_config, config.matryoshka_dims, "--matryoshka-dims")
+        if not (config.resuming or config.allow_settings_mismatch):
+            report = check_settings(planned_settings(config), config.padding_side, config.model)
+            refuse_mismatch(report, "--allow-settings-mismatch")
 
     def load(self, config: TrainConfig, weights_from: Path | None = None) -> Encoder:
         """The encoder to train; a resumed run takes its weights (and settings) from the
-        checkpoint. With --bf16 its evaluations (dev, reference sets, interpolation) encode in
-        bf16 too, as the training steps compute."""
-        return Encoder.from_pretrained(
+        checkpoint, an adapter there included. With --use-lora fresh adapters go on the base
+        (--from-peft: the given ones, trainable). With --bf16 its evaluations (dev, reference
+        sets, interpolation) encode in bf16 too, as the training steps compute."""
+        adapter = None if weights_from else (config.from_peft or None)
+        encoder = Encoder.from_pretrained(
             str(weights_from) if weights_from else config.model,
             pooling=config.pooling,
             normalize=config.normalize,
-            query_instruction=config.query_instruction,
-            passage_instruction=config.passage_instruction,
+            query_instruction=instruction_prefix(
+                config.query_instruction_format, config.query_instruction
+            ),
+            passage_instruction=instruction_prefix(
+                config.passage_instruction_format, config.passage_instruction
+            ),
             query_max_len=config.query_max_len,
             passage_max_len=config.passage_max_len,
             attn_implementation=config.attn_implementation,
             matryoshka_dims=config.matryoshka_dims,
             encode_precision="bf16" if config.bf16 else "fp32",
+            append_eos_token=config.append_eos_token,
+            padding_side=config.padding_side,
+            adapter=adapter,
+            trainable_adapter=True,
         )
+        if config.use_lora and not is_peft_model(encoder.model):
+            encoder.model = add_lora(encoder.model, lora_settings(config))
+        return encoder
 
     def prepare_texts(
         self, encoder: Encoder, data: TrainingData, config: TrainConfig, show: bool
     ) -> BiEncoderTexts:
         """Rows with the encoder's instructions, every text tokenized once (disk-cached)."""
         settings = encoder.settings
-        texts = training_texts(data, settings.query_instruction, settings.passage_instruction)
+        texts = training_texts(
+            data,
+            settings.query_instruction,
+            settings.passage_instruction,
+            config.query_instruction_format,
+        )
         cache = usable_cache_dir(config.cache_dir)
         tokenizer = encoder.tokenizer
         query_tokens, _ = tokenize_store(
@@ -202,6 +232,10 @@ class BiEncoder:
         """A folder that transformers, sentence-transformers and embtune load identically."""
         encoder.save(path)
 
+    def save_merged(self, encoder: Encoder, path: Path) -> None:
+        """--save-merged-lora-model: the model with its adapter merged, as a plain folder."""
+        encoder.merged().save(path)
+
     def passage_count(self, texts: BiEncoderTexts) -> int:
         """Passages the corpus fill may draw from."""
         return len(texts.texts.passages)
@@ -209,3 +243,33 @@ class BiEncoder:
     def rows(self, texts: BiEncoderTexts) -> list:
         """The training rows (id form)."""
         return texts.texts.rows
+
+
+def planned_settings(config: TrainConfig) -> EncoderSettings:
+    """The settings :meth:`BiEncoder.load` will embed ``config.model`` with, from its files
+    (no weights loaded). EOS left to the model counts as the model's own."""
+    settings = settings_with(
+        config.model,
+        pooling=config.pooling,
+        normalize=config.normalize,
+        query_instruction=instruction_prefix(
+            config.query_instruction_format, config.query_instruction
+        ),
+        passage_instruction=instruction_prefix(
+            config.passage_instruction_format, config.passage_instruction
+        ),
+    )
+    eos = config.append_eos_token
+    settings.append_eos_token = own_appends_eos(config.model) if eos is None else eos
+    return settings
+
+
+def lora_settings(config: TrainConfig) -> LoraSettings:
+    """The adapters --use-lora puts on the model."""
+    return LoraSettings(
+        rank=config.lora_rank,
+        alpha=config.lora_alpha,
+        dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        modules_to_save=list(config.modules_to_save),
+    )

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,8 +31,17 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from embtune.choices import ENCODE_PRECISIONS, POOLING_MODES
+from embtune.choices import ENCODE_PRECISIONS, PADDING_SIDES, POOLING_MODES
 from embtune.errors import UsageError
+from embtune.models.lora import (
+    adapter_base,
+    is_adapter_folder,
+    is_peft_model,
+    load_adapter,
+    merged_copy,
+    save_adapter,
+)
+from embtune.models.special_tokens import append_eos, appends_eos
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,9 @@ class EncoderSettings:
     # The Matryoshka dimensions the model was trained at (--matryoshka-dims): the leading
     # slices that were trained to be embeddings on their own (docs/matryoshka.md).
     matryoshka_dims: list[int] = field(default_factory=list)
+    # Every text ends with the tokenizer's EOS (--append-eos-token); the saved tokenizer does
+    # it itself (models/special_tokens.py), this records that it was asked for.
+    append_eos_token: bool = False
 
 
 def truncate_embeddings(embeddings: torch.Tensor, dim: int | None, normalize: bool) -> torch.Tensor:
@@ -119,12 +131,13 @@ def model_file(name_or_path: str, filename: str) -> Path | None:
         return None
 
 
-def saved_settings(name_or_path: str) -> EncoderSettings:
-    """Encoder settings recorded with a model: embtune's own file, else sentence-transformers'.
+def saved_settings(name_or_path: str, own_file: bool = True) -> EncoderSettings:
+    """Encoder settings recorded with a model: embtune's own file, else sentence-transformers'
+    (only those with ``own_file=False``: what any sentence-transformers user gets).
 
     A model without either gets ``cls`` pooling (the BERT convention) and normalization on.
     """
-    own = model_file(name_or_path, SETTINGS_FILE)
+    own = model_file(name_or_path, SETTINGS_FILE) if own_file else None
     if own and (data := _read_json(own)):
         known = EncoderSettings.__dataclass_fields__
         return EncoderSettings(**{k: v for k, v in data.items() if k in known})
@@ -149,6 +162,15 @@ def saved_settings(name_or_path: str) -> EncoderSettings:
     prompts = ((_read_json(st_cfg_file) if st_cfg_file else None) or {}).get("prompts") or {}
     settings.query_instruction = prompts.get("query") or ""
     settings.passage_instruction = prompts.get("document") or prompts.get("passage") or ""
+    return settings
+
+
+def settings_with(name_or_path: str, **overrides: object) -> EncoderSettings:
+    """The model's saved settings (:func:`saved_settings`) with every override not None."""
+    settings = saved_settings(name_or_path)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(settings, key, value)
     return settings
 
 
@@ -186,6 +208,8 @@ def load_model_config(name_or_path: str | Path) -> object:
     local = Path(name)
     if not local.exists() and (local.is_absolute() or name.startswith(".")):
         raise UsageError(f"--model: folder {name} does not exist")
+    if is_adapter_folder(name):  # a LoRA adapter has no config.json: its base model's counts
+        name = adapter_base(name)
     try:
         return AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as exc:
@@ -194,12 +218,14 @@ def load_model_config(name_or_path: str | Path) -> object:
 
 
 def _load_model(
-    name: str, attn_implementation: str | None
+    name: str, attn_implementation: str | None, tokenizer_from: str | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The model and its tokenizer; a model or an attention kind that cannot load is a
-    one-line UsageError."""
+    """The model and its tokenizer (from ``tokenizer_from`` when given: an adapter folder
+    keeps the tokenizer it was trained with); a model or an attention kind that cannot load
+    is a one-line UsageError."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        own = tokenizer_from and _has_tokenizer(tokenizer_from)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_from if own else name)
         kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
         model = AutoModel.from_pretrained(name, **kwargs)
     except OSError as exc:
@@ -211,6 +237,45 @@ def _load_model(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UsageError(f"--attn-implementation {attn_implementation}: {first}") from exc
     return model, tokenizer
+
+
+def _has_tokenizer(folder: str) -> bool:
+    return any((Path(folder) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
+def _has_settings(folder: str | Path) -> bool:
+    """True when a folder records encoder settings (embtune's or sentence-transformers')."""
+    return any((Path(folder) / f).is_file() for f in (SETTINGS_FILE, "modules.json"))
+
+
+def _apply_tokenizer_policy(
+    tokenizer: PreTrainedTokenizerBase,
+    settings: EncoderSettings,
+    padding_side: str | None,
+    append_eos_token: bool | None,
+) -> None:
+    """A pad token where there is none, the padding side asked for, EOS appended when asked
+    (or when the settings say the model was trained so): written into the tokenizer, so its
+    saved copy does the same elsewhere. The settings record what the tokenizer then does."""
+    if tokenizer.pad_token is None:
+        # Decoder-style models (last_token pooling) often ship without a pad token.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if padding_side is not None:
+        if padding_side not in PADDING_SIDES:
+            raise UsageError(
+                f"--padding-side: unknown value {padding_side!r}; choose left or right"
+            )
+        tokenizer.padding_side = padding_side
+    wanted = settings.append_eos_token if append_eos_token is None else append_eos_token
+    if wanted:
+        append_eos(tokenizer)
+    elif append_eos_token is False and appends_eos(tokenizer):
+        raise UsageError(
+            "--no-append-eos-token: this model's tokenizer ends every text with EOS itself "
+            "(its tokenizer.json); embtune does not take that away"
+        )
+    # What the tokenizer does, whoever asked for it (Qwen3-Embedding's appends EOS itself).
+    settings.append_eos_token = appends_eos(tokenizer)
 
 
 class Encoder(torch.nn.Module):
@@ -236,6 +301,8 @@ class Encoder(torch.nn.Module):
         self.encode_precision = "fp32"
         # Leading components encode*() keep (None: all); training (forward) always sees all.
         self.truncate_dim: int | None = None
+        # The model a LoRA adapter is saved against (from_pretrained sets the name it loaded).
+        self.base_name: str = str(getattr(model.config, "_name_or_path", "") or "")
 
     @classmethod
     def from_pretrained(
@@ -251,6 +318,10 @@ class Encoder(torch.nn.Module):
         encode_precision: str = "fp32",
         matryoshka_dims: Sequence[int] | None = None,
         truncate_dim: int | None = None,
+        append_eos_token: bool | None = None,
+        padding_side: str | None = None,
+        adapter: str | Path | None = None,
+        trainable_adapter: bool = False,
     ) -> Encoder:
         """Load a hub name or local folder; arguments left as None keep the model's own settings.
 
@@ -260,7 +331,11 @@ class Encoder(torch.nn.Module):
         ``matryoshka_dims`` is recorded with the model when it is saved (the dimensions it is
         trained at); ``truncate_dim``, as in ``SentenceTransformer(path, truncate_dim=d)``,
         makes the ``encode*`` methods return the first ``d`` components, re-normalized when the
-        model normalizes (:func:`truncate_embeddings`).
+        model normalizes (:func:`truncate_embeddings`). ``append_eos_token`` ends every text
+        with EOS (models/special_tokens.py); ``padding_side`` ("left" or "right") is where
+        batches are padded, in training and evaluation alike. A folder holding a LoRA adapter
+        loads with the base model it names; ``adapter`` puts one on ``name_or_path``
+        (``--from-peft``), ``trainable_adapter`` to go on training it.
         """
         if encode_precision not in ENCODE_PRECISIONS:
             raise UsageError(
@@ -271,27 +346,27 @@ class Encoder(torch.nn.Module):
         local = Path(name)
         if not local.exists() and (local.is_absolute() or name.startswith(".")):
             raise UsageError(f"--model: folder {name} does not exist")
-        settings = saved_settings(name)
-        overrides = {
-            "pooling": pooling,
-            "normalize": normalize,
-            "query_instruction": query_instruction,
-            "passage_instruction": passage_instruction,
-            "query_max_len": query_max_len,
-            "passage_max_len": passage_max_len,
-            "matryoshka_dims": list(matryoshka_dims) if matryoshka_dims is not None else None,
-        }
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(settings, key, value)
-        model, tokenizer = _load_model(name, attn_implementation)
+        if adapter is None and is_adapter_folder(name):
+            name, adapter = adapter_base(name), name
+        settings = settings_with(
+            str(adapter) if adapter and _has_settings(adapter) else name,
+            pooling=pooling,
+            normalize=normalize,
+            query_instruction=query_instruction,
+            passage_instruction=passage_instruction,
+            query_max_len=query_max_len,
+            passage_max_len=passage_max_len,
+            matryoshka_dims=list(matryoshka_dims) if matryoshka_dims is not None else None,
+        )
+        model, tokenizer = _load_model(name, attn_implementation, str(adapter) if adapter else None)
+        if adapter is not None:
+            model = load_adapter(model, adapter, trainable_adapter)
         check_max_lengths(model.config, settings.query_max_len, settings.passage_max_len)
         if truncate_dim is not None:
             check_dimensions(model.config, [truncate_dim], "truncate_dim")
-        if tokenizer.pad_token is None:
-            # Decoder-style models (last_token pooling) often ship without a pad token.
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        _apply_tokenizer_policy(tokenizer, settings, padding_side, append_eos_token)
         encoder = cls(model, tokenizer, settings)
+        encoder.base_name = name
         encoder.encode_precision = encode_precision
         encoder.truncate_dim = truncate_dim
         return encoder
@@ -387,6 +462,14 @@ class Encoder(torch.nn.Module):
         texts = [s.passage_instruction + p for p in passages]
         return self.encode(texts, s.passage_max_len, batch_size, show_progress, "encoding passages")
 
+    def merged(self) -> Encoder:
+        """This encoder with its LoRA adapter added into the base weights: a plain model that
+        embeds the same (to float rounding) and loads without peft; ``self`` is unchanged."""
+        encoder = Encoder(merged_copy(self.model), self.tokenizer, replace(self.settings))
+        encoder.base_name = self.base_name
+        encoder.encode_precision = self.encode_precision
+        return encoder
+
     # --- saving ----------------------------------------------------------------------------
 
     def save(self, path: str | Path) -> None:
@@ -394,7 +477,12 @@ class Encoder(torch.nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.settings
-        self.model.save_pretrained(path, safe_serialization=True)
+        if is_peft_model(self.model):
+            # The adapter only: checkpoints and the saved model stay small; every loader
+            # (transformers, sentence-transformers, embtune) adds the base it names.
+            save_adapter(self.model, path, self.base_name)
+        else:
+            self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

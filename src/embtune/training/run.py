@@ -47,6 +47,7 @@ from embtune.run_files import (
     DEV_SPLIT_FILE,
     DIMENSIONS_PLOT,
     LOG_FILE,
+    MERGED_DIR,
     REJECTED_FILE,
     SUMMARY_FILE,
     TRAINER_STATE_FILE,
@@ -413,6 +414,9 @@ def write_final_files(session: Session, texts_per_second: float, peak: int) -> N
     out, progress, coverage = session.out, session.run.progress, session.coverage
     model = session.accelerator.unwrap_model(session.model)
     save_into_folder(out, lambda folder: session.kind.save(model, folder))
+    if session.config.save_merged_lora_model:
+        merged = out / MERGED_DIR
+        save_into_folder(merged, lambda folder: session.kind.save_merged(model, folder))
     padding = 1 - progress.real_tokens / max(progress.padded_tokens, 1)
     summary = {
         "steps": session.total_steps,
