@@ -10,6 +10,8 @@ raises anything but the user-facing error.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -242,6 +244,12 @@ def test_mutated_beir_files_never_give_a_traceback(
     _read_or_refuse([folder], tokenizer)
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The CLI's parser, built once: building it was most of each example's time."""
+    return build_parser()
+
+
 @FUZZ
 @given(ops=edits)
 def test_mutated_yaml_config_never_gives_a_traceback(ops: list, fuzz_dir: Path) -> None:
@@ -249,7 +257,7 @@ def test_mutated_yaml_config_never_gives_a_traceback(ops: list, fuzz_dir: Path) 
     path.write_bytes(mutate(VALID_YAML, ops))
     argv = ["train", "--config", str(path), "--model", "m", "--train-data", "t", "-o", "o"]
     try:
-        resolve_config(build_parser().parse_args(argv))
+        resolve_config(_parser().parse_args(argv))
     except UsageError as exc:
         (line,) = exc.lines()  # one line, naming the file or the option
         assert line.startswith((str(path), "--")), line
