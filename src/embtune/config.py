@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import types
 import typing
@@ -705,19 +706,26 @@ ALIASES = {
 }
 
 
+@functools.cache
+def type_hints() -> dict[str, object]:
+    """TrainConfig's field types, resolved once: resolving them for every field of every
+    parser built took 0.28 s of each `embtune` start."""
+    return typing.get_type_hints(TrainConfig)
+
+
 # Options read as floats; none may be NaN or infinite (validate refuses them).
 _FLOAT_FIELDS = tuple(
-    name for name, hint in typing.get_type_hints(TrainConfig).items() if hint is float
+    name for name, hint in type_hints().items() if hint is float
 )
 
 
 def _optional(f) -> bool:
     """True when the field's type admits None (``str | None``)."""
-    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+    return type(None) in typing.get_args(type_hints()[f.name])
 
 
 def _field_type(f) -> type:
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = type_hints()[f.name]
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return args[0]
@@ -748,7 +756,7 @@ def argument_type(f) -> Callable[[str], object]:
 
 def _item_type(f) -> type:
     """The element type of a list option (str, int or float)."""
-    return typing.get_args(typing.get_type_hints(TrainConfig)[f.name])[0]
+    return typing.get_args(type_hints()[f.name])[0]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -301,8 +301,8 @@ def evaluate(
     if not allow_settings_mismatch:
         from embtune.models.parity import check_settings, refuse_mismatch
 
-        report = check_settings(encoder.settings, encoder.tokenizer.padding_side, str(model))
-        refuse_mismatch(report, "--allow-settings-mismatch")
+        parity = check_settings(encoder.settings, encoder.tokenizer.padding_side, str(model))
+        refuse_mismatch(parity, "--allow-settings-mismatch")
     scores, by_dim = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )

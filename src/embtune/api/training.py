@@ -11,7 +11,7 @@ import typing
 from typing import TYPE_CHECKING
 
 from embtune.api.options import PathLike, path_list
-from embtune.config import TrainConfig, flag, resolve_config
+from embtune.config import TrainConfig, flag, resolve_config, type_hints
 from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
@@ -26,7 +26,7 @@ def _train_options(options: dict[str, object]) -> dict[str, object]:
     On the command line argparse does the type check; without it a wrong type would surface as
     a TypeError deep inside validation.
     """
-    hints = typing.get_type_hints(TrainConfig)
+    hints = type_hints()
     out: dict[str, object] = {}
     for name, value in options.items():
         if name not in hints:
