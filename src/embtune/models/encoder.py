@@ -68,8 +68,8 @@ class EncoderSettings:
     # The Matryoshka dimensions the model was trained at (--matryoshka-dims): the leading
     # slices that were trained to be embeddings on their own (docs/matryoshka.md).
     matryoshka_dims: list[int] = field(default_factory=list)
-    # Every text ends with the tokenizer's EOS (--append-eos-token); the saved tokenizer does
-    # it itself (models/special_tokens.py), this records that it was asked for.
+    # Every text ends with the tokenizer's EOS (--append-eos-token, or the model's tokenizer
+    # does so itself); the saved tokenizer does it (models/special_tokens.py), this records it.
     append_eos_token: bool = False
 
 
