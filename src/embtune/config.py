@@ -714,9 +714,7 @@ def type_hints() -> dict[str, object]:
 
 
 # Options read as floats; none may be NaN or infinite (validate refuses them).
-_FLOAT_FIELDS = tuple(
-    name for name, hint in type_hints().items() if hint is float
-)
+_FLOAT_FIELDS = tuple(name for name, hint in type_hints().items() if hint is float)
 
 
 def _optional(f) -> bool:
