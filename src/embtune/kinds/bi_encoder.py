@@ -112,14 +112,7 @@ class BiEncoder:
         adapter = None if weights_from else (config.from_peft or None)
         encoder = Encoder.from_pretrained(
             str(weights_from) if weights_from else config.model,
-            pooling=config.pooling,
-            normalize=config.normalize,
-            query_instruction=instruction_prefix(
-                config.query_instruction_format, config.query_instruction
-            ),
-            passage_instruction=instruction_prefix(
-                config.passage_instruction_format, config.passage_instruction
-            ),
+            **embedding_options(config),
             query_max_len=config.query_max_len,
             passage_max_len=config.passage_max_len,
             attn_implementation=config.attn_implementation,
@@ -245,20 +238,25 @@ class BiEncoder:
         return texts.texts.rows
 
 
+def embedding_options(config: TrainConfig) -> dict[str, object]:
+    """The options that decide how a text becomes a vector (None: the model's own), the
+    instructions put in their formats."""
+    return {
+        "pooling": config.pooling,
+        "normalize": config.normalize,
+        "query_instruction": instruction_prefix(
+            config.query_instruction_format, config.query_instruction
+        ),
+        "passage_instruction": instruction_prefix(
+            config.passage_instruction_format, config.passage_instruction
+        ),
+    }
+
+
 def planned_settings(config: TrainConfig) -> EncoderSettings:
     """The settings :meth:`BiEncoder.load` will embed ``config.model`` with, from its files
     (no weights loaded). EOS left to the model counts as the model's own."""
-    settings = settings_with(
-        config.model,
-        pooling=config.pooling,
-        normalize=config.normalize,
-        query_instruction=instruction_prefix(
-            config.query_instruction_format, config.query_instruction
-        ),
-        passage_instruction=instruction_prefix(
-            config.passage_instruction_format, config.passage_instruction
-        ),
-    )
+    settings = settings_with(config.model, **embedding_options(config))
     eos = config.append_eos_token
     settings.append_eos_token = own_appends_eos(config.model) if eos is None else eos
     return settings
