@@ -301,7 +301,10 @@ def evaluate(
     if not allow_settings_mismatch:
         from embtune.models.parity import check_settings, refuse_mismatch
 
-        parity = check_settings(encoder.settings, encoder.tokenizer.padding_side, str(model))
+        settings = encoder.settings
+        parity = check_settings(
+            settings, encoder.tokenizer.padding_side, str(model), settings.append_eos_token
+        )
         refuse_mismatch(parity, "--allow-settings-mismatch")
     scores, by_dim = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss

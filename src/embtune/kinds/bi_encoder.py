@@ -31,7 +31,7 @@ from embtune.models.encoder import (
 )
 from embtune.models.instruction_format import instruction_prefix
 from embtune.models.lora import LoraSettings, add_lora, is_peft_model, trainable_summary
-from embtune.models.parity import check_settings, own_appends_eos, refuse_mismatch
+from embtune.models.parity import check_settings, refuse_mismatch
 from embtune.models.speedups.for_training import apply_training_speedups
 from embtune.objectives.base import Objective
 from embtune.objectives.from_options import objective_from_options
@@ -101,7 +101,12 @@ class BiEncoder:
         check_max_lengths(model_config, config.query_max_len, config.passage_max_len)
         check_dimensions(model_config, config.matryoshka_dims, "--matryoshka-dims")
         if not (config.resuming or config.allow_settings_mismatch):
-            report = check_settings(planned_settings(config), config.padding_side, config.model)
+            report = check_settings(
+                planned_settings(config),
+                config.padding_side,
+                config.model,
+                config.append_eos_token,
+            )
             refuse_mismatch(report, "--allow-settings-mismatch")
 
     def load(self, config: TrainConfig, weights_from: Path | None = None) -> Encoder:
@@ -255,11 +260,8 @@ def embedding_options(config: TrainConfig) -> dict[str, object]:
 
 def planned_settings(config: TrainConfig) -> EncoderSettings:
     """The settings :meth:`BiEncoder.load` will embed ``config.model`` with, from its files
-    (no weights loaded). EOS left to the model counts as the model's own."""
-    settings = settings_with(config.model, **embedding_options(config))
-    eos = config.append_eos_token
-    settings.append_eos_token = own_appends_eos(config.model) if eos is None else eos
-    return settings
+    (no weights loaded)."""
+    return settings_with(config.model, **embedding_options(config))
 
 
 def lora_settings(config: TrainConfig) -> LoraSettings:

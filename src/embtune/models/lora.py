@@ -58,13 +58,10 @@ def adapter_base(path: str | Path) -> str:
 def default_targets(model: torch.nn.Module) -> list[str]:
     """FlagEmbedding's projections where the model has them (decoder LLMs), else every linear
     layer (peft's ``all-linear``: BERT's query/key/value/dense)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if _is_linear(m)}
+    linear = (n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
+    names = {name.rsplit(".", 1)[-1] for name in linear}
     found = [p for p in DECODER_PROJECTIONS if p in names]
     return found or ["all-linear"]
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    return isinstance(module, torch.nn.Linear)
 
 
 def add_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Module:

@@ -96,10 +96,16 @@ class ParityReport:
         return {**asdict(self), "ok": self.ok}
 
 
-def check_settings(settings: EncoderSettings, padding_side: str | None, model: str) -> ParityReport:
+def check_settings(
+    settings: EncoderSettings,
+    padding_side: str | None,
+    model: str,
+    append_eos_token: bool | None,
+) -> ParityReport:
     """Compare the settings embtune embeds ``model`` with (``settings``, batches padded on
-    ``padding_side``; None: the tokenizer's) against the ones the model ships; nothing is
-    embedded, no weights are loaded."""
+    ``padding_side``, EOS appended or not: None for either leaves it to the tokenizer, so it
+    cannot differ) against the ones the model ships; nothing is embedded, no weights are
+    loaded."""
     modules = _modules(model)
     if modules is None:
         return ParityReport(model=model, has_own_config=False)
@@ -112,10 +118,11 @@ def check_settings(settings: EncoderSettings, padding_side: str | None, model: s
             Difference("modules", "Transformer, Pooling, Normalize", ", ".join(modules))
         )
     own_eos = None if tokenizer is None else _on_off(appends_eos(tokenizer))
+    our_eos = own_eos if append_eos_token is None else _on_off(append_eos_token)
     pairs = [
         ("pooling", settings.pooling, own.pooling),
         ("normalization", _on_off(settings.normalize), _on_off(own.normalize)),
-        ("EOS at the end of every text", _on_off(settings.append_eos_token), own_eos),
+        ("EOS at the end of every text", our_eos, own_eos),
     ]
     for setting, mine, theirs in pairs:
         if theirs is not None and mine != theirs:
@@ -152,7 +159,10 @@ def refuse_mismatch(report: ParityReport, option: str) -> None:
 def check_model(encoder: Encoder, model: str, compare_embeddings: bool = True) -> ParityReport:
     """:func:`check_settings`, and the probe texts' embeddings from ``encoder`` against the
     model's own sentence-transformers ones (when it is installed and the model has a config)."""
-    report = check_settings(encoder.settings, encoder.tokenizer.padding_side, model)
+    settings = encoder.settings
+    report = check_settings(
+        settings, encoder.tokenizer.padding_side, model, settings.append_eos_token
+    )
     if not report.has_own_config or not compare_embeddings:
         return report
     try:
@@ -210,9 +220,3 @@ def _own_tokenizer(model: str):
         return AutoTokenizer.from_pretrained(model)
     except (OSError, ValueError):
         return None
-
-
-def own_appends_eos(model: str) -> bool:
-    """True when the model's own tokenizer ends every text with EOS."""
-    tokenizer = _own_tokenizer(model)
-    return tokenizer is not None and appends_eos(tokenizer)
