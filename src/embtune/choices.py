@@ -35,3 +35,6 @@ MODEL_KINDS = ("bi-encoder", "cross-encoder")
 
 RERANKER_LOSSES = ("listwise", "pointwise")
 """A cross-encoder's hard objective, ``--reranker-loss`` (objectives/reranking.py)."""
+
+FSDP_MODES = ("off", "full_shard", "shard_grad_op")
+"""Sharding of ``--fsdp`` (training/sharding.py ``fsdp_plugin``)."""

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from embtune.choices import (
     ATTENTION_IMPLEMENTATIONS,
+    FSDP_MODES,
     KD_LOSS_TYPES,
     MODEL_KINDS,
     NEGATIVE_FILL_POLICIES,
@@ -208,6 +209,14 @@ class TrainConfig:
         False,
         help="under torchrun / accelerate launch, score each query against the passages of "
         "every process (the global batch), with gradients flowing back to each process",
+    )
+    fsdp: str = option(
+        "off",
+        help="under torchrun / accelerate launch, shard weights, gradients and optimizer state "
+        "over the processes (PyTorch FSDP2 through accelerate), for models too large for one "
+        "device: full_shard = least memory; shard_grad_op = keep gathered weights from forward "
+        "to backward (faster, more memory); off = every process holds the whole model (DDP)",
+        choices=FSDP_MODES,
     )
     reranker_loss: str = option(
         "listwise",
@@ -608,6 +617,7 @@ class TrainConfig:
             raise OptionError("lora_alpha", f"must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise OptionError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        self._validate_sharding()
         if self.lora:
             if self.model_kind != "bi-encoder":
                 raise UsageError(
@@ -628,6 +638,30 @@ class TrainConfig:
         for name, value in lora_only.items():
             if value:
                 raise UsageError(f"{flag(name)} only applies with --use-lora or --from-peft")
+
+    def _validate_sharding(self) -> None:
+        """What --fsdp cannot be combined with yet, each with the way around it."""
+        if self.fsdp == "off":
+            return
+        refused = {
+            "model_kind": (
+                self.model_kind != "bi-encoder",
+                "sharded rerankers are not built yet: train the cross-encoder unsharded",
+            ),
+            "interpolate_base": (
+                bool(self.interpolate_base),
+                "mixing with the base needs the whole model in one process: drop "
+                "--interpolate-base, or mix afterwards with `embtune merge`",
+            ),
+            "save_merged_lora_model": (
+                self.save_merged_lora_model,
+                "merging gathers the whole model in one process: load the saved adapter "
+                "and merge it after training (docs/llm-embedders.md)",
+            ),
+        }
+        for name, (clash, reason) in refused.items():
+            if clash:
+                raise UsageError(f"--fsdp with {flag(name)}: {reason}")
 
     @property
     def lora(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 DESCRIPTION = """\
 Fine-tune an embedding model with a contrastive loss over hard negatives.
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     from embtune.config import resolve_config
 
     result = api.train(resolve_config(args))
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under torchrun / accelerate launch the main process reports, once
     last = next((h for h in reversed(result.history) if "loss" in h), {})
     if result.resumed_from_step:
         print(f"embtune train: resumed at step {result.resumed_from_step}")

@@ -83,6 +83,7 @@ class ModelKind(Protocol):
         """Dev metrics (at least ``ndcg@10`` and ``mrr@10``)."""
         ...
 
-    def save(self, model: Model, path: Path) -> None:
-        """The model as the libraries users load it with expect it."""
+    def save(self, model: Model, path: Path, state_dict: dict | None = None) -> None:
+        """The model as the libraries users load it with expect it (``state_dict``: its full
+        weights when the model itself is sharded)."""
         ...

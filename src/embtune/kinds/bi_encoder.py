@@ -226,9 +226,9 @@ class BiEncoder:
             metrics.update({f"{key}_dim{dim}": value for key, value in by_dim[dim].items()})
         return metrics
 
-    def save(self, encoder: Encoder, path: Path) -> None:
+    def save(self, encoder: Encoder, path: Path, state_dict: dict | None = None) -> None:
         """A folder that transformers, sentence-transformers and embtune load identically."""
-        encoder.save(path)
+        encoder.save(path, state_dict)
 
     def save_merged(self, encoder: Encoder, path: Path) -> None:
         """--save-merged-lora-model: the model with its adapter merged, as a plain folder."""

@@ -256,7 +256,7 @@ class CrossEncoderKind:
         scorer = CrossEncoderTeacher(model.model, model.tokenizer, settings)
         return evaluate_reranking(scorer, dev_data, self.dev_candidates, show_progress=False)
 
-    def save(self, model: CrossEncoder, path: Path) -> None:
+    def save(self, model: CrossEncoder, path: Path, state_dict: dict | None = None) -> None:
         """A folder that transformers, sentence-transformers' CrossEncoder and embtune load
-        with the same scores."""
+        with the same scores (never sharded: --fsdp trains bi-encoders)."""
         model.save(path)

@@ -378,6 +378,12 @@ class Encoder(torch.nn.Module):
         """Where the model's weights are (inputs are moved there before a forward pass)."""
         return next(self.model.parameters()).device
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The model's transformer-block classes (transformers' attribute of this name): what
+        FSDP shards one by one (accelerate's transformer_based_wrap reads it)."""
+        return list(getattr(self.model, "_no_split_modules", None) or [])
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Embeddings [B, H] for a padded batch of token ids."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
@@ -472,17 +478,21 @@ class Encoder(torch.nn.Module):
 
     # --- saving ----------------------------------------------------------------------------
 
-    def save(self, path: str | Path) -> None:
-        """Write a folder that AutoModel, SentenceTransformer and embtune all load identically."""
+    def save(self, path: str | Path, state_dict: dict | None = None) -> None:
+        """Write a folder that AutoModel, SentenceTransformer and embtune all load identically.
+
+        ``state_dict``: this encoder's full weights (its own ``state_dict()`` keys) when its
+        parameters are shards (--fsdp); they are written instead of the shards."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.settings
+        weights = _model_weights(state_dict)
         if is_peft_model(self.model):
             # The adapter only: checkpoints and the saved model stay small; every loader
             # (transformers, sentence-transformers, embtune) adds the base it names.
-            save_adapter(self.model, path, self.base_name)
+            save_adapter(self.model, path, self.base_name, weights)
         else:
-            self.model.save_pretrained(path, safe_serialization=True)
+            self.model.save_pretrained(path, safe_serialization=True, state_dict=weights)
         self.tokenizer.save_pretrained(path)
         modules = [
             {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -531,6 +541,13 @@ class Encoder(torch.nn.Module):
             },
         )
         _write_json(path / SETTINGS_FILE, asdict(s))
+
+
+def _model_weights(state_dict: dict | None) -> dict | None:
+    """The Hugging Face model's part of an encoder's state dict, under the model's own keys."""
+    if state_dict is None:
+        return None
+    return {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
 
 
 def _write_json(path: Path, data: object) -> None:

@@ -102,14 +102,17 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).merge_and_unload()
 
 
-def save_adapter(model: torch.nn.Module, folder: Path, base: str) -> None:
+def save_adapter(
+    model: torch.nn.Module, folder: Path, base: str, state_dict: dict | None = None
+) -> None:
     """The adapter's files in ``folder``, naming ``base`` (absolute when it is a local folder,
-    so the adapter loads from any working directory)."""
+    so the adapter loads from any working directory). ``state_dict``: the model's full
+    weights when it is sharded (peft takes the adapter's from it)."""
     local = Path(base)
     named = str(local.resolve()) if local.is_dir() else base
     for config in model.peft_config.values():
         config.base_model_name_or_path = named
-    model.save_pretrained(str(folder), safe_serialization=True)
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
 
 
 def trainable_summary(model: torch.nn.Module) -> str:

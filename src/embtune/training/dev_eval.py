@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -32,10 +33,11 @@ def needs_base_evaluation(session: Session) -> bool:
 def evaluate_base(session: Session) -> None:
     """The base model's dev and reference metrics, logged as step 0 (a resumed run has
     them in its history)."""
-    if session.main:
+    if session.evaluates:
         unwrapped = session.accelerator.unwrap_model(session.model)
         record = evaluation_record(session, unwrapped)
         session.model.train()
+    if session.main:
         line = _headline(record, session)  # before the record is logged: no change to show
         session.logbook.write({"step": 0, **record})
         tqdm.write(f"base model: {line}")
@@ -63,35 +65,39 @@ def evaluate_dev(session: Session, step: int) -> None:
     best model (by dev nDCG@10)."""
     accelerator = session.accelerator
     accelerator.wait_for_everyone()
-    if session.main:
-        unwrapped = accelerator.unwrap_model(session.model)
-        record = evaluation_record(session, unwrapped)
+    if session.evaluates:
+        record = evaluation_record(session, accelerator.unwrap_model(session.model))
         session.model.train()
+        # Sharded, every process has the same record, so all take part in saving best/.
+        if "dev_ndcg@10" in record:
+            keep_if_best(session, step, record["dev_ndcg@10"])
+    if session.main:
         session.logbook.write({"step": step, **record})
         tqdm.write(f"step {step}: {_headline(record, session)}")
-        if "dev_ndcg@10" in record:
-            keep_if_best(session, unwrapped, step, record["dev_ndcg@10"])
     accelerator.wait_for_everyone()
 
 
-def keep_if_best(session: Session, model: object, step: int, ndcg: float) -> None:
-    """With --save-best, save ``model`` as best/ when ``ndcg`` (the full embedding's dev
-    nDCG@10) beats every earlier evaluation's."""
+def keep_if_best(session: Session, step: int, ndcg: float) -> None:
+    """With --save-best, save the model as best/ when ``ndcg`` (the full embedding's dev
+    nDCG@10) beats every earlier evaluation's. Called by every process that evaluates."""
     best = session.run.best
-    if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
+    if not session.config.save_best or (best["ndcg"] is not None and ndcg <= best["ndcg"]):
+        return
+    save_model = session.model_saver()
+    if session.main:
         try:
-            save_atomically(session.out / BEST_DIR, lambda path: save_best(session, model, path))
+            save_atomically(session.out / BEST_DIR, lambda path: save_best(save_model, path))
         except Exception as exc:
             if not is_write_failure(exc, session.out):
                 raise
             what = f"step {step}: could not write {BEST_DIR}/"
             raise stopped_writing(what, exc, session.out) from exc
-        best.update(step=step, ndcg=ndcg)
+    best.update(step=step, ndcg=ndcg)
 
 
-def save_best(session: Session, model: object, folder: Path) -> None:
+def save_best(save_model: Callable[[Path], None], folder: Path) -> None:
     """The best model, with the record of its files that --overwrite-output-dir goes by."""
-    session.kind.save(model, folder)
+    save_model(folder)
     record_best_files(folder)
 
 

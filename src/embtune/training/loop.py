@@ -60,10 +60,9 @@ def checkpoint_at(session: Session, done: int) -> Path:
     state = trainer_state(
         done, session.run, session.plan, session.total_steps, session.config, session.fingerprint
     )
-    model = session.accelerator.unwrap_model(session.model)
     return save_checkpoint(
         session.accelerator,
-        lambda folder: session.kind.save(model, folder),
+        session.model_saver(),
         session.out,
         done,
         state,

@@ -14,6 +14,7 @@ and logged, and ``--max-nonfinite-steps`` of them in a row stop the run with a c
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,6 +71,7 @@ from embtune.training.preflight import (
 )
 from embtune.training.reference_sets import reference_summary
 from embtune.training.session import Session
+from embtune.training.sharding import fsdp_plugin, shard_on_cpu
 from embtune.training.state import restore_state, trainer_state
 
 if TYPE_CHECKING:
@@ -176,7 +178,8 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
 
     if AcceleratorState._shared_state:
         AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
+    sharding = fsdp_plugin(config)
+    accelerator = Accelerator(
         # Without a GPU, accelerate only joins a torchrun launch (gloo) when told it is on CPU;
         # otherwise every process would train alone, each thinking it is the only one.
         cpu=not torch.cuda.is_available(),
@@ -186,7 +189,12 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
         # Our step count is global (one call per optimizer step); by default accelerate would
         # step the schedule once per process and decay the learning rate N times too fast.
         step_scheduler_with_optimizer=False,
+        fsdp_plugin=sharding,
     )
+    shard_on_cpu(accelerator, sharding)
+    if config.fsdp != "off" and accelerator.num_processes == 1 and accelerator.is_main_process:
+        print("embtune train: note: --fsdp with one process: nothing to shard; trained whole")
+    return accelerator
 
 
 def refuse_before_work(
@@ -369,9 +377,10 @@ def finish(session: Session) -> TrainResult:
     if session.world > 1:
         peak = int(accelerator.reduce(torch.tensor([peak], device=accelerator.device), "max"))
     accelerator.wait_for_everyone()
+    save_model = session.model_saver()
     if session.main:
         try:
-            write_final_files(session, texts_per_second, peak)
+            write_final_files(session, save_model, texts_per_second, peak)
         except Exception as exc:
             if not is_write_failure(exc, session.out):
                 raise
@@ -409,12 +418,15 @@ def write_dimension_plot(session: Session) -> None:
         print(f"embtune train: could not write {DIMENSIONS_PLOT}: {exc}")
 
 
-def write_final_files(session: Session, texts_per_second: float, peak: int) -> None:
-    """The model, train_summary.json, the closing line and the finished trainer state."""
+def write_final_files(
+    session: Session, save_model: Callable[[Path], None], texts_per_second: float, peak: int
+) -> None:
+    """The model (``save_model``: :meth:`Session.model_saver`'s), train_summary.json, the
+    closing line and the finished trainer state."""
     out, progress, coverage = session.out, session.run.progress, session.coverage
-    model = session.accelerator.unwrap_model(session.model)
-    save_into_folder(out, lambda folder: session.kind.save(model, folder))
+    save_into_folder(out, save_model)
     if session.config.save_merged_lora_model:
+        model = session.accelerator.unwrap_model(session.model)
         merged = out / MERGED_DIR
         save_into_folder(merged, lambda folder: session.kind.save_merged(model, folder))
     padding = 1 - progress.real_tokens / max(progress.padded_tokens, 1)

@@ -3,6 +3,7 @@ it in order, the step loop (training/loop.py) reads and updates it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from embtune.kinds.base import Model, ModelKind, Texts
 from embtune.objectives.base import Objective
 from embtune.training.logbook import Logbook
 from embtune.training.reference_sets import ReferenceSet
+from embtune.training.sharding import full_state_dict, is_sharded
 from embtune.training.state import RunState
 
 if TYPE_CHECKING:
@@ -62,3 +64,22 @@ class Session:
     def world(self) -> int:
         """Processes of the launch."""
         return self.accelerator.num_processes
+
+    @property
+    def sharded(self) -> bool:
+        """True under --fsdp: every process holds a shard, so saving and evaluating the model
+        need every process (training/sharding.py)."""
+        return is_sharded(self.accelerator)
+
+    @property
+    def evaluates(self) -> bool:
+        """True on the processes that run dev evaluations: the main one, or every one when the
+        model is sharded (each forward gathers every process's shard)."""
+        return self.main or self.sharded
+
+    def model_saver(self) -> Callable[[Path], None]:
+        """``save(folder)``: the model kind's save of the trained model, for the main process.
+        Every process must call this (a sharded model's full weights are gathered here)."""
+        model = self.accelerator.unwrap_model(self.model)
+        state = full_state_dict(self.accelerator, self.model)
+        return lambda folder: self.kind.save(model, folder, state)
