@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -71,7 +71,7 @@ from embtune.training.preflight import (
 )
 from embtune.training.reference_sets import reference_summary
 from embtune.training.session import Session
-from embtune.training.sharding import fsdp_plugin, shard_on_cpu
+from embtune.training.sharding import fsdp_plugin, is_sharded, shard_on_cpu
 from embtune.training.state import restore_state, trainer_state
 
 if TYPE_CHECKING:
@@ -192,6 +192,9 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
         fsdp_plugin=sharding,
     )
     shard_on_cpu(accelerator, sharding)
+    if is_sharded(accelerator) and config.fsdp == "off":
+        # Sharded by the launcher (`accelerate launch --use_fsdp`): --fsdp's limits hold too.
+        replace(config, fsdp="full_shard").validate()
     if config.fsdp != "off" and accelerator.num_processes == 1 and accelerator.is_main_process:
         print("embtune train: note: --fsdp with one process: nothing to shard; trained whole")
     return accelerator

@@ -27,18 +27,18 @@ What changes under sharding, and why:
 
 from __future__ import annotations
 
-import logging
+import os
 from typing import TYPE_CHECKING
 
 import torch
+
+from embtune.errors import UsageError
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from embtune.config import TrainConfig
-
-log = logging.getLogger(__name__)
 
 
 def fsdp_plugin(config: TrainConfig) -> FullyShardedDataParallelPlugin | None:
@@ -66,8 +66,20 @@ def shard_on_cpu(accelerator: Accelerator, plugin: FullyShardedDataParallelPlugi
     from accelerate.utils import DistributedType
 
     state = accelerator.state
-    if plugin is None or state.distributed_type != DistributedType.MULTI_CPU:
+    if state.distributed_type != DistributedType.MULTI_CPU:
         return
+    if plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = FullyShardedDataParallelPlugin()  # `accelerate launch --use_fsdp`'s settings
+    if plugin is None:
+        return
+    if plugin.fsdp_version != 2:
+        # torch's FSDP1 refuses CPU processes ("Inconsistent compute device"); FSDP2 runs.
+        raise UsageError(
+            "FSDP version 1 does not run on CPU processes: use FSDP version 2 "
+            "(--fsdp full_shard, or accelerate launch --use_fsdp --fsdp_version 2)"
+        )
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)
     state.fsdp_plugin = plugin
