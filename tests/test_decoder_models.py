@@ -123,6 +123,8 @@ def test_row_prompts_and_the_saved_query_prompt_follow_the_format(
     assert run_in_process(argv) == 0
     st_config = json.loads((out / "config_sentence_transformers.json").read_text())
     assert st_config["prompts"]["query"] == "<instruct>Retrieve\n<query>"
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["row_prompts"]["used"] and summary["row_prompts"]["rows_with_prompt"] == 1
     from embtune.config import TrainConfig
     from embtune.data.formats import load_training_data
     from embtune.kinds.bi_encoder import BiEncoder
@@ -135,6 +137,39 @@ def test_row_prompts_and_the_saved_query_prompt_follow_the_format(
     queries = texts.texts.queries.texts
     assert queries[0] == "<instruct>Find the answer\n<query>question 0 about topic 0"
     assert queries[1] == "<instruct>Retrieve\n<query>question 1 about topic 1"
+
+
+@pytest.mark.parametrize(
+    ("rule", "instruction", "first", "used"),
+    [
+        # FlagEmbedding's rule: a row's prompt counts only when an instruction is set.
+        ("flagembedding", "", "question 0 about topic 0", False),
+        ("flagembedding", "Retrieve: ", "Find: question 0 about topic 0", True),
+        ("always", "", "Find: question 0 about topic 0", True),
+        ("never", "Retrieve: ", "Retrieve: question 0 about topic 0", False),
+    ],
+)
+def test_row_prompts_follow_the_chosen_rule_and_say_what_they_did(
+    rows: Path, tmp_path: Path, rule: str, instruction: str, first: str, used: bool
+) -> None:
+    from embtune.data.formats import load_training_data
+    from embtune.data.pipeline import row_prompt_line, row_prompt_summary, training_texts
+
+    prompted = tmp_path / "prompted.jsonl"
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    lines[0]["prompt"] = "Find: "
+    prompted.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    data = load_training_data([str(prompted)])
+    queries = training_texts(data, instruction, "", row_prompts=rule).queries.texts
+    assert queries[0] == first
+    assert queries[1] == instruction + "question 1 about topic 1"
+    summary = row_prompt_summary(data.records, rule, instruction)
+    assert summary == {"rule": rule, "rows_with_prompt": 1, "distinct_prompts": 1,
+                       "used": used, "saved_query_prompt": instruction}  # fmt: skip
+    line = row_prompt_line(summary)
+    assert line.startswith("1 rows carry their own prompt (1 distinct): ")
+    assert ("not used" in line) == (not used)
+    assert row_prompt_summary(load_training_data([str(rows)]).records, rule, "") is None
 
 
 def _sentence_transformers_agrees(folder: Path) -> None:

@@ -38,3 +38,7 @@ RERANKER_LOSSES = ("listwise", "pointwise")
 
 FSDP_MODES = ("off", "full_shard", "shard_grad_op")
 """Sharding of ``--fsdp`` (training/sharding.py ``fsdp_plugin``)."""
+
+ROW_PROMPT_RULES = ("flagembedding", "always", "never")
+"""When a training row's own ``prompt`` replaces the query instruction (``--row-prompts``,
+data/pipeline.py ``row_prompts_apply``)."""

@@ -31,6 +31,7 @@ from embtune.choices import (
     PADDING_SIDES,
     POOLING_MODES,
     RERANKER_LOSSES,
+    ROW_PROMPT_RULES,
 )
 from embtune.errors import UsageError, shorten
 from embtune.text_files import foreign_encoding
@@ -117,6 +118,14 @@ class TrainConfig:
     )
     passage_instruction_format: str = option(
         "{}{}", help="the same for the passage instruction and the passage", metavar="FORMAT"
+    )
+    row_prompts: str = option(
+        "flagembedding",
+        help="when a row's own 'prompt' replaces the query instruction: flagembedding = only "
+        "when a query instruction is set (--query-instruction or the model's saved one), as "
+        "FlagEmbedding does, otherwise rows' prompts are ignored; always = every row's prompt "
+        "goes before its query; never = rows' prompts are ignored",
+        choices=ROW_PROMPT_RULES,
     )
     append_eos_token: bool | None = option(
         None,

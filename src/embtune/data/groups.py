@@ -86,11 +86,13 @@ def build_rows(
     passage_instruction: str = "",
     corpus: list[str] | None = None,
     prompt_format: str = "{}{}",
+    row_prompts: bool = True,
 ) -> TrainingTexts:
     """Put every distinct text in a store once and turn records into id rows.
 
-    A row's ``prompt`` replaces the query instruction (FlagEmbedding's per-row prompt), put in
-    ``prompt_format`` as the instruction is (models/instruction_format.py).
+    With ``row_prompts`` a row's ``prompt`` replaces the query instruction (FlagEmbedding's
+    per-row prompt), put in ``prompt_format`` as the instruction is
+    (models/instruction_format.py); without, rows' prompts are ignored.
     ``corpus`` adds extra passages (e.g. a BEIR corpus) that the ``corpus`` fill can draw from.
     A row's ``pos`` and ``neg`` come out sorted and distinct, with no negative that is also a
     positive; teacher scores (``pos_scores`` / ``neg_scores``) follow the ids they belong to.
@@ -100,7 +102,7 @@ def build_rows(
     for rec in records:
         instruction = (
             instruction_prefix(prompt_format, rec.prompt) or ""
-            if rec.prompt is not None
+            if rec.prompt is not None and row_prompts
             else query_instruction
         )
         q = queries.add(instruction + rec.query)

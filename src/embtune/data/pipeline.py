@@ -27,16 +27,67 @@ def training_texts(
     query_instruction: str,
     passage_instruction: str,
     prompt_format: str = "{}{}",
+    row_prompts: str = "always",
 ) -> TrainingTexts:
     """Text stores and id rows of ``data``; a BEIR corpus joins the passages (the pool that
-    ``--negative-fill corpus`` draws from). A row's prompt is put in ``prompt_format``
-    (--query-instruction-format), as the query instruction is."""
+    ``--negative-fill corpus`` draws from). A row's prompt, where ``row_prompts``
+    (--row-prompts) applies it, is put in ``prompt_format`` (--query-instruction-format), as
+    the query instruction is."""
     return build_rows(
         data.records,
         query_instruction,
         passage_instruction,
         list(data.corpus.values()),
         prompt_format,
+        row_prompts_apply(row_prompts, query_instruction),
+    )
+
+
+def row_prompts_apply(rule: str, query_instruction: str) -> bool:
+    """Whether rows' own prompts replace the query instruction under ``--row-prompts rule``.
+
+    flagembedding: only when there is a query instruction, as FlagEmbedding's training dataset
+    does (``AbsEmbedderTrainDataset.__getitem__`` formats ``data['prompt']`` only under
+    ``query_instruction_for_retrieval is not None``); always; never.
+    """
+    return rule == "always" or (rule == "flagembedding" and bool(query_instruction))
+
+
+def row_prompt_summary(records: list, rule: str, query_instruction: str) -> dict | None:
+    """What the rows' prompts did in this run, for the console and train_summary.json (None
+    when no row has one): how many rows and distinct prompts, whether they were used, and the
+    query prompt the saved model gets (the instruction: rows' own prompts are not saved)."""
+    prompts = [r.prompt for r in records if r.prompt is not None]
+    if not prompts:
+        return None
+    return {
+        "rule": rule,
+        "rows_with_prompt": len(prompts),
+        "distinct_prompts": len(set(prompts)),
+        "used": row_prompts_apply(rule, query_instruction),
+        "saved_query_prompt": query_instruction,
+    }
+
+
+def row_prompt_line(summary: dict) -> str:
+    """One console line for :func:`row_prompt_summary`'s result."""
+    counted = (
+        f"{summary['rows_with_prompt']} rows carry their own prompt "
+        f"({summary['distinct_prompts']} distinct)"
+    )
+    saved = summary["saved_query_prompt"]
+    if not summary["used"]:
+        why = (
+            "no query instruction is set (--row-prompts flagembedding, FlagEmbedding's rule; "
+            "--row-prompts always uses them)"
+            if summary["rule"] == "flagembedding"
+            else "--row-prompts never"
+        )
+        return f"{counted}: not used, {why}"
+    default = f"the instruction {saved!r}" if saved else "no prompt"
+    return (
+        f"{counted}: each replaces the query instruction for its row; the saved model's "
+        f"default query prompt is {default}: give a row's prompt at inference for its task"
     )
 
 

@@ -142,6 +142,7 @@ class BiEncoder:
             settings.query_instruction,
             settings.passage_instruction,
             config.query_instruction_format,
+            config.row_prompts,
         )
         cache = usable_cache_dir(config.cache_dir)
         tokenizer = encoder.tokenizer

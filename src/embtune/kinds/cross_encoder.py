@@ -148,7 +148,9 @@ class CrossEncoderKind:
         """Rows with the rerank instructions; queries and passages tokenized once, without
         special tokens, at FlagEmbedding's pre-pairing limits (disk-cached)."""
         s = model.settings
-        texts = training_texts(data, s.query_instruction, s.passage_instruction)
+        texts = training_texts(
+            data, s.query_instruction, s.passage_instruction, row_prompts=config.row_prompts
+        )
         cache = usable_cache_dir(config.cache_dir)
         tokenizer = model.tokenizer
         query_tokens, _ = tokenize_store(

@@ -36,7 +36,7 @@ from embtune.data.dev_split import save_dev_split
 from embtune.data.epoch_plan import EpochPlan, total_steps
 from embtune.data.formats import BeirDataset, rejected_row_count, write_rejected_rows
 from embtune.data.groups import GroupSampler, NegativeCoverage, NegativesBudget
-from embtune.data.pipeline import negatives_budget_for
+from embtune.data.pipeline import negatives_budget_for, row_prompt_line, row_prompt_summary
 from embtune.data.teacher_scores import teacher_check
 from embtune.distributed import end_distributed
 from embtune.errors import UsageError
@@ -261,6 +261,9 @@ def prepare_run(
         rejected=inputs.data.rejected,
         teacher_drop=inputs.teacher_drop,
         references=inputs.references,
+        row_prompts=row_prompt_summary(
+            inputs.data.records, config.row_prompts, encoder.settings.query_instruction
+        ),
     )
 
 
@@ -284,6 +287,8 @@ def announce(session: Session, inputs: Inputs, resume: ResumePoint) -> None:
     for finding in session.budget.findings():
         print(f"embtune train: warning: {finding}")
     announce_teacher_scores(inputs)
+    if session.row_prompts:
+        print(f"  row prompts: {row_prompt_line(session.row_prompts)}")
     print(
         f"  steps: {session.total_steps} ({plan.steps_per_epoch} per epoch, "
         f"{plan.global_batch} queries per step)"
@@ -451,6 +456,8 @@ def write_final_files(
         summary["rejected_rows"] = rejected_row_count(session.rejected)
     if session.teacher_drop is not None:
         summary["teacher_false_negatives_dropped"] = session.teacher_drop.to_json()
+    if session.row_prompts:
+        summary["row_prompts"] = session.row_prompts
     if session.references:
         summary["reference_ndcg@10"] = reference_summary(session.run.history, session.references)
     write_json_atomically(out / SUMMARY_FILE, summary)

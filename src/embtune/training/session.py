@@ -49,6 +49,7 @@ class Session:
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
     references: list[ReferenceSet] = field(default_factory=list)  # --reference-data
     model_lines: list[str] = field(default_factory=list)  # what the kind says before training
+    row_prompts: dict | None = None  # what rows' own prompts did (data/pipeline.py)
     model: torch.nn.Module | None = None  # wrapped for training (DDP, ...)
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
