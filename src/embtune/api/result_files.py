@@ -63,10 +63,11 @@ class ResultFiles:
         from embtune.eval.trec_run import DEFAULT_TAG, check_tag
 
         self._refuse_orphans()
-        if dims and (given := self._given()):
+        given = self._paths()
+        if dims and given:
             raise UsageError(
-                f"{given[0]}: not with --dims (one ranking and one set of metrics per file); "
-                "evaluate one dimension at a time for these files"
+                f"{next(iter(given))}: not with --dims (one ranking and one set of metrics "
+                "per file); evaluate one dimension at a time for these files"
             )
         if self.mteb_json is not None:
             check_main_score(k_values)
@@ -76,9 +77,7 @@ class ResultFiles:
                     "no result of the task)"
                 )
         files = {
-            option: output_file(path, option, make_folders=True)
-            for option, path in (("--trec-run", self.trec_run), ("--mteb-json", self.mteb_json))
-            if path is not None
+            option: output_file(path, option, make_folders=True) for option, path in given.items()
         }
         inputs = [*input_files(data, split), *other_inputs]
         others = {"the --json file": json_path, "the --skip-bad-rows list of rows": report}
@@ -91,13 +90,10 @@ class ResultFiles:
             mteb_languages=check_languages(self.mteb_languages or ()),
         )
 
-    def _given(self) -> list[str]:
-        """The file options given, as the command spells them."""
-        return [
-            option
-            for option, path in (("--trec-run", self.trec_run), ("--mteb-json", self.mteb_json))
-            if path is not None
-        ]
+    def _paths(self) -> dict[str, PathLike]:
+        """The files given, by option as the command spells it."""
+        paths = {"--trec-run": self.trec_run, "--mteb-json": self.mteb_json}
+        return {option: path for option, path in paths.items() if path is not None}
 
     def _refuse_orphans(self) -> None:
         """A file's own options only with its file."""
