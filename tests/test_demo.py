@@ -33,6 +33,7 @@ def test_demo_runs_end_to_end_on_a_tiny_subset(
     assert main([*args, "-o", str(out)]) == 0
 
     payload = json.loads((out / "demo.json").read_text())
+    assert payload["dataset"] == "SciFact"  # BEIR's scifact folder, under MTEB's name
     for side in ("before", "after"):
         assert set(payload[side]) >= {"ndcg@10", "mrr@10", "recall@10", "recall@100", "map@100"}
         assert all(0.0 <= v <= 1.0 for v in payload[side].values())
@@ -99,16 +100,25 @@ def test_demo_without_a_reference_set_says_so_and_interpolation_can_be_off(
     tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "demo"
-    args = ["demo", "--model", str(tiny_model), "--data", str(SCIFACT), "--limit", "12"]
+    # SciFact under another folder name: any BEIR folder is named after its folder.
+    data = tmp_path / "claims"
+    data.symlink_to(SCIFACT, target_is_directory=True)
+    args = ["demo", "--model", str(tiny_model), "--data", str(data), "--limit", "12"]
     assert (
         main([*args, "--reference-data", "none", "--interpolate-base", "off", "-o", str(out)]) == 0
     )
-    assert "no reference set (--reference-data DIR): forgetting not measured" in (
-        capsys.readouterr().out
-    )
+    said = capsys.readouterr().out
+    assert "no reference set (--reference-data DIR): forgetting not measured" in said
     payload = json.loads((out / "demo.json").read_text())
     assert list(payload["models"]) == ["base", "fine_tuned"] and payload["interpolation"] is None
     assert payload["after"] == payload["fine_tuned"]
+    assert payload["dataset"] == "claims" and payload["data"] == str(data)
+    assert f"embtune demo: data claims, {data}" in said and "base model on claims test" in said
+    assert "\nclaims test, before and after fine-tuning:\n" in said
+    report = (out / "report.md").read_text()
+    assert f"data claims (`{data}`)" in report
+    assert "## Retrieval on the claims test split" in report
+    assert "SciFact" not in said + report
 
 
 def test_demo_precision_and_dev_evaluations_are_options(

@@ -280,6 +280,179 @@ def test_cache_is_reused(tiny_model, beir, tmp_path, monkeypatch) -> None:
         run_eval(*base, "--passage-max-len", "8")
 
 
+def read_trec_run(path: Path) -> dict[str, list[tuple[str, int, float, str]]]:
+    """A TREC run file as {qid: [(docid, rank, score, tag), ...]} in file order; every line has
+    the six columns with Q0 second."""
+    lines: dict[str, list[tuple[str, int, float, str]]] = {}
+    for line in path.read_text().splitlines():
+        qid, q0, doc, rank, score, tag = line.split(" ")
+        assert q0 == "Q0"
+        lines.setdefault(qid, []).append((doc, int(rank), float(score), tag))
+    return lines
+
+
+def test_trec_run_reads_back_to_the_metrics_eval_printed(
+    tiny_model, beir, tmp_path, capsys
+) -> None:
+    out, run_file = tmp_path / "eval.json", tmp_path / "runs" / "tiny.trec"
+    base = ["--model", str(tiny_model), "--data", str(beir)]
+    files = ["--trec-run", str(run_file), "--trec-run-tag", "tiny-run"]
+    assert run_eval(*base, "--k", "1", "3", "10", "--json", str(out), *files) == 0
+    record = json.loads(out.read_text())
+    lines = read_trec_run(run_file)
+    assert list(lines) == ["q1", "q2", "q3"]  # the judged queries, in qrels order
+    for rows in lines.values():
+        assert len(rows) == 6  # the depth is max(--k) = 10, capped by the 6 documents
+        assert [rank for _, rank, _, _ in rows] == [1, 2, 3, 4, 5, 6]
+        scores = [score for _, _, score, _ in rows]
+        assert scores == sorted(scores, reverse=True)
+        assert {tag for *_, tag in rows} == {"tiny-run"}
+    run = {qid: {doc: score for doc, _, score, _ in rows} for qid, rows in lines.items()}
+    qrels = load_beir(beir, "test").qrels
+    # Scores are written to read back exactly: the same metrics, to the last bit.
+    metrics = {key: value for key, value in record.items() if "@" in key}
+    assert retrieval_metrics(run, qrels, (1, 3, 10)) == metrics
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    per_query = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10"}).evaluate(run)
+    ndcg = sum(q["ndcg_cut_10"] for q in per_query.values()) / len(per_query)
+    assert ndcg == pytest.approx(record["ndcg@10"], abs=1e-12)
+    # The table's nDCG row ends with nDCG@10 (the columns are @1 @3 @10).
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nDCG")]
+    assert row.split()[-1] == f"{ndcg:.4f}"
+    assert sorted(p.name for p in run_file.parent.iterdir()) == ["tiny.trec"]  # no temp file
+    # The depth follows --k: the top 3 only, tagged embtune by default.
+    assert run_eval(*base, "--k", "1", "3", "--trec-run", str(run_file)) == 0
+    rows = read_trec_run(run_file)["q1"]
+    assert [rank for _, rank, _, _ in rows] == [1, 2, 3] and rows[0][3] == "embtune"
+
+
+def test_mteb_json_has_mtebs_layout_and_names(tiny_model, beir, tmp_path) -> None:
+    out, mteb = tmp_path / "eval.json", tmp_path / "mteb" / "result.json"
+    base = ["--model", str(tiny_model), "--data", str(beir), "--k", "1", "10", "--json", str(out)]
+    assert run_eval(*base, "--mteb-json", str(mteb)) == 0
+    metrics = {k: v for k, v in json.loads(out.read_text()).items() if "@" in k}
+    result = json.loads(mteb.read_text())
+    assert set(result) == {
+        "dataset_revision", "task_name", "mteb_version", "scores", "evaluation_time",
+        "kg_co2_emissions",
+    }  # fmt: skip
+    # What embtune cannot know stays empty; the task is named after the data folder.
+    assert result["dataset_revision"] is None and result["mteb_version"] is None
+    assert result["kg_co2_emissions"] is None and result["evaluation_time"] > 0
+    assert result["task_name"] == "tiny-beir"
+    [scores] = result["scores"]["test"]
+    assert scores.pop("hf_subset") == "default" and scores.pop("languages") == []
+    assert scores.pop("main_score") == metrics["ndcg@10"]
+    expected = {
+        f"{name}_at_{k}": metrics[f"{name}@{k}"]
+        for name in ("ndcg", "mrr", "recall", "map")
+        for k in (1, 10)
+    }
+    assert scores == expected
+    given = ["--mteb-task-name", "TinyRetrieval", "--mteb-dataset-revision", "abc123"]
+    assert run_eval(*base, "--mteb-json", str(mteb), *given, "--mteb-languages", "eng-Latn") == 0
+    result = json.loads(mteb.read_text())
+    assert (result["task_name"], result["dataset_revision"]) == ("TinyRetrieval", "abc123")
+    assert result["scores"]["test"][0]["languages"] == ["eng-Latn"]
+
+
+def test_dataset_name_is_mtebs_for_beir_folders(tmp_path, monkeypatch) -> None:
+    from embtune.data.dataset_names import dataset_name
+
+    assert dataset_name("data/scifact") == "SciFact"
+    assert dataset_name("data/fiqa/") == "FiQA2018"
+    assert dataset_name(Path("trec-covid")) == "TRECCOVID"
+    assert dataset_name("data/my-claims") == "my-claims"
+    monkeypatch.chdir(tmp_path)
+    assert dataset_name(".") == tmp_path.name
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trec-run", "{tmp}"], "--trec-run: {tmp} is a folder; give a file name"),
+        (["--mteb-json", "{tmp}/m.json", "--k", "1", "3"], "--mteb-json: MTEB's main score is "
+         "nDCG@10, but --k does not include 10; add it (--k 10 1 3)"),
+        (["--trec-run", "{tmp}/r.trec", "--trec-run-tag", "my run"], "--trec-run-tag: the run "
+         "name must be one word without white space"),
+        (["--trec-run-tag", "mine"], "--trec-run-tag: only with --trec-run FILE"),
+        (["--mteb-languages", "eng-Latn"], "--mteb-languages: only with --mteb-json FILE"),
+        (["--mteb-json", "{tmp}/m.json", "--mteb-languages", "english"], "--mteb-languages: "
+         "'english' is not a language code as MTEB writes them"),
+        (["--mteb-json", "{tmp}/m.json", "--mteb-task-name", " "], "--mteb-task-name: expected "
+         "a non-empty text"),
+        (["--json", "{tmp}/r.json", "--trec-run", "{tmp}/r.json"], "--trec-run: {tmp}/r.json "
+         "is also the --json file; give each output its own file"),
+        (["--trec-run", "{tmp}/r", "--mteb-json", "{tmp}/r"], "--mteb-json: {tmp}/r is also "
+         "the --trec-run file"),
+        (["--trec-run", "{tmp}/r", "--dims", "16"], "--trec-run: not with --dims"),
+        (["--mteb-json", "{tmp}/m", "--limit-queries", "2"], "--mteb-json: not with "
+         "--limit-queries"),
+        (["--trec-run", "{data}/corpus.jsonl"], "--trec-run: {data}/corpus.jsonl is one of the "
+         "input files"),
+    ],
+)  # fmt: skip
+def test_bad_result_file_options_are_refused_before_the_work(
+    beir, tmp_path, capsys, args, message
+) -> None:
+    corpus = (beir / "corpus.jsonl").read_bytes()
+    values = [a.format(tmp=tmp_path, data=beir) for a in args]
+    # The model does not exist: every refusal comes before it would load.
+    model = str(tmp_path / "no-model")
+    assert run_eval("--model", model, "--data", str(beir), *values) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("embtune eval: error: " + message.format(tmp=tmp_path, data=beir))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-beir"]  # nothing written
+    assert (beir / "corpus.jsonl").read_bytes() == corpus
+
+
+def test_result_files_in_an_unwritable_folder_are_refused(beir, tmp_path, capsys) -> None:
+    from tests.test_atomic import read_only_folder
+
+    with read_only_folder(tmp_path) as folder:
+        for option in ("--trec-run", "--mteb-json"):
+            out = folder / "results" / "out"
+            assert run_eval("--model", "none", "--data", str(beir), option, str(out)) == 2
+            assert capsys.readouterr().err.splitlines() == [
+                f"embtune eval: error: {option}: cannot write to folder {folder}: permission denied"
+            ]
+
+
+def test_ids_a_trec_run_cannot_hold_are_refused_before_the_model_loads(
+    beir, tmp_path, capsys
+) -> None:
+    with (beir / "corpus.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "d 7", "title": "", "text": "an id with a space"}) + "\n")
+    out = tmp_path / "run.trec"
+    args = ["--model", str(tmp_path / "no-model"), "--data", str(beir), "--trec-run", str(out)]
+    assert run_eval(*args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "embtune eval: error: --trec-run: document id 'd 7' contains white space, which a TREC "
+        "run cannot hold (its columns are separated by white space); write --json instead"
+    ]
+    assert not out.exists()
+
+
+def test_a_full_disk_when_writing_the_trec_run_stops_with_status_3(
+    tiny_model, beir, tmp_path, capsys, monkeypatch
+) -> None:
+    import errno
+
+    def half_written(run, tag):
+        yield "q1 Q0 d1 1 0.5 embtune\n"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("embtune.eval.trec_run.trec_lines", half_written)
+    out = tmp_path / "results" / "run.trec"
+    assert run_eval("--model", str(tiny_model), "--data", str(beir), "--trec-run", str(out)) == 3
+    assert capsys.readouterr().err.splitlines() == [
+        f"embtune eval: stopped: could not write {out}: No space left on device; the evaluation "
+        "was done but not saved: free some space (or choose another --trec-run) and run the "
+        "command again"
+    ]
+    assert list(out.parent.iterdir()) == []  # no file, no temporary file
+
+
 def test_every_command_offers_the_one_list_of_pooling_modes() -> None:
     from embtune import choices
     from embtune.cli import build_parser

@@ -250,6 +250,38 @@ def test_candidates_file_is_reranked_and_compared_with_its_own_order(
     assert record["reranked"] == retrieval_metrics(cut, data.qrels, KS)
 
 
+def test_trec_run_and_mteb_json_hold_the_reranked_ranking_and_metrics(
+    reranker, beir, data, tmp_path
+) -> None:
+    from tests.test_eval_cli import read_trec_run
+
+    lists = {"q1": ["d3", "d2", "d1"], "q3": ["d6", "d3"]}
+    rows = [{"query_id": qid, "doc_ids": docs} for qid, docs in lists.items()]
+    candidates = write_jsonl(tmp_path / "c.jsonl", rows)
+    out, run_file, mteb = tmp_path / "c.json", tmp_path / "reranked.trec", tmp_path / "m.json"
+    base = ["--reranker", reranker, "--candidates", candidates, "--data", beir, *K]
+    files = ["--trec-run", run_file, "--mteb-json", mteb, "--mteb-task-name", "Tiny"]
+    assert run_eval(*base, "--json", out, "--rerank-top-k", "2", *files) == 0
+    record = json.loads(out.read_text())
+    # Each list's top 2, ranked by the reranker's own logits.
+    logits = logit_run(reranker, data, {qid: docs[:2] for qid, docs in lists.items()})
+    lines = read_trec_run(run_file)
+    assert list(lines) == ["q1", "q3"]
+    for qid, rows in lines.items():
+        assert [doc for doc, *_ in rows] == sorted(logits[qid], key=logits[qid].get, reverse=True)
+        assert [rank for _, rank, _, _ in rows] == [1, 2]
+        assert [score for _, _, score, _ in rows] == pytest.approx(
+            sorted(logits[qid].values(), reverse=True), abs=1e-5
+        )
+    run = {qid: {doc: score for doc, _, score, _ in rows} for qid, rows in lines.items()}
+    assert retrieval_metrics(run, data.qrels, KS) == record["reranked"]
+    result = json.loads(mteb.read_text())
+    assert result["task_name"] == "Tiny"
+    [scores] = result["scores"]["test"]
+    assert scores["main_score"] == scores["ndcg_at_10"] == record["reranked"]["ndcg@10"]
+    assert scores["recall_at_3"] == record["reranked"]["recall@3"]
+
+
 def test_trec_run_is_ranked_by_score_as_trec_eval_ranks(data, tmp_path) -> None:
     run = write_lines(
         tmp_path / "run.trec",
@@ -367,6 +399,15 @@ def candidates(tmp_path: Path) -> Path:
         (["--reranker", "R", "--model", "M", "--rerank-batch-size", "x"], "--rerank-batch-size"),
         (["--reranker", "R", "--model", "M", "--rerank-max-length", "8"], "8 is outside 32..512"),
         (["--reranker", "R", "--candidates", "C", "--json", "C"], "one of the input files"),
+        (
+            ["--reranker", "R", "--candidates", "C", "--trec-run", "C"],
+            "--trec-run: " + "{C} is "
+            "one of the input files ({C}); write the ranking to another file",
+        ),
+        (
+            ["--reranker", "R", "--candidates", "C", "--mteb-json", "m", "--k", "5"],
+            "--mteb-json: MTEB's main score is nDCG@10",
+        ),
     ],
 )
 def test_bad_combinations_are_refused_before_any_work(
@@ -380,7 +421,7 @@ def test_bad_combinations_are_refused_before_any_work(
     out = tmp_path / "out.json"
     json_args = [] if "--json" in args else ["--json", str(out)]
     line = error_line(capsys, "--data", beir, *[names.get(a, a) for a in args], *json_args)
-    assert message in line
+    assert message.format(**names) in line
     assert not out.exists()
 
 

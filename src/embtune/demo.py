@@ -1,7 +1,9 @@
 """`embtune demo`: the embedded default, end to end, with retrieval metrics before and after.
 
 1. find SciFact (``--data``, ``$EMBTUNE_SCIFACT``, ``../shared/data/scifact``, the user cache;
-   downloaded from the BEIR archive when online and nowhere else),
+   downloaded from the BEIR archive when online and nowhere else), or take ``--data``: any
+   BEIR folder with train and test judgements, named in the output after its folder
+   (:func:`~embtune.data.dataset_names.dataset_name`),
 2. hold out a seeded 10% of the train queries as the dev set (never select on test),
 3. mine hard negatives for the other train queries with the base model,
 4. evaluate the base model on test, reusing the corpus embeddings from mining,
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from embtune.data.dataset_names import dataset_name
 from embtune.data.formats import BeirDataset, Record, is_beir_dir, load_beir
 from embtune.errors import UsageError
 
@@ -50,6 +53,7 @@ HUB_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # A source checkout sits beside ../shared/data in this project's workspace layout.
 CHECKOUT_SCIFACT = Path(__file__).resolve().parents[3] / "shared" / "data" / "scifact"
 REFERENCE_NAME = "debian-packages"
+DEFAULT_DATASET = "SciFact"  # what the demo runs on without --data
 
 
 @dataclass
@@ -90,6 +94,7 @@ class DemoResult:
     stages: dict[str, float] = field(default_factory=dict)
     output_dir: Path = Path()
     fine_tuned: dict[str, float] = field(default_factory=dict)  # before interpolation
+    dataset: str = DEFAULT_DATASET  # the data's name (embtune.data.dataset_names)
 
 
 def default_model() -> str:
@@ -213,6 +218,7 @@ def run_demo(
     """Mine, fine-tune, interpolate and evaluate; returns metrics before/after and writes the
     report. ``reference_data`` names the reference set (default: looked up, see the module
     docstring); ``use_reference=False`` runs without one."""
+    from embtune.eval.retrieval import format_metrics
     from embtune.report import write_demo_report
 
     started = time.perf_counter()
@@ -221,13 +227,16 @@ def run_demo(
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--output-dir: {out} is not empty; choose a new folder")
     folder = find_scifact(data)
+    # Named after its folder (MTEB's name for BEIR's: scifact -> SciFact); the lookup's
+    # folder, whatever its name, is SciFact.
+    name = dataset_name(folder) if data else DEFAULT_DATASET
     reference = find_reference(reference_data) if use_reference else None
     train_set, test_set = load_beir(folder, "train"), load_beir(folder, "test")
     if limit:
         limit_dataset(train_set, test_set, limit, recipe.seed)
     out.mkdir(parents=True, exist_ok=True)
     model = model or default_model()
-    log(f"embtune demo: base model {model}\nembtune demo: data {folder}")
+    log(f"embtune demo: base model {model}\nembtune demo: data {name}, {folder}")
     log(
         f"embtune demo: reference set {reference} (general retrieval, watched for forgetting)"
         if reference
@@ -244,6 +253,7 @@ def run_demo(
     baseline = _mine_and_score_base_model(
         model, train_set, test_set, train_rows, dev_rows, recipe, out, show_progress, stages, log
     )
+    log(format_metrics(baseline.before, title=f"base model on {name} test"))
     with _stage(stages, "train_seconds"):
         result = _fine_tune(
             model, out, len(train_rows), baseline.dev, recipe, show_progress, reference
@@ -264,6 +274,7 @@ def run_demo(
         "stages": stages,
         "best_dev_step": result.best_step,
         "model": model,
+        "dataset": name,
         "data": str(folder),
         "reference_data": str(reference) if reference else None,
         "limit": limit,
@@ -282,7 +293,7 @@ def run_demo(
     write_demo_report(out, payload, history)
     return DemoResult(
         before=baseline.before, after=after, wall_seconds=wall, stages=stages, output_dir=out,
-        fine_tuned=fine_tuned,
+        fine_tuned=fine_tuned, dataset=name,
     )  # fmt: skip
 
 
@@ -470,7 +481,7 @@ def _mine_and_score_base_model(
     another copy.
     """
     from embtune.data.dev_split import dev_dataset
-    from embtune.eval.retrieval import evaluate_retrieval, format_metrics
+    from embtune.eval.retrieval import evaluate_retrieval
 
     with _stage(stages, "mine_seconds"):
         # Mining stays fp32 whatever --precision: the negatives are the recipe's training data.
@@ -504,7 +515,6 @@ def _mine_and_score_base_model(
         dev_before = evaluate_retrieval(
             base, dev, corpus_vectors=vectors[keep], show_progress=False
         )
-    log(format_metrics(before, title="base model on SciFact test"))
     return _BaseModelScores(before=before, dev=dev, dev_before=dev_before)
 
 

@@ -238,7 +238,7 @@ def write_demo_report(out: Path, payload: Mapping, history: Sequence[Mapping[str
     )
     text = f"""# embtune demo report
 
-Base model `{payload["model"]}`, data `{payload["data"]}`{
+Base model `{payload["model"]}`, data {payload["dataset"]} (`{payload["data"]}`){
         f" (limited to {payload['limit']} queries per split)" if payload.get("limit") else ""
     }.
 Fine-tuned on {payload["train_queries"]} train queries with mined hard negatives; checkpoint
@@ -246,7 +246,7 @@ chosen on {payload["dev_queries"]} held-out train queries (dev, step {payload["b
 evaluated on {payload["test_queries"]} test queries over the whole corpus ({payload["corpus"]}
 documents). {watched}
 
-## Retrieval on the test split: the base model and the demo's model
+## Retrieval on the {payload["dataset"]} test split: the base model and the demo's model
 
 {comparison_table(payload["before"], payload["after"])}
 

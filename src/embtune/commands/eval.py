@@ -32,10 +32,16 @@ change; --json writes both ("first_stage", "reranked"). With --candidates FILE i
 order. Documents below the candidates stay unretrieved, so a reranked metric at a --k above
 --rerank-top-k counts only the candidates.
 
+For other tools, --trec-run writes the ranking as a TREC run (trec_eval and pytrec_eval read
+it back to the same metrics) and --mteb-json the metrics as an MTEB result file.
+
 examples:
   embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact --split test \\
       --json results/scifact.json --cache-dir .cache/embeddings
   embtune eval --model runs/mrl --data data/scifact --dims 384 128 64
+  embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact --k 1 10 100 \\
+      --trec-run results/bge-small.trec --mteb-json results/SciFact.json \\
+      --mteb-languages eng-Latn
   embtune eval --model BAAI/bge-small-en-v1.5 --data data/scifact \\
       --reranker BAAI/bge-reranker-base --rerank-top-k 100 --json results/rerank.json
   embtune eval --reranker runs/reranker --candidates runs/bm25.trec --data data/scifact \\
@@ -60,6 +66,12 @@ SHARED_OPTIONS = (
     "device",
     "bf16",
     "skip_bad_rows",
+    "trec_run",
+    "trec_run_tag",
+    "mteb_json",
+    "mteb_task_name",
+    "mteb_dataset_revision",
+    "mteb_languages",
 )
 # The reranking options; any of them given means a reranking evaluation (None: not given).
 RERANK_OPTIONS = (
@@ -120,6 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="also write the metrics, with model, data, split, counts and seconds, to this "
         "JSON file (default: none)",
     )
+    _add_result_file_options(p)
     p.add_argument(
         "--cache-dir",
         metavar="DIR",
@@ -180,6 +193,51 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "instruction); by default that is refused (embtune check-model shows the comparison)",
     )
     p.set_defaults(func=run)
+
+
+def _add_result_file_options(p: argparse.ArgumentParser) -> None:
+    """The ranking as a TREC run and the metrics as an MTEB result, for other tools."""
+    p.add_argument(
+        "--trec-run",
+        metavar="FILE",
+        help="also write the ranking to this file as a TREC run, trec_eval's and "
+        "pytrec_eval's input: 'qid Q0 docid rank score tag' lines, each judged query's top "
+        "max(--k) documents (the ones the metrics count), rank from 1; with --reranker the "
+        "reranked candidates and their reranker scores (default: none)",
+    )
+    p.add_argument(
+        "--trec-run-tag",
+        metavar="NAME",
+        help="the run's name, the last column of --trec-run; one word (default: embtune)",
+    )
+    p.add_argument(
+        "--mteb-json",
+        metavar="FILE",
+        help="also write the metrics to this file as an MTEB result (its TaskResult JSON: "
+        "scores.<split>[0] holds ndcg_at_10, mrr_at_10, recall_at_100, map_at_100, ... for "
+        "every metric and --k, main_score = ndcg_at_10, so --k must include 10; with "
+        "--reranker the reranked metrics); mteb_version, kg_co2_emissions and, unless given "
+        "below, dataset_revision are null and languages [] (default: none)",
+    )
+    p.add_argument(
+        "--mteb-task-name",
+        metavar="NAME",
+        help="task_name of --mteb-json (default: from --data's folder name: MTEB's name of a "
+        "BEIR data set, scifact -> SciFact, fiqa -> FiQA2018, else the folder's own name)",
+    )
+    p.add_argument(
+        "--mteb-dataset-revision",
+        metavar="REV",
+        help="dataset_revision of --mteb-json: the Hugging Face dataset revision --data was "
+        "made from, when known; MTEB's result loader needs one (default: null)",
+    )
+    p.add_argument(
+        "--mteb-languages",
+        nargs="+",
+        metavar="LANG",
+        help="languages of --mteb-json's scores as MTEB writes them, e.g. eng-Latn; MTEB's "
+        "score aggregations count only results with languages (default: none, [])",
+    )
 
 
 def _add_encoder_options(p: argparse.ArgumentParser) -> None:

@@ -22,11 +22,10 @@ from typing import TYPE_CHECKING
 from embtune.errors import UsageError
 from embtune.eval.retrieval import (
     check_k_values,
-    embed_split,
     metric_label,
     rank_documents,
     retrieval_metrics,
-    retrieve,
+    retrieve_split,
 )
 from embtune.models.cross_encoder import is_reranker_config
 from embtune.scoring.pairs import PairCounts, score_all
@@ -96,9 +95,9 @@ def first_stage_run(
 ) -> Run:
     """The retriever's top ``top_k`` documents of every judged query (BEIR's rule: a document
     whose id is the query's is dropped)."""
-    query_vectors, corpus = embed_split(encoder, data, batch_size, show_progress, None, cache_dir)
-    queries = list(data.split_queries())
-    return retrieve(query_vectors, corpus, queries, list(data.corpus), top_k, use_faiss)
+    return retrieve_split(
+        encoder, data, top_k, batch_size, show_progress, cache_dir=cache_dir, use_faiss=use_faiss
+    )
 
 
 def top_candidates(run: Mapping[str, Mapping[str, float]], top_k: int) -> dict[str, list[str]]:

@@ -425,25 +425,43 @@ def embed_split(
     return query_embeddings, corpus_vectors
 
 
-def _score(
+def _search(
     query_embeddings: torch.Tensor,
     corpus_vectors: torch.Tensor,
     data: BeirDataset,
-    ks: tuple[int, ...],
+    k: int,
     use_faiss: bool,
     ignore_identical_ids: bool,
-) -> dict[str, float]:
-    """Search the corpus for the judged queries and score the run against the judgements."""
-    run = retrieve(
+) -> dict[str, dict[str, float]]:
+    """The run of the judged queries: each one's top ``k`` documents of the corpus."""
+    return retrieve(
         query_embeddings,
         corpus_vectors,
         list(data.split_queries()),
         list(data.corpus),
-        max(ks),
+        k,
         use_faiss=use_faiss,
         ignore_identical_ids=ignore_identical_ids,
     )
-    return retrieval_metrics(run, data.qrels, ks)
+
+
+def retrieve_split(
+    encoder: Encoder,
+    data: BeirDataset,
+    k: int,
+    batch_size: int = 64,
+    show_progress: bool = True,
+    corpus_vectors: torch.Tensor | None = None,
+    cache_dir: str | Path | None = None,
+    use_faiss: bool = False,
+    ignore_identical_ids: bool = True,
+) -> dict[str, dict[str, float]]:
+    """The run {query id: {doc id: score}} of every judged query's top ``k`` documents, as
+    :func:`evaluate_retrieval` ranks them (its arguments, ``k`` the depth)."""
+    queries, corpus = embed_split(
+        encoder, data, batch_size, show_progress, corpus_vectors, cache_dir
+    )
+    return _search(queries, corpus, data, k, use_faiss, ignore_identical_ids)
 
 
 def evaluate_retrieval(
@@ -469,7 +487,8 @@ def evaluate_retrieval(
     queries, corpus = embed_split(
         encoder, data, batch_size, show_progress, corpus_vectors, cache_dir
     )
-    return _score(queries, corpus, data, ks, use_faiss, ignore_identical_ids)
+    run = _search(queries, corpus, data, max(ks), use_faiss, ignore_identical_ids)
+    return retrieval_metrics(run, data.qrels, ks)
 
 
 def evaluate_dimensions(
@@ -503,17 +522,18 @@ def evaluate_dimensions(
             f"--dims: {too_large[0]} is larger than the embeddings ({queries.shape[1]})"
         )
     normalize = encoder.settings.normalize
-    return {
-        dim: _score(
+    by_dim = {}
+    for dim in dict.fromkeys(dims):
+        run = _search(
             truncate_embeddings(queries, dim, normalize),
             truncate_embeddings(corpus, dim, normalize),
             data,
-            ks,
+            max(ks),
             use_faiss,
             ignore_identical_ids,
         )
-        for dim in dict.fromkeys(dims)
-    }
+        by_dim[dim] = retrieval_metrics(run, data.qrels, ks)
+    return by_dim
 
 
 def format_dimension_table(by_dim: Mapping[int, Mapping[str, float]]) -> str:
@@ -546,5 +566,6 @@ __all__ = [
     "recall_at_k",
     "retrieval_metrics",
     "retrieve",
+    "retrieve_split",
     "search_top_k",
 ]
