@@ -18,7 +18,7 @@ from embtune.kinds.bi_encoder import collate
 from embtune.models.encoder import Encoder
 from embtune.objectives.infonce import contrastive_loss
 from embtune.training.run import LOG_FILE, pad_multiple_for, train
-from tests.conftest import NQ_FILE
+from tests.conftest import NQ_FILE, assert_modes_follow, umask
 
 
 def _fixed_batch_loss(model_path: Path, temperature: float) -> float:
@@ -150,10 +150,13 @@ def _cli_train(tiny_model: Path, data: Path, out: Path, *extra: str) -> int:
 def test_cli_trains_on_beir_layout_with_corpus_fill(tiny_model: Path, tmp_path: Path) -> None:
     data = _tiny_beir(tmp_path / "beir")
     out = tmp_path / "run"
-    assert _cli_train(tiny_model, data, out) == 0
+    with umask(0o027):  # a folder shared with a group: every file group-readable, no more
+        assert _cli_train(tiny_model, data, out, "--save-steps", "2") == 0
     budget = json.loads((out / "negatives_budget.json").read_text())
     assert budget["rows"] == 12 and budget["rows_needing_fill"] == 12
     assert (out / "model.safetensors").is_file() and (out / "modules.json").is_file()
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert_modes_follow(out, 0o640, 0o750)
 
 
 def test_same_seed_gives_the_same_loss_sequence(tiny_model: Path, tmp_path: Path) -> None:

@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 
 from embtune.config import TrainConfig, flag
 from embtune.errors import TrainingStopped, UsageError, shorten
+from embtune.file_modes import follow_umask
 from embtune.manifest import MANIFEST_KEY, file_manifest, legacy_problem, manifest_problem
 from embtune.run_files import TRAINER_STATE_FILE
 
@@ -232,12 +233,14 @@ def save_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_temporary(tmp: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a fresh temporary folder and flush it; on any error the folder is
-    removed (a full disk gets its space back) and the error raised."""
+    """``write(tmp)`` into a fresh temporary folder, its modes set by the umask
+    (embtune/file_modes.py), and flush it; on any error the folder is removed (a full disk
+    gets its space back) and the error raised."""
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         write(tmp)
+        follow_umask(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,6 +334,7 @@ def save_checkpoint(
             listed = {**trainer_state, MANIFEST_KEY: file_manifest(tmp)}
             with open(tmp / TRAINER_STATE_FILE, "w", encoding="utf-8") as fh:
                 json.dump(listed, fh, indent=1)
+            follow_umask(tmp)  # safetensors wrote the weights private (0600)
             fsync_tree(tmp)
             _replace_dir(tmp, target)
             rotate_checkpoints(out, keep, step)
