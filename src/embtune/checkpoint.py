@@ -347,19 +347,24 @@ def save_checkpoint(
     return target
 
 
-def save_into_folder(out: Path, write: Callable[[Path], None]) -> None:
+def save_into_folder(out: Path, write: Callable[[Path], None]) -> list[str]:
     """Write files into ``out`` (beside files that are not ours) without leaving partial ones:
     ``write`` fills ``.final.tmp``, then each file is renamed into place. A failed write leaves
     ``out`` as it was (the temporary folder removed); a kill between renames leaves whole
-    files only, and the run, not marked finished, resumes from its last checkpoint."""
+    files only, and the run, not marked finished, resumes from its last checkpoint. Returns
+    the files written, relative to ``out`` (``1_Pooling/config.json``)."""
     tmp = out / ".final.tmp"
     _write_temporary(tmp, write)
+    written = []
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        target = out / path.relative_to(tmp)
+        name = path.relative_to(tmp)
+        target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
+        written.append(name.as_posix())
     shutil.rmtree(tmp)
     _fsync_dir(out)
+    return written
 
 
 # What a full disk raises: OSError from open/write, RuntimeError from torch.save's zip writer

@@ -35,3 +35,6 @@ MODEL_KINDS = ("bi-encoder", "cross-encoder")
 
 RERANKER_LOSSES = ("listwise", "pointwise")
 """A cross-encoder's hard objective, ``--reranker-loss`` (objectives/reranking.py)."""
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+"""Where `embtune train --report-to` sends the log (training/trackers.py; HF Trainer's name)."""

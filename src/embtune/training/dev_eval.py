@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from embtune.checkpoint import is_write_failure, save_atomically, stopped_writing
 from embtune.run_cleanup import record_best_files
 from embtune.run_files import BEST_DIR
+from embtune.training.card_facts import best_card, save_with_card
 from embtune.training.reference_sets import base_record, change_line, evaluate_references
 from embtune.training.session import Session
 
@@ -80,7 +81,9 @@ def keep_if_best(session: Session, model: object, step: int, ndcg: float) -> Non
     best = session.run.best
     if session.config.save_best and (best["ndcg"] is None or ndcg > best["ndcg"]):
         try:
-            save_atomically(session.out / BEST_DIR, lambda path: save_best(session, model, path))
+            save_atomically(
+                session.out / BEST_DIR, lambda path: save_best(session, model, path, step)
+            )
         except Exception as exc:
             if not is_write_failure(exc, session.out):
                 raise
@@ -89,9 +92,10 @@ def keep_if_best(session: Session, model: object, step: int, ndcg: float) -> Non
         best.update(step=step, ndcg=ndcg)
 
 
-def save_best(session: Session, model: object, folder: Path) -> None:
-    """The best model, with the record of its files that --overwrite-output-dir goes by."""
-    session.kind.save(model, folder)
+def save_best(session: Session, model: object, folder: Path, step: int) -> None:
+    """The best model (after ``step``) with its card, and the record of its files that
+    --overwrite-output-dir goes by."""
+    save_with_card(session.kind, model, folder, best_card(session, step))
     record_best_files(folder)
 
 
