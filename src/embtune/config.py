@@ -465,7 +465,7 @@ class TrainConfig:
         help="where the log goes besides train_log.jsonl, one or more of tensorboard "
         "(OUTPUT_DIR/tensorboard), wandb, mlflow (their own settings: WANDB_MODE, "
         "WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...), or none",
-        metavar="|".join(REPORT_TO),
+        metavar="NAME",
         resume_may_change=True,
     )
     push_to_hub: bool = option(
