@@ -90,3 +90,31 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.decoder_models import build_decoder
 
     return build_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@contextlib.contextmanager
+def umask(mask: int) -> Iterator[None]:
+    """The process's umask set to ``mask`` inside the block."""
+    before = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
+def modes_below(folder: Path) -> dict[str, int]:
+    """Permission bits of ``folder`` and of everything below it, by path relative to it."""
+    import stat
+
+    paths = [folder, *folder.rglob("*")]
+    return {p.relative_to(folder).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in paths}
+
+
+def assert_modes_follow(folder: Path, file_mode: int, folder_mode: int) -> None:
+    """Every file below ``folder`` has ``file_mode``, every folder ``folder_mode``."""
+    wrong = {
+        name: oct(mode)
+        for name, mode in modes_below(folder).items()
+        if mode != (folder_mode if (folder / name).is_dir() else file_mode)
+    }
+    assert not wrong, wrong

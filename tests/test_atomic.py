@@ -15,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from embtune import atomic
-from embtune.atomic import atomic_write, temp_prefix
+from embtune.atomic import atomic_write, temp_prefix, write_json_atomically
+from embtune.file_modes import current_umask
+from tests.conftest import umask
 
 
 @contextlib.contextmanager
@@ -81,6 +83,15 @@ def test_a_write_replaces_the_file_whole_and_leaves_no_temporary_file(tmp_path: 
     # Named so that a later write can tell whose it was: .NAME.<pid>@<host>.<random>.tmp
     assert seen[0].startswith(temp_prefix(target)) and seen[0].endswith(".tmp")
     assert temp_prefix(target).startswith(f".out.json.{os.getpid()}@")
+
+
+@pytest.mark.parametrize(("mask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_a_written_file_gets_the_mode_the_umask_gives(tmp_path: Path, mask: int, mode: int) -> None:
+    # mkstemp's temporary file is 0600; the result must be as shareable as the user's files.
+    with umask(mask):
+        assert current_umask() == mask
+        write_json_atomically(tmp_path / "summary.json", {"steps": 5})
+    assert (tmp_path / "summary.json").stat().st_mode & 0o777 == mode
 
 
 def test_stale_temporary_files_of_dead_writers_are_removed_by_the_next_write(

@@ -15,9 +15,11 @@ from embtune.checkpoint import (
     recover_interrupted,
     rotate_checkpoints,
     save_atomically,
+    save_into_folder,
 )
 from embtune.data.formats import Record
 from embtune.data.groups import GroupSampler, TrainRow
+from tests.conftest import assert_modes_follow, umask
 
 
 def make_checkpoint(out: Path, step: int, complete: bool = True) -> Path:
@@ -43,6 +45,28 @@ def test_save_atomically_replaces_a_folder_and_leaves_nothing_else(tmp_path: Pat
     save_atomically(target, write("2"))
     assert (target / "weights").read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def _model_like_save(folder: Path) -> None:
+    """What a model save writes: a sub-folder, JSON, and weights through safetensors, which
+    creates its file private (0600) whatever the umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "1_Pooling" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize(("mask", "file", "folder"), [(0o022, 0o644, 0o755), (0o027, 0o640, 0o750)])
+def test_saved_folders_follow_the_umask(tmp_path: Path, mask: int, file: int, folder: int) -> None:
+    out = tmp_path / "run"
+    with umask(mask):
+        out.mkdir()
+        save_atomically(out / "best", _model_like_save)  # best/, interpolated/, merge output
+        save_into_folder(out, _model_like_save)  # the final model beside the run's files
+    assert (out / "model.safetensors").is_file() and (out / "best" / "model.safetensors").is_file()
+    assert_modes_follow(out, file, folder)
 
 
 def test_a_failed_write_keeps_the_old_folder_and_frees_the_space(tmp_path: Path) -> None:

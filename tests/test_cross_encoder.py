@@ -162,6 +162,16 @@ def test_a_reranker_trains_from_an_encoder_with_a_new_head_said_so(
     dev = [r for r in rows if "dev_ndcg@10" in r]
     assert [r["step"] for r in dev] == [3, 6]
     assert (out / "best" / RERANKER_FILE).is_file()
+    # The model card: a reranker's, with the dev metrics the log holds, and best/'s own.
+    card = json.loads((out / "train_summary.json").read_text())["model_card"]
+    assert card["front_matter"]["pipeline_tag"] == "text-ranking"
+    assert [(e["step"], e["metrics"]["ndcg@10"]) for e in card["dev"]] == [
+        (r["step"], r["dev_ndcg@10"]) for r in dev
+    ]
+    text = (out / "README.md").read_text()
+    assert "CrossEncoder(" in text and "FlagReranker(" in text and "max_length=40" in text
+    best = (out / "best" / "README.md").read_text()
+    assert "These weights were chosen by the best dev nDCG@10" in best
 
 
 def test_the_saved_reranker_loads_in_sentence_transformers_and_transformers_with_our_scores(

@@ -234,6 +234,9 @@ def test_lora_saves_the_adapter_and_the_merged_model_that_embed_alike(
     )
     merged = out / "merged_model"
     assert (merged / "model.safetensors").is_file()
+    card = (out / "README.md").read_text()  # an adapter: FlagEmbedding is pointed to the merge
+    assert "base_model_relation" not in card  # the base is a local folder, not a Hub repository
+    assert "FlagLLMModel(" in card and repr(str(merged)) in card and "- lora" in card
     assert not (merged / "adapter_config.json").exists()
     _sentence_transformers_agrees(merged)
     a, b = Encoder.from_pretrained(out), Encoder.from_pretrained(merged)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,8 +21,8 @@ from embtune.data.store import tokenize_store
 from embtune.kinds.bi_encoder import collate
 from embtune.models.encoder import Encoder
 from embtune.objectives.infonce import contrastive_loss
-from embtune.training.run import LOG_FILE, pad_multiple_for, train
-from tests.conftest import NQ_FILE
+from embtune.training.run import LOG_FILE, TrainResult, pad_multiple_for, train
+from tests.conftest import NQ_FILE, assert_modes_follow, umask
 
 
 def _fixed_batch_loss(model_path: Path, temperature: float) -> float:
@@ -47,10 +51,53 @@ def _fixed_batch_loss(model_path: Path, temperature: float) -> float:
     return out.loss.item()
 
 
+@dataclass
+class MinilmRun:
+    """The module's one real training run, and what its --push-to-hub sent to the (fake) Hub."""
+
+    out: Path
+    result: TrainResult
+    hub_calls: list[tuple[str, dict]]
+
+
+def fake_hub(monkeypatch: pytest.MonkeyPatch, calls: list[tuple[str, dict]]) -> None:
+    """An online Hugging Face Hub with a token, whose HfApi records each call instead of
+    sending it (the upload also records the files its patterns select)."""
+    import huggingface_hub
+    from huggingface_hub import HfApi, RepoUrl
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_fake_token")
+
+    def whoami(self: HfApi, token: object = None, **kwargs: object) -> dict:
+        calls.append(("whoami", {"token": self.token}))
+        return {"name": "someone"}
+
+    def create_repo(self: HfApi, repo_id: str, **kwargs: object) -> RepoUrl:
+        calls.append(("create_repo", {"repo_id": repo_id, "token": self.token, **kwargs}))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self: HfApi, **kwargs: object) -> SimpleNamespace:
+        folder, patterns = Path(str(kwargs["folder_path"])), list(kwargs["allow_patterns"])
+        sent = sorted(
+            p.relative_to(folder).as_posix()
+            for p in folder.rglob("*")
+            if p.is_file() and any(fnmatch(p.relative_to(folder).as_posix(), x) for x in patterns)
+        )
+        calls.append(("upload_folder", {**kwargs, "sent": sent}))
+        return SimpleNamespace(commit_url="https://huggingface.co/someone/minilm-nq/commit/abc")
+
+    monkeypatch.setattr(HfApi, "whoami", whoami)
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
 @pytest.fixture(scope="module")
-def trained_minilm(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """all-MiniLM-L6-v2 after 5 steps on FlagEmbedding's nq example file."""
-    out = tmp_path_factory.mktemp("minilm-nq")
+def minilm_run(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> MinilmRun:
+    """all-MiniLM-L6-v2 after 5 steps on FlagEmbedding's nq example file, pushed to a fake Hub
+    as minilm-nq (under the token's account), under umask 0o022."""
+    out = tmp_path_factory.mktemp("minilm") / "run"  # made by the run: its mode is the run's
     config = TrainConfig(
         model=str(minilm),
         train_data=[str(NQ_FILE)],
@@ -64,10 +111,20 @@ def trained_minilm(minilm: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
         temperature=0.05,
         logging_steps=1,
         cache_dir=str(tmp_path_factory.mktemp("cache")),
+        push_to_hub=True,
+        hub_model_id="minilm-nq",
     )
-    result = train(config, show_progress=False)
+    calls: list[tuple[str, dict]] = []
+    with pytest.MonkeyPatch.context() as monkeypatch, umask(0o022):
+        fake_hub(monkeypatch, calls)
+        result = train(config, show_progress=False)
     assert result.steps == 5
-    return out
+    return MinilmRun(out, result, calls)
+
+
+@pytest.fixture(scope="module")
+def trained_minilm(minilm_run: MinilmRun) -> Path:
+    return minilm_run.out
 
 
 def test_five_steps_lower_the_loss_on_the_batch(minilm: Path, trained_minilm: Path) -> None:
@@ -89,6 +146,63 @@ def test_run_folder_has_model_logs_and_config(trained_minilm: Path) -> None:
     assert budget["negatives_used_per_step"] == 3
 
 
+def test_the_model_card_describes_the_run_with_its_own_numbers(minilm_run: MinilmRun) -> None:
+    from huggingface_hub import ModelCard
+
+    out = minilm_run.out
+    card = ModelCard((out / "README.md").read_text())
+    assert card.data.library_name == "sentence-transformers"
+    assert card.data.pipeline_tag == "sentence-similarity"
+    summary = json.loads((out / "train_summary.json").read_text())
+    facts = summary["model_card"]
+    assert facts["front_matter"] == card.data.to_dict()
+    assert facts["model_id"] == "someone/minilm-nq"  # the pushed repository
+    assert facts["settings"]["pooling"] == "mean"
+    assert "FlagModel(" in card.text and "pooling_method='mean'" in card.text
+    budget = json.loads((out / "negatives_budget.json").read_text())
+    assert facts["budget"] == budget and facts["data"]["rows"] == budget["rows"]
+    assert facts["step"] == summary["steps"] == 5
+    assert facts["training"]["train_seconds"] == summary["train_seconds"]
+    assert f"{summary['texts_per_second']:.1f} texts/s" in card.text
+    assert facts["dev"] == [] and "Not evaluated: the run had no dev set." in card.text
+
+
+def test_the_cards_transformers_example_embeds_as_the_model(trained_minilm: Path) -> None:
+    text = (trained_minilm / "README.md").read_text()
+    example = re.findall(r"### transformers\n\n```python\n(.*?)```", text, flags=re.S)[0]
+    scope: dict = {}
+    exec(example.replace(repr("someone/minilm-nq"), repr(str(trained_minilm))), scope)
+    ours = Encoder.from_pretrained(trained_minilm).encode_queries(
+        ["how many people live in Berlin?"]
+    )
+    assert (scope["queries"] - ours).abs().max().item() < 1e-5
+
+
+def test_push_to_hub_uploads_the_model_and_its_card_but_no_checkpoints_or_logs(
+    minilm_run: MinilmRun,
+) -> None:
+    out, calls = minilm_run.out, minilm_run.hub_calls
+    assert [name for name, _ in calls] == ["whoami", "create_repo", "upload_folder"]
+    create, upload = calls[1][1], calls[2][1]
+    assert create["repo_id"] == "someone/minilm-nq" and create["exist_ok"] is True
+    assert create["token"] == "hf_fake_token" and create["private"] is None
+    assert upload["repo_id"] == "someone/minilm-nq"
+    assert Path(upload["folder_path"]) == out
+    sent = set(upload["sent"])
+    expected = {"README.md", "model.safetensors", "modules.json", "1_Pooling/config.json"}
+    expected |= {"tokenizer.json", "train_summary.json", "train_config.yaml"}
+    assert expected <= sent
+    assert not sent & {"train_log.jsonl", "trainer_state.json", ".embtune.lock"}
+    assert not any(name.startswith("tensorboard/") for name in sent)
+    assert minilm_run.result.hub_url == "https://huggingface.co/someone/minilm-nq/commit/abc"
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["hub_model_id"] == "someone/minilm-nq" and saved["hub_token"] is None
+
+
+def test_the_run_folder_follows_the_umask(trained_minilm: Path) -> None:
+    assert_modes_follow(trained_minilm, 0o644, 0o755)  # the run was made under umask 0o022
+
+
 def test_saved_model_loads_in_sentence_transformers_with_equal_embeddings(
     trained_minilm: Path,
 ) -> None:
@@ -101,6 +215,30 @@ def test_saved_model_loads_in_sentence_transformers_with_equal_embeddings(
     st = SentenceTransformer(str(trained_minilm), device="cpu")
     theirs = st.encode(texts, convert_to_tensor=True, prompt_name="document").cpu()
     assert (ours - theirs).abs().max().item() < 1e-5
+
+
+def test_push_to_hub_is_refused_before_any_work_when_offline_or_without_a_token(
+    tiny_model: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import huggingface_hub
+
+    out = tmp_path / "out"
+    args = ["train", "--model", str(tiny_model), "--train-data", str(NQ_FILE), "-o", str(out)]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main([*args, "--push-to-hub"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub: Hugging Face's offline mode is on (HF_HUB_OFFLINE)" in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main([*args, "--push-to-hub"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub: no Hugging Face token" in err and "Traceback" not in err
+    assert not out.exists(), "nothing may be written when the push cannot happen"
 
 
 def test_broken_file_exits_2_with_file_and_line(
@@ -150,21 +288,28 @@ def _cli_train(tiny_model: Path, data: Path, out: Path, *extra: str) -> int:
 def test_cli_trains_on_beir_layout_with_corpus_fill(tiny_model: Path, tmp_path: Path) -> None:
     data = _tiny_beir(tmp_path / "beir")
     out = tmp_path / "run"
-    assert _cli_train(tiny_model, data, out) == 0
+    with umask(0o027):  # a folder shared with a group: every file group-readable, no more
+        assert _cli_train(tiny_model, data, out, "--save-steps", "2") == 0
     budget = json.loads((out / "negatives_budget.json").read_text())
     assert budget["rows"] == 12 and budget["rows_needing_fill"] == 12
     assert (out / "model.safetensors").is_file() and (out / "modules.json").is_file()
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+    assert_modes_follow(out, 0o640, 0o750)
 
 
 def test_same_seed_gives_the_same_loss_sequence(tiny_model: Path, tmp_path: Path) -> None:
     data = _tiny_beir(tmp_path / "beir")
     losses = []
-    for name in ("a", "b"):
-        assert _cli_train(tiny_model, data, tmp_path / name, "--seed", "7") == 0
+    for name, report_to in (("a", "tensorboard"), ("b", "none")):
+        extra = ("--seed", "7", "--report-to", report_to)
+        assert _cli_train(tiny_model, data, tmp_path / name, *extra) == 0
         rows = (tmp_path / name / LOG_FILE).read_text().splitlines()
         losses.append([json.loads(r)["loss"] for r in rows])
     assert losses[0] == losses[1]
     assert len(losses[0]) == 3
+    # --report-to none: the log is train_log.jsonl only; TensorBoard as before otherwise.
+    assert list((tmp_path / "a" / "tensorboard").rglob("events.out.tfevents*"))
+    assert not (tmp_path / "b" / "tensorboard").exists()
 
 
 def test_log_reports_padded_widths_rounded_to_the_multiple(

@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from embtune.file_modes import file_mode
+
 # The host as it appears in temporary names: letters, digits and dashes, so names parse back.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:24] or "host"
 
@@ -80,7 +82,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        tmp.chmod(0o644)  # mkstemp makes files private; results are meant to be shared
+        tmp.chmod(file_mode())  # mkstemp makes files private; the umask decides instead
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -43,6 +43,7 @@ from safetensors import SafetensorError
 
 from embtune.config import TrainConfig, flag
 from embtune.errors import TrainingStopped, UsageError, shorten
+from embtune.file_modes import follow_umask
 from embtune.manifest import MANIFEST_KEY, file_manifest, legacy_problem, manifest_problem
 from embtune.run_files import TRAINER_STATE_FILE
 
@@ -232,12 +233,14 @@ def save_atomically(target: Path, write: Callable[[Path], None]) -> None:
 
 
 def _write_temporary(tmp: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` into a fresh temporary folder and flush it; on any error the folder is
-    removed (a full disk gets its space back) and the error raised."""
+    """``write(tmp)`` into a fresh temporary folder, its modes set by the umask
+    (embtune/file_modes.py), and flush it; on any error the folder is removed (a full disk
+    gets its space back) and the error raised."""
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
         write(tmp)
+        follow_umask(tmp)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -331,6 +334,7 @@ def save_checkpoint(
             listed = {**trainer_state, MANIFEST_KEY: file_manifest(tmp)}
             with open(tmp / TRAINER_STATE_FILE, "w", encoding="utf-8") as fh:
                 json.dump(listed, fh, indent=1)
+            follow_umask(tmp)  # safetensors wrote the weights private (0600)
             fsync_tree(tmp)
             _replace_dir(tmp, target)
             rotate_checkpoints(out, keep, step)
@@ -343,19 +347,24 @@ def save_checkpoint(
     return target
 
 
-def save_into_folder(out: Path, write: Callable[[Path], None]) -> None:
+def save_into_folder(out: Path, write: Callable[[Path], None]) -> list[str]:
     """Write files into ``out`` (beside files that are not ours) without leaving partial ones:
     ``write`` fills ``.final.tmp``, then each file is renamed into place. A failed write leaves
     ``out`` as it was (the temporary folder removed); a kill between renames leaves whole
-    files only, and the run, not marked finished, resumes from its last checkpoint."""
+    files only, and the run, not marked finished, resumes from its last checkpoint. Returns
+    the files written, relative to ``out`` (``1_Pooling/config.json``)."""
     tmp = out / ".final.tmp"
     _write_temporary(tmp, write)
+    written = []
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        target = out / path.relative_to(tmp)
+        name = path.relative_to(tmp)
+        target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(path, target)
+        written.append(name.as_posix())
     shutil.rmtree(tmp)
     _fsync_dir(out)
+    return written
 
 
 # What a full disk raises: OSError from open/write, RuntimeError from torch.save's zip writer

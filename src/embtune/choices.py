@@ -42,3 +42,6 @@ FSDP_MODES = ("off", "full_shard", "shard_grad_op")
 ROW_PROMPT_RULES = ("flagembedding", "always", "never")
 """When a training row's own ``prompt`` replaces the query instruction (``--row-prompts``,
 data/pipeline.py ``row_prompts_apply``)."""
+
+REPORT_TO = ("tensorboard", "wandb", "mlflow", "none")
+"""Where `embtune train --report-to` sends the log (training/trackers.py; HF Trainer's name)."""

@@ -30,6 +30,7 @@ from embtune.choices import (
     NEGATIVE_SAMPLING_POLICIES,
     PADDING_SIDES,
     POOLING_MODES,
+    REPORT_TO,
     RERANKER_LOSSES,
     ROW_PROMPT_RULES,
 )
@@ -476,6 +477,42 @@ class TrainConfig:
         help="token cache folder; default: $EMBTUNE_CACHE or ~/.cache/embtune",
         resume_may_change=True,
     )
+    # --- reporting and sharing (docs/sharing.md) --------------------------------------------
+    report_to: list[str] = option(
+        ["tensorboard"],
+        help="where the log goes besides train_log.jsonl, one or more of tensorboard "
+        "(OUTPUT_DIR/tensorboard), wandb, mlflow (their own settings: WANDB_MODE, "
+        "WANDB_PROJECT, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, ...), or none",
+        metavar="NAME",
+        resume_may_change=True,
+    )
+    push_to_hub: bool = option(
+        False,
+        help="after the run, upload the saved model (its files, the model card README.md, "
+        "train_summary.json, train_config.yaml, negatives_budget.json; no checkpoints or "
+        "logs) to the Hugging Face Hub repository --hub-model-id, made if missing",
+        resume_may_change=True,
+    )
+    hub_model_id: str = option(
+        "",
+        help="the Hub repository --push-to-hub uploads to, NAME or OWNER/NAME (NAME alone: "
+        "under the token's account); default: the output folder's name",
+        metavar="NAME",
+        resume_may_change=True,
+    )
+    hub_private_repo: bool = option(
+        False,
+        help="make the repository --push-to-hub creates private (an existing one keeps its "
+        "visibility)",
+        resume_may_change=True,
+    )
+    hub_token: str | None = option(
+        None,
+        help="the Hub token --push-to-hub uses; default: HF_TOKEN or the one `hf auth login` "
+        "saved. Never written to the run's files",
+        metavar="TOKEN",
+        resume_may_change=True,
+    )
     config: str = option(
         "",
         help="YAML file supplying any option; command-line flags override it",
@@ -550,6 +587,7 @@ class TrainConfig:
         self._validate_matryoshka()
         self._validate_interpolation()
         self._validate_decoder_options()
+        self._validate_reporting()
         if self.negatives_cross_device and not self.in_batch_negatives:
             raise UsageError(
                 "--negatives-cross-device with --no-in-batch-negatives: other processes' "
@@ -560,6 +598,25 @@ class TrainConfig:
                 "--train-group-size 1 with --no-in-batch-negatives leaves each query only its "
                 "positive: the loss is always 0. Raise the group size or allow in-batch negatives"
             )
+
+    def _validate_reporting(self) -> None:
+        """--report-to known names (none alone); the Hub options only with --push-to-hub."""
+        names = self.report_to
+        unknown = [name for name in names if name not in REPORT_TO]
+        if not names or unknown:
+            got = shorten(unknown[0]) if unknown else "nothing"
+            raise OptionError("report_to", f"takes {', '.join(REPORT_TO)}; got {got}")
+        if "none" in names and len(names) > 1:
+            others = " ".join(name for name in names if name != "none")
+            raise OptionError("report_to", f"none reports nowhere; drop it or {others}")
+        hub_only = {
+            "hub_model_id": self.hub_model_id,
+            "hub_private_repo": self.hub_private_repo,
+            "hub_token": self.hub_token,
+        }
+        for name, value in hub_only.items():
+            if value and not self.push_to_hub:
+                raise UsageError(f"{flag(name)} only applies with --push-to-hub")
 
     def _validate_learning_rate(self) -> None:
         """--learning-rate a positive number or auto; the grid positive, finite and distinct."""
@@ -699,13 +756,20 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict:
-        """The options as a plain dict (saved with the run and its checkpoints)."""
-        return asdict(self)
+        """The options as a plain dict (saved with the run and its checkpoints, logged to the
+        trackers); a --hub-token is left out: it must not end up in files or dashboards."""
+        values = asdict(self)
+        if values["hub_token"]:
+            values["hub_token"] = HIDDEN_TOKEN
+        return values
 
     @property
     def resuming(self) -> bool:
         """True when the run continues from a checkpoint (--resume or --resume-from)."""
         return bool(self.resume or self.resume_from)
+
+
+HIDDEN_TOKEN = "<hidden>"  # what to_dict() gives for a --hub-token
 
 
 def is_interpolation_value(value: str) -> bool:

@@ -463,8 +463,6 @@ def write_merged_folder(
                 shutil.copy2(path, tmp / path.name)  # follows links: hub snapshots are links
         contiguous = {key: t.contiguous() for key, t in tensors.items()}
         save_file(contiguous, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        # safetensors creates the file private (0600); a merged model is meant to be shared.
-        (tmp / WEIGHTS_FILE).chmod(0o644)
         write_json_atomically(tmp / RECORD_FILE, record)
 
     try:

@@ -51,7 +51,7 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock; FolderBusy when another live process holds it. Returns a note when
         the lock of a run that ended without releasing it was taken over."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

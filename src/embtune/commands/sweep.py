@@ -165,6 +165,11 @@ def run(args: argparse.Namespace) -> int:
                 f"--{spelling}: a sweep resumes by itself: run the same command again; "
                 "finished runs are reused, unfinished ones continue"
             )
+    if getattr(args, "push_to_hub", False):
+        raise UsageError(
+            "--push-to-hub: a sweep trains many models into one repository's place; push the "
+            "run you choose with `embtune train ... --push-to-hub` or upload its folder"
+        )
     if not getattr(args, "output_dir", None):
         raise UsageError("--output-dir is required: the sweep folder")
     out = Path(args.output_dir)

@@ -55,7 +55,15 @@ GROUP_PNG = "by_group_size.png"
 NOT_PASSED = ("output_dir", "overwrite_output_dir", "resume", "resume_from", "config")
 # Ignored when deciding whether a finished run still matches the sweep's options: they do not
 # change what is trained.
-NOT_COMPARED = (*NOT_PASSED, "cache_dir")
+NOT_COMPARED = (
+    *NOT_PASSED,
+    "cache_dir",
+    "report_to",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_private_repo",
+    "hub_token",
+)
 
 _LABEL_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 

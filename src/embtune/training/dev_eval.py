@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from embtune.checkpoint import is_write_failure, save_atomically, stopped_writing
 from embtune.run_cleanup import record_best_files
 from embtune.run_files import BEST_DIR
+from embtune.training.card_facts import best_card, save_with_card
 from embtune.training.reference_sets import base_record, change_line, evaluate_references
 from embtune.training.session import Session
 
@@ -86,7 +87,9 @@ def keep_if_best(session: Session, step: int, ndcg: float) -> None:
     save_model = session.model_saver()
     if session.main:
         try:
-            save_atomically(session.out / BEST_DIR, lambda path: save_best(save_model, path))
+            save_atomically(
+                session.out / BEST_DIR, lambda path: save_best(session, save_model, path, step)
+            )
         except Exception as exc:
             if not is_write_failure(exc, session.out):
                 raise
@@ -95,9 +98,12 @@ def keep_if_best(session: Session, step: int, ndcg: float) -> None:
     best.update(step=step, ndcg=ndcg)
 
 
-def save_best(save_model: Callable[[Path], None], folder: Path) -> None:
-    """The best model, with the record of its files that --overwrite-output-dir goes by."""
-    save_model(folder)
+def save_best(
+    session: Session, save_model: Callable[[Path], None], folder: Path, step: int
+) -> None:
+    """The best model (after ``step``; ``save_model``: :meth:`Session.model_saver`'s) with its
+    card, and the record of its files that --overwrite-output-dir goes by."""
+    save_with_card(save_model, folder, best_card(session, step))
     record_best_files(folder)
 
 

@@ -166,6 +166,11 @@ def plan_search(config: TrainConfig, inputs: Inputs, kind_name: str) -> SearchPl
         resume_from="",
         overwrite_output_dir=False,
         config="",
+        # A trial's model is not the run's: only the run's final model is shared.
+        push_to_hub=False,
+        hub_model_id="",
+        hub_private_repo=False,
+        hub_token=None,
     )
     if inputs.dev_in_memory:
         dev = str(folder / DEV_DIR)

@@ -1,5 +1,6 @@
-"""The run's log: every record goes to train_log.jsonl (main process), TensorBoard and the
-history a checkpoint carries, so a resumed run's log is the uninterrupted run's."""
+"""The run's log: every record goes to train_log.jsonl (main process), the --report-to
+trackers (training/trackers.py: TensorBoard by default) and the history a checkpoint carries,
+so a resumed run's log is the uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from embtune.atomic import atomic_write
 from embtune.checkpoint import stopped_writing
-from embtune.config import TrainConfig
-from embtune.run_files import LOG_FILE, TENSORBOARD_DIR
+from embtune.run_files import LOG_FILE
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -40,21 +40,8 @@ def wait_for_a_later_events_file(folder: Path) -> None:
         time.sleep(wait)
 
 
-def start_trackers(accelerator: Accelerator, config: TrainConfig, out: Path, start: int) -> None:
-    """TensorBoard through accelerate; a resumed run hides the events the interrupted run
-    logged after its checkpoint."""
-    options = {"tensorboard": {"purge_step": start + 1}} if start else {}
-    if start:
-        wait_for_a_later_events_file(out / TENSORBOARD_DIR)
-    accelerator.init_trackers(
-        "tensorboard",
-        config={k: str(v) for k, v in config.to_dict().items()},
-        init_kwargs=options,
-    )
-
-
 class Logbook:
-    """Writes records to the history, TensorBoard (numbers only) and train_log.jsonl."""
+    """Writes records to the history, the trackers (numbers only) and train_log.jsonl."""
 
     def __init__(self, accelerator: Accelerator, history: list[dict], out: Path) -> None:
         self.accelerator = accelerator

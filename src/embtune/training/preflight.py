@@ -36,6 +36,7 @@ from embtune.data.teacher_scores import (
     refuse_unscored_rows,
 )
 from embtune.errors import UsageError
+from embtune.hub_upload import check_hub_push
 from embtune.run_cleanup import clear_previous_run
 from embtune.run_files import (
     CONFIG_FILE,
@@ -46,6 +47,7 @@ from embtune.run_files import (
 from embtune.run_lock import FolderBusy, RunLock
 from embtune.training.learning_rate_search import saved_learning_rate
 from embtune.training.reference_sets import ReferenceSet, load_reference_sets
+from embtune.training.trackers import check_trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -62,6 +64,7 @@ class Inputs:
     teacher_drop: TeacherDrop | None = None  # what --drop-teacher-false-negatives removed
     dev_in_memory: bool = False  # the caller's dev set (not read from the options)
     references: list[ReferenceSet] = field(default_factory=list)  # --reference-data
+    hub_repo_id: str | None = None  # --push-to-hub: the repository, OWNER/NAME
 
 
 @dataclass
@@ -74,10 +77,13 @@ class ResumePoint:
 
 
 def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
-    """Options, data and the dev set checked; ``dev_data`` (a caller's, e.g. the demo's)
-    replaces --eval-data / --dev-fraction."""
+    """Options (with the --report-to packages and what --push-to-hub needs), data and the dev
+    set checked; ``dev_data`` (a caller's, e.g. the demo's) replaces --eval-data /
+    --dev-fraction."""
     in_memory = dev_data is not None
     config.validate()
+    check_trackers(config)  # --report-to: a missing package, now rather than never
+    hub_repo_id = check_hub_push(config)
     has_dev = in_memory or config.eval_data or config.dev_fraction
     if config.learning_rate == "auto" and not has_dev:
         raise UsageError(
@@ -106,7 +112,7 @@ def load_inputs(config: TrainConfig, dev_data: BeirDataset | None) -> Inputs:
     out = check_output_dir(config)
     usable_cache_dir(config.cache_dir)  # a read-only or misplaced token cache, refused now
     dropped = check_teacher_scores(config, data)
-    return Inputs(data, dev_data, dev_rows, out, dropped, in_memory, references)
+    return Inputs(data, dev_data, dev_rows, out, dropped, in_memory, references, hub_repo_id)
 
 
 def warn_emulated_bf16(config: TrainConfig) -> None:

@@ -13,6 +13,7 @@ and logged, and ``--max-nonfinite-steps`` of them in a row stop the run with a c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,7 +41,9 @@ from embtune.data.pipeline import negatives_budget_for, row_prompt_line, row_pro
 from embtune.data.teacher_scores import teacher_check
 from embtune.distributed import end_distributed
 from embtune.errors import UsageError
+from embtune.hub_upload import push_finished_run
 from embtune.kinds import ModelKind, model_kind
+from embtune.model_card import card_record
 from embtune.objectives.base import Objective
 from embtune.run_files import (
     BUDGET_FILE,
@@ -54,9 +57,10 @@ from embtune.run_files import (
     TRAINER_STATE_FILE,
 )
 from embtune.run_lock import RunLock
+from embtune.training.card_facts import final_card, save_with_card
 from embtune.training.dev_eval import evaluate_base, needs_base_evaluation
 from embtune.training.learning_rate_search import check_search_launch, choose_learning_rate
-from embtune.training.logbook import Logbook, start_trackers
+from embtune.training.logbook import Logbook
 from embtune.training.loop import peak_memory_bytes, run_steps
 from embtune.training.optim import build_optimizer, linear_schedule
 from embtune.training.preflight import (
@@ -73,6 +77,7 @@ from embtune.training.reference_sets import reference_summary
 from embtune.training.session import Session
 from embtune.training.sharding import fsdp_plugin, is_sharded, shard_on_cpu
 from embtune.training.state import restore_state, trainer_state
+from embtune.training.trackers import accelerate_trackers, start_trackers
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -100,6 +105,8 @@ class TrainResult:
     negative_coverage: float | None = None  # share of the data's negatives the run used
     interpolation: Interpolation | None = None  # --interpolate-base: the mixed model chosen
     reference: dict[str, dict[str, float]] = field(default_factory=dict)  # nDCG@10 base, end
+    model_files: list[str] = field(default_factory=list)  # the final save's files (main process)
+    hub_url: str | None = None  # --push-to-hub: the upload's commit
 
 
 def pad_multiple_for(requested: int, device: torch.device) -> int:
@@ -133,6 +140,8 @@ def train(
     first trains one short trial per grid value (training/learning_rate_search.py).
     """
     inputs = load_inputs(config, dev_data)
+    if inputs.hub_repo_id:  # --push-to-hub: the repository as OWNER/NAME, for card and upload
+        config = dataclasses.replace(config, hub_model_id=inputs.hub_repo_id)
     accelerator = start_accelerator(config, inputs.out)
     kind = model_kind(kind_name or config.model_kind)
     check_search_launch(config, accelerator.num_processes, kind.name, objective)
@@ -158,6 +167,10 @@ def train(
             from embtune.training.interpolation import interpolate_with_base
 
             result.interpolation = interpolate_with_base(session)
+        if config.push_to_hub and session.main:
+            result.hub_url = push_finished_run(
+                result.output_dir, result.model_files, config, result.steps
+            )
         return result
     finally:
         lock.release()
@@ -184,7 +197,7 @@ def start_accelerator(config: TrainConfig, out: Path) -> Accelerator:
         # otherwise every process would train alone, each thinking it is the only one.
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
-        log_with="tensorboard",
+        log_with=accelerate_trackers(config, out),  # --report-to
         project_dir=str(out),
         # Our step count is global (one call per optimizer step); by default accelerate would
         # step the schedule once per process and decay the learning rate N times too fast.
@@ -386,9 +399,10 @@ def finish(session: Session) -> TrainResult:
         peak = int(accelerator.reduce(torch.tensor([peak], device=accelerator.device), "max"))
     accelerator.wait_for_everyone()
     save_model = session.model_saver()
+    files: list[str] = []
     if session.main:
         try:
-            write_final_files(session, save_model, texts_per_second, peak)
+            files = write_final_files(session, save_model, texts_per_second, peak)
         except Exception as exc:
             if not is_write_failure(exc, session.out):
                 raise
@@ -410,6 +424,7 @@ def finish(session: Session) -> TrainResult:
         peak_memory_bytes=peak,
         negative_coverage=coverage.fraction,
         reference=reference_summary(session.run.history, session.references),
+        model_files=files,
     )
 
 
@@ -428,11 +443,13 @@ def write_dimension_plot(session: Session) -> None:
 
 def write_final_files(
     session: Session, save_model: Callable[[Path], None], texts_per_second: float, peak: int
-) -> None:
-    """The model (``save_model``: :meth:`Session.model_saver`'s), train_summary.json, the
-    closing line and the finished trainer state."""
+) -> list[str]:
+    """The model (``save_model``: :meth:`Session.model_saver`'s) with its card,
+    train_summary.json, the closing line and the finished trainer state; returns the files of
+    the model's save."""
     out, progress, coverage = session.out, session.run.progress, session.coverage
-    save_into_folder(out, save_model)
+    card = final_card(session, texts_per_second, peak)  # README.md, in the save
+    files = save_into_folder(out, lambda folder: save_with_card(save_model, folder, card))
     if session.config.save_merged_lora_model:
         model = session.accelerator.unwrap_model(session.model)
         merged = out / MERGED_DIR
@@ -460,6 +477,7 @@ def write_final_files(
         summary["row_prompts"] = session.row_prompts
     if session.references:
         summary["reference_ndcg@10"] = reference_summary(session.run.history, session.references)
+    summary["model_card"] = card_record(card)
     write_json_atomically(out / SUMMARY_FILE, summary)
     print(
         f"embtune train: {session.total_steps} steps, {texts_per_second:.1f} texts/s, peak "
@@ -476,3 +494,4 @@ def write_final_files(
         session.fingerprint,
     )
     write_json_atomically(out / TRAINER_STATE_FILE, {**state, "finished": True})
+    return files
