@@ -412,3 +412,22 @@ def test_help_says_required_only_once(
     entries = help_entries(train_help(capsys, monkeypatch))
     for name in ("--model", "--train-data", "--output-dir"):
         assert entries[name].count("(required)") == 1, entries[name]
+
+
+def test_a_plain_string_for_a_list_option_is_one_item() -> None:
+    from embtune.config import TrainConfig
+
+    config = TrainConfig(train_data="nli.jsonl", reference_data="beir/nq", matryoshka_dims=64)
+    assert config.train_data == ["nli.jsonl"]
+    assert config.reference_data == ["beir/nq"]
+    assert config.matryoshka_dims == [64]
+    assert TrainConfig(train_data=["a", "b"]).train_data == ["a", "b"]
+
+
+def test_the_package_shows_its_public_api() -> None:
+    import embtune
+    from embtune import api
+
+    assert {"train", "evaluate", "mine", "inspect", "TrainConfig"} <= set(dir(embtune))
+    assert embtune.train is api.train
+    assert embtune.TrainConfig.__name__ == "TrainConfig"

@@ -519,6 +519,14 @@ class TrainConfig:
         resume_may_change=True,
     )
 
+    def __post_init__(self) -> None:
+        # A plain string for a list option is one item (`train_data="nli.jsonl"`), never its
+        # characters: iterating it would read "n", "l", ... and "." as whole folders.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, str | int | float) and _field_type(f) is list:
+                setattr(self, f.name, [value])
+
     def validate(self) -> None:
         """Refuse inconsistent options with a one-line message naming the option."""
         required = {
