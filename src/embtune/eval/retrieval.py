@@ -484,10 +484,17 @@ def evaluate_retrieval(
     equals the query id is dropped unless ``ignore_identical_ids`` is False.
     """
     ks = check_k_values(k_values)
-    queries, corpus = embed_split(
-        encoder, data, batch_size, show_progress, corpus_vectors, cache_dir
+    run = retrieve_split(
+        encoder,
+        data,
+        max(ks),
+        batch_size,
+        show_progress,
+        corpus_vectors,
+        cache_dir,
+        use_faiss,
+        ignore_identical_ids,
     )
-    run = _search(queries, corpus, data, max(ks), use_faiss, ignore_identical_ids)
     return retrieval_metrics(run, data.qrels, ks)
 
 
