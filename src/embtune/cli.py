@@ -71,9 +71,29 @@ def _quiet_thread_write_errors(args: threading.ExceptHookArgs) -> None:
     threading.__excepthook__(args)
 
 
+def train_flags(argv: list[str]) -> list[str]:
+    """`embtune train`'s flags with FlagEmbedding's spellings rewritten (flagembedding_flags);
+    what is accepted without effect is said once, by the main process."""
+    from embtune.flagembedding_flags import translate
+
+    argv, notes = translate(argv)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"embtune train: note: {note}", file=sys.stderr)
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `embtune` console script and `python -m embtune`."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        try:
+            argv = ["train", *train_flags(argv[1:])]
+        except UsageError as exc:
+            for line in exc.lines():
+                print(f"embtune train: error: {line}", file=sys.stderr)
+            return USAGE_ERROR
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
