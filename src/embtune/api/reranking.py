@@ -279,6 +279,18 @@ def _first_stage_metrics(
     )
 
 
+def _rerank_sizes(
+    top_k: int | None, batch_size: int | None, max_length: int | None
+) -> tuple[int, int, int | None]:
+    """The reranking's candidates per query, pairs per batch and pair length, checked; None
+    stands for the default, as on the command line, where it tells "not given"."""
+    return (
+        optional_int(top_k, "--rerank-top-k", 1) or RERANK_TOP_K,
+        optional_int(batch_size, "--rerank-batch-size", 1) or RERANK_BATCH_SIZE,
+        optional_int(max_length, "--rerank-max-length", 1),
+    )
+
+
 def evaluate_reranking(
     reranker: PathLike,
     data: PathLike,
@@ -352,10 +364,9 @@ def evaluate_reranking(
     k_values = check_k_values([k] if isinstance(k, int) else k)
     batch_size = int_option(batch_size, "--batch-size", 1)
     limit_queries = optional_int(limit_queries, "--limit-queries", 1)
-    # None stands for the default, as on the command line, where it tells "not given".
-    top_k = optional_int(rerank_top_k, "--rerank-top-k", 1) or RERANK_TOP_K
-    pairs_per_batch = optional_int(rerank_batch_size, "--rerank-batch-size", 1) or RERANK_BATCH_SIZE
-    max_length = optional_int(rerank_max_length, "--rerank-max-length", 1)
+    top_k, pairs_per_batch, max_length = _rerank_sizes(
+        rerank_top_k, rerank_batch_size, rerank_max_length
+    )
     overrides = EncoderOverrides(
         query_max_len, passage_max_len, pooling, normalize, query_instruction, passage_instruction
     ).checked()
